@@ -1,0 +1,181 @@
+"""Base models: a local transformers folder read lazily, tensor by tensor.
+
+``BaseModel`` knows the config and where every tensor lives, and maps adapter module names
+(relative to the task model PEFT wrapped, e.g. ``transformer.h.0.attn.c_attn`` or
+``bert.encoder.layer.0.attention.self.query``) to the base's own tensor names, which may
+lack or add the base-model prefix (``h.0.attn.c_attn.weight`` in the original GPT-2 files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.errors import FormatError, InputError, ModuleMismatchError
+from loratool.io.store import TensorStore, checkpoint_files, read_json
+
+# transformers architectures whose projections are GPT-2 style Conv1D (weight stored (in, out))
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
+CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+# buffers that transformers checkpoints may carry but that are not parameters
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
+
+# files a merged output copies from the base folder besides its weights
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+def is_conv1d(model_type: str | None, module_name: str) -> bool:
+    """Whether transformers builds this module as a GPT-2 Conv1D."""
+    return model_type in CONV1D_MODEL_TYPES and module_name.rsplit(".", 1)[-1] in CONV1D_LEAVES
+
+
+@dataclass
+class BaseModel:
+    """A transformers model folder, opened lazily."""
+
+    path: Path
+    config: dict
+    store: TensorStore
+
+    @classmethod
+    def open(cls, path: Path | str) -> "BaseModel":
+        """Open a local folder holding config.json and weights.
+
+        Raises:
+            FormatError: missing or malformed config or weights.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FormatError(path, "base model not found")
+        if not path.is_dir():
+            raise FormatError(path, "base model must be a folder with config.json and weights")
+        config = read_json(path / "config.json")
+        if not isinstance(config, dict):
+            raise FormatError(path / "config.json", "is not a JSON object")
+        return cls(path=path, config=config, store=TensorStore(checkpoint_files(path)))
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    def keys(self) -> list[str]:
+        return self.store.keys()
+
+    def _prefixes(self) -> list[str]:
+        cached = getattr(self, "_prefix_cache", None)
+        if cached is None:
+            firsts = []
+            for k in self.store.keys():
+                head = k.split(".", 1)[0]
+                if "." in k and head not in firsts and not head.isdigit():
+                    firsts.append(head)
+            cached = firsts
+            self._prefix_cache = cached
+        return cached
+
+    def tensor_name(self, name: str) -> str | None:
+        """The base's key for a full tensor name (``x.weight``), tolerating task-model prefixes."""
+        if name in self.store:
+            return name
+        head, _, rest = name.partition(".")
+        if rest and rest in self.store:
+            return rest  # adapter names carry a prefix the base checkpoint lacks
+        for prefix in self._prefixes():
+            cand = f"{prefix}.{name}"
+            if cand in self.store:
+                return cand
+            if rest and f"{prefix}.{rest}" in self.store:
+                return f"{prefix}.{rest}"
+        return None
+
+    def weight_name(self, module: str) -> str | None:
+        """The base key of a module's weight."""
+        return self.tensor_name(f"{module}.weight")
+
+    def module_kind(self, module: str, fallback: ModuleKind) -> ModuleKind:
+        """Conv1D or linear, the way PEFT decides it: from the base module's class."""
+        if fallback is ModuleKind.EMBEDDING:
+            return fallback
+        return ModuleKind.CONV1D if is_conv1d(self.model_type, module) else ModuleKind.LINEAR
+
+    def unique_params(self) -> int:
+        """Parameter count of the base: stored floating tensors, tied weights once, no buffers."""
+        total = 0
+        for e in self.store.entries():
+            if not e.dtype.is_floating_point or e.name.endswith(_BUFFER_SUFFIXES):
+                continue
+            total += int(torch.Size(e.shape).numel())
+        if self.tie_word_embeddings and "lm_head.weight" in self.store:
+            embed = [k for k in self.store.keys() if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
+            if embed and self.store.shape(embed[0]) == self.store.shape("lm_head.weight"):
+                total -= int(torch.Size(self.store.shape("lm_head.weight")).numel())
+        return total
+
+
+def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = True) -> dict[str, str]:
+    """Resolve every module against the base: fix kinds, check shapes, return module -> weight key.
+
+    The adapter's modules are updated in place with the kind the base implies (Conv1D or
+    linear). modules_to_save names are checked separately by the callers that write them.
+
+    Raises:
+        ModuleMismatchError: a module is absent from the base, or its shape differs.
+    """
+    mapping: dict[str, str] = {}
+    for name, mod in adapter.modules.items():
+        key = base.weight_name(name)
+        if key is None:
+            raise ModuleMismatchError(name, f"adapter module is not in the base model {base.path}")
+        mod.kind = base.module_kind(name, mod.kind) if mod.kind is not ModuleKind.EMBEDDING else mod.kind
+        shape = base.store.shape(key)
+        if strict_shapes and tuple(shape) != mod.weight_shape:
+            raise ModuleMismatchError(
+                name,
+                f"shape mismatch: adapter gives {mod.kind.value} weight {tuple(mod.weight_shape)} "
+                f"(A {mod.A.shape}, B {mod.B.shape}), base {key} is {tuple(shape)}",
+            )
+        mapping[name] = key
+    return mapping
+
+
+def module_names_matching(base: BaseModel, targets: object, suffixes: Iterable[str] = (".weight",)) -> list[str]:
+    """Module names of the base that PEFT's target_modules rule would select (2-D weights only)."""
+    from loratool.formats.peft import target_matches
+
+    out = []
+    for key in base.keys():
+        if not key.endswith(".weight") or len(base.store.shape(key)) != 2:
+            continue
+        module = key[: -len(".weight")]
+        if target_matches(targets, module):
+            out.append(module)
+    return out

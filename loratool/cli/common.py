@@ -1,0 +1,182 @@
+"""Shared CLI pieces: the group with its error boundary, common options, and output."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Callable, Iterable
+
+import click
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Output:
+    """Human / JSON / quiet printing, in one place. Data goes to stdout, diagnostics to stderr."""
+
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet and not self.json_mode:
+            click.echo(message)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(f"warning: {message}", err=True)
+
+    def error(self, message: str) -> None:
+        click.echo(f"error: {message}", err=True)
+
+    def json(self, obj: Any) -> None:
+        click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+    def progress(self, *, total: int, desc: str, unit: str = "B") -> "Progress":
+        enabled = not self.quiet and sys.stderr.isatty()
+        return Progress(total=total, desc=desc, unit=unit, enabled=enabled)
+
+
+class Progress:
+    """A tqdm bar on stderr when it is a TTY; a no-op otherwise. Call it with an increment."""
+
+    def __init__(self, *, total: int, desc: str, unit: str, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
+
+    def __call__(self, n: int = 1, label: str | None = None) -> None:
+        if self._bar is not None:
+            if label:
+                self._bar.set_postfix_str(label[-40:], refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return os.fspath(o)
+    return str(o)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}; the partial output was removed"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded; the partial output was removed"
+    name = exc.filename or ""
+    reason = exc.strerror or str(exc)
+    return f"{name}: {reason}" if name else reason
+
+
+class LoratoolGroup(click.Group):
+    """A click group whose ``main`` turns every failure into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        debug = "--debug" in (sys.argv[1:] if args is None else list(args))
+        if not debug:
+            warnings.filterwarnings("ignore")
+            logging.disable(logging.WARNING)
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        except click.ClickException as exc:
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            code = EXIT_BAD_INPUT
+        except LoratoolError as exc:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; partial output removed", err=True)
+            code = EXIT_INTERRUPTED
+        except MemoryError:
+            click.echo("error: out of memory", err=True)
+            code = EXIT_BAD_INPUT
+        except OSError as exc:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(describe_os_error(exc))}", err=True)
+            code = EXIT_BAD_INPUT
+        except Exception as exc:  # an internal bug: still one line unless --debug
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug for a traceback)", err=True)
+            code = EXIT_BAD_INPUT
+        else:
+            code = rv if isinstance(rv, int) else EXIT_OK
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def common_options(fn: Callable) -> Callable:
+    """--quiet and --debug on a command (--debug is read before parsing, see LoratoolGroup)."""
+
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (and --json output).")
+    @click.option("--debug", is_flag=True, help="Show Python tracebacks and library warnings.")
+    @functools.wraps(fn)
+    def wrapper(*args, quiet: bool = False, debug: bool = False, **kwargs):
+        return fn(*args, quiet=quiet, **kwargs)
+
+    return wrapper
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
+
+
+def emit_warnings(out: Output, messages: Iterable[str]) -> None:
+    for m in messages:
+        out.warn(m)
+
+
+@click.group(cls=LoratoolGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="loratool")
+@click.option("--debug", is_flag=True, hidden=True)
+def main_group(debug: bool = False) -> None:
+    """loratool: audit, merge, unmerge, verify, reshape and convert LoRA adapters.
+
+    Every command streams tensors one at a time and writes its output atomically.
+    Exit codes: 0 success, 1 a check failed, 2 bad input or refused operation.
+    Run `loratool COMMAND --help` for a command's options and an example.
+    """

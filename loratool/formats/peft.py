@@ -1,0 +1,385 @@
+"""PEFT adapters (adapter_config.json + adapter_model.safetensors / .bin), read and written as PEFT does.
+
+Key layout (prefix ``base_model.model.``, adapter name removed on save):
+
+    <module>.lora_A.weight           (r, in)         <module>.lora_B.weight   (out, r)
+    <module>.lora_B.bias             (out,)          lora_bias=True
+    <module>.lora_embedding_A        (r, num_emb)    <module>.lora_embedding_B (dim, r)
+    <module>.lora_magnitude_vector   (out,)          DoRA (older PEFT: ``...vector.weight``)
+    <module>.lora_E                  (r, 1)          AdaLoRA: dW = B @ (A * E) * alpha / ranknum
+    <tensor name>                    any             modules_to_save (e.g. ``classifier.weight``)
+
+Rank and alpha per module follow PEFT's own rule (``get_pattern_key``): a pattern key matches
+module name ``n`` when ``re.match(rf"(.*\\.)?({key})$", n)``; the first matching key wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
+from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.io.store import LazyTensor, TensorStore, read_json
+from loratool.io.writer import write_safetensors
+
+NAME = "peft"
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+
+SUPPORTED_TYPES = {"LORA", "ADALORA"}
+
+# Fields of LoraConfig/AdaLoraConfig across PEFT 0.3 .. current. Anything else gets a warning.
+_KNOWN_FIELDS = {
+    "alora_invocation_tokens", "arrow_config", "alpha_pattern", "auto_mapping", "base_model_name_or_path",
+    "beta1", "beta2", "bias", "corda_config", "deltaT", "ensure_weight_tying", "eva_config", "exclude_modules",
+    "enable_lora", "fan_in_fan_out", "inference_mode", "init_lora_weights", "init_r", "layer_replication",
+    "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+    "lora_ga_config", "megatron_config", "megatron_core", "merge_weights", "modules_to_save", "orth_reg_weight",
+    "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
+    "target_modules", "target_parameters", "target_r", "task_type", "tfinal", "tinit", "total_step",
+    "trainable_token_indices", "use_dora", "use_qalora", "use_rslora", "layers_to_transform", "use_bdlora",
+    "bdlora_config", "lora_ga_config", "use_alora", "modules_to_tie", "kasa_config", "monteclora_config",
+    "velora_config", "trainable_token_indices", "lora_bias",
+}
+
+_KEY_RE = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_E|ranknum)"
+    r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?:\.(?P<leaf>weight|bias))?$"
+)
+
+
+def detect(path: Path) -> bool:
+    path = Path(path)
+    if path.is_dir():
+        return (path / CONFIG_NAME).is_file()
+    return path.name in WEIGHT_NAMES or (path.name == CONFIG_NAME)
+
+
+def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
+    """Find (adapter_config.json, weights file) for a folder, a weights file or a sub-adapter.
+
+    Raises:
+        FormatError: the folder lacks a config or weights.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(path, "adapter not found")
+    if path.is_file():
+        folder = path.parent
+        weights = path if path.name != CONFIG_NAME else None
+    else:
+        folder = path / adapter_name if adapter_name else path
+        if adapter_name and not folder.is_dir():
+            raise FormatError(path, f"has no sub-adapter folder {adapter_name!r}")
+        weights = None
+    config = folder / CONFIG_NAME
+    if not config.is_file():
+        subs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+        hint = f" (sub-adapters here: {', '.join(subs)}; pick one with --adapter-name)" if subs else ""
+        raise FormatError(folder, f"no {CONFIG_NAME}{hint}")
+    if weights is None:
+        for name in WEIGHT_NAMES:
+            if (folder / name).exists():
+                weights = folder / name
+                break
+        else:
+            raise FormatError(folder, f"no adapter weights ({' or '.join(WEIGHT_NAMES)})")
+    return config, weights
+
+
+def pattern_key(patterns, name: str) -> str | None:
+    """PEFT's get_pattern_key: the first key whose regex matches the end of ``name``."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def target_matches(targets, name: str, *, layers_to_transform=None, layers_pattern=None) -> bool:
+    """PEFT's target_modules rule: a string is a full regex match, a list a suffix match."""
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return True
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return False
+    found = name in targets or any(name.endswith(f".{t}") for t in targets)
+    if found and layers_to_transform not in (None, []):
+        layers = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+        match = None
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+        found = match is not None and int(match.group("idx")) in layers
+    return found
+
+
+def _number(config: dict, key: str, default, path: Path, *, kind=float):
+    value = config.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(path, f"{key} must be a number, got {value!r}")
+    return kind(value)
+
+
+def read_config(path: Path) -> dict:
+    """Read and sanity-check adapter_config.json (types of the fields loratool relies on)."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise FormatError(path, "is not a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in SUPPORTED_TYPES:
+        raise UnsupportedError(f"{path}: PEFT type {peft_type} is not supported (loratool handles LoRA and AdaLoRA)")
+    if config.get("enable_lora"):
+        raise UnsupportedError(f"{path}: PEFT's legacy merged-QKV LoRA (enable_lora={config['enable_lora']}) is not supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise FormatError(path, f"{key} must be an object, got {type(value).__name__}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise FormatError(path, f"target_modules must be a list or a string, got {type(targets).__name__}")
+    mts = config.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        raise FormatError(path, "modules_to_save must be a list of names")
+    return config
+
+
+def _module_rank_alpha(config: dict, module: str, path: Path) -> tuple[int | None, float]:
+    rank_key = pattern_key((config.get("rank_pattern") or {}).keys(), module)
+    alpha_key = pattern_key((config.get("alpha_pattern") or {}).keys(), module)
+    if rank_key is not None:
+        rank = config["rank_pattern"][rank_key]
+        if isinstance(rank, list):  # AdaLoRA stores boolean masks
+            rank = sum(bool(x) for x in rank)
+    else:
+        rank = config.get("r", 8)
+    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank or rank <= 0:
+        raise FormatError(path, f"{module}: rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise FormatError(path, f"{module}: lora_alpha must be a number, got {alpha!r}")
+    return int(rank), float(alpha)
+
+
+def read(path: Path, *, adapter_name: str | None = None, **_options) -> Adapter:
+    """Read a PEFT adapter into canonical form (tensors stay lazy).
+
+    Raises:
+        FormatError, UnsupportedError, InputError.
+    """
+    config_path, weights_path = locate(path, adapter_name)
+    config = read_config(config_path)
+    warns: list[str] = []
+    unknown = sorted(set(config) - _KNOWN_FIELDS)
+    if unknown:
+        warns.append(f"{config_path}: fields unknown to this loratool were ignored: {', '.join(unknown)}")
+    store = TensorStore([weights_path])
+    variant = "adalora" if str(config.get("peft_type", "LORA")).upper() == "ADALORA" else "lora"
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    parts: dict[str, dict[str, str]] = {}
+    to_save: dict[str, LazyTensor] = {}
+    for key in store.keys():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _KEY_RE.match(name)
+        if m is None:
+            if ".original_module." in name:
+                continue  # PEFT's copy of the untouched base module
+            # modules_to_save copies, and the full embedding PEFT saves as <module>.base_layer.weight
+            # (save_embedding_layers): both replace the base tensor of the same name
+            name = re.sub(r"\.modules_to_save(?:\.[^.]+)?\.(?=[^.]+$)", ".", name)
+            name = re.sub(r"\.base_layer\.(?=[^.]+$)", ".", name)
+            to_save[name] = store.lazy(key)
+            continue
+        part = m.group("part")
+        if m.group("leaf") == "bias":
+            if part != "lora_B":
+                raise FormatError(weights_path, f"unexpected tensor {key}")
+            part = "lora_B.bias"
+        parts.setdefault(m.group("module"), {})[part] = key
+
+    modules: dict[str, LoraModule] = {}
+    for module, p in parts.items():
+        embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a_key = p.get("lora_embedding_A" if embedding else "lora_A")
+        b_key = p.get("lora_embedding_B" if embedding else "lora_B")
+        if a_key is None or b_key is None:
+            raise FormatError(weights_path, f"{module}: has {'lora_A' if b_key is None else 'lora_B'} without its pair")
+        A, B = store.lazy(a_key), store.lazy(b_key)
+        if len(A.shape) != 2 or len(B.shape) != 2:
+            raise UnsupportedError(f"{weights_path}: {module}: LoRA on a convolution ({len(A.shape)}-D factors) is not supported")
+        if A.shape[0] != B.shape[1]:
+            raise FormatError(weights_path, f"{module}: lora_A is {A.shape} but lora_B is {B.shape} (ranks differ)")
+        if A.shape[0] == 0:
+            raise FormatError(weights_path, f"{module}: rank 0")
+        rank, alpha = _module_rank_alpha(config, module, config_path)
+        if variant == "adalora":
+            if "lora_E" not in p:
+                raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
+            E = store.lazy(p["lora_E"])
+            A = _adalora_fold(A, E)
+            scaling = alpha if alpha > 0 else float(A.shape[0])
+            scale = scaling / (A.shape[0] + 1e-5)  # ranknum is the stored rank
+        else:
+            if rank != A.shape[0]:
+                raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
+            scale = lora_scale(alpha, rank, rslora=rslora)
+        kind = ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
+        bias = store.lazy(p["lora_B.bias"]) if "lora_B.bias" in p else None
+        magnitude = store.lazy(p["lora_magnitude_vector"]) if "lora_magnitude_vector" in p else None
+        if magnitude is not None:
+            magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
+        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude)
+
+    if not modules and not to_save:
+        warns.append(f"{weights_path}: holds no LoRA tensors")
+    return Adapter(
+        format=NAME,
+        modules=modules,
+        modules_to_save=to_save,
+        base_model=config.get("base_model_name_or_path"),
+        target_modules=config.get("target_modules"),
+        use_rslora=rslora,
+        use_dora=bool(config.get("use_dora", False)) or any(m.magnitude is not None for m in modules.values()),
+        lora_bias=bool(config.get("lora_bias", False)) or any(m.bias is not None for m in modules.values()),
+        variant=variant,
+        task_type=config.get("task_type"),
+        path=Path(path),
+        files=[config_path, weights_path],
+        config=config,
+        warnings=warns,
+        extras={"peft_modules": list(modules)},
+    )
+
+
+def _adalora_fold(A: LazyTensor, E: LazyTensor) -> LazyTensor:
+    """AdaLoRA's delta is B @ (A * E): fold E (r, 1) into A."""
+    return LazyTensor(A.shape, A.dtype, lambda: A.load() * E.load().reshape(-1, 1).to(A.dtype))
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def module_alpha(module: LoraModule, rslora: bool) -> float:
+    """The lora_alpha PEFT needs so that its scaling equals ``module.scale``."""
+    return module.scale * (math.sqrt(module.rank) if rslora else module.rank)
+
+
+def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict:
+    """The adapter_config.json that makes PEFT reproduce every module's scale and rank."""
+    rslora = adapter.use_rslora
+    mods = list(adapter.modules.values())
+    ranks = {m.name: m.rank for m in mods}
+    alphas = {m.name: _clean(module_alpha(m, rslora)) for m in mods}
+    r = _most_common(list(ranks.values())) or 8
+    alpha = _most_common(list(alphas.values()))
+    if alpha is None:
+        alpha = r
+    rank_pattern = {re.escape(n): v for n, v in ranks.items() if v != r}
+    alpha_pattern = {re.escape(n): v for n, v in alphas.items() if v != alpha}
+    carried = {}
+    if adapter.format == NAME and adapter.target_modules is not None and set(adapter.modules) == set(_original_modules(adapter)):
+        # same modules as read: keep the user's targeting rule and what narrows it
+        targets = adapter.target_modules
+        carried = {k: adapter.config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if adapter.config.get(k)}
+    else:
+        targets = sorted(adapter.modules) if mods else []
+    mts_names = sorted({n.rsplit(".", 1)[0] for n in adapter.modules_to_save})
+    config = {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": base_model if base_model is not None else adapter.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "use_dora": any(m.magnitude is not None for m in mods),
+        "lora_bias": any(m.bias is not None for m in mods),
+        "fan_in_fan_out": any(m.kind is ModuleKind.CONV1D for m in mods),
+        "modules_to_save": mts_names or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    config.update(carried)
+    return config
+
+
+def _original_modules(adapter: Adapter) -> list[str]:
+    return list(adapter.extras.get("peft_modules", adapter.modules))
+
+
+def _clean(x: float) -> float | int:
+    """Store integral alphas as ints, like PEFT configs written by hand."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter_model tensors PEFT saves for this adapter."""
+    sd: dict[str, torch.Tensor] = {}
+    any_bias = any(m.bias is not None for m in adapter.modules.values())
+    for m in adapter.modules.values():
+        base = PREFIX + m.name
+        A, B = m.A.load(), m.B.load()
+        if m.kind is ModuleKind.EMBEDDING:
+            sd[f"{base}.lora_embedding_A"] = A.contiguous()
+            sd[f"{base}.lora_embedding_B"] = B.contiguous()
+        else:
+            sd[f"{base}.lora_A.weight"] = A.contiguous()
+            sd[f"{base}.lora_B.weight"] = B.contiguous()
+            if any_bias:
+                bias = m.bias.load() if m.bias is not None else torch.zeros(m.out_features, dtype=B.dtype)
+                sd[f"{base}.lora_B.bias"] = bias.contiguous()
+        if m.magnitude is not None:
+            sd[f"{base}.lora_magnitude_vector"] = m.magnitude.load().contiguous()
+    for name, t in adapter.modules_to_save.items():
+        sd[PREFIX + name] = t.load().contiguous()
+    return sd
+
+
+def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe_serialization: bool = True, **_options) -> list[Path]:
+    """Write a folder that ``PeftModel.from_pretrained`` loads unchanged."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if adapter.use_dora and any(m.magnitude is None for m in adapter.modules.values()):
+        missing = next(m.name for m in adapter.modules.values() if m.magnitude is None)
+        raise InputError(f"{missing}: DoRA adapter module without a magnitude vector")
+    config = build_config(adapter, base_model=base_model)
+    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    sd = state_dict(adapter)
+    if safe_serialization:
+        weights = folder / "adapter_model.safetensors"
+        write_safetensors(weights, sd, metadata={"format": "pt"})
+    else:
+        weights = folder / "adapter_model.bin"
+        torch.save(sd, weights)
+    return [folder / CONFIG_NAME, weights]

@@ -1,0 +1,138 @@
+"""``inspect``: an audit of an adapter from its files alone, never instantiating a model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from loratool.adapter import Adapter
+from loratool.base import BaseModel, bind_adapter, module_names_matching
+from loratool.errors import ModuleMismatchError
+
+
+def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bool = True) -> dict[str, Any]:
+    """Describe an adapter: per-module rank/alpha/scale/shape, totals, flags and warnings.
+
+    Args:
+        adapter: the adapter, as read by ``read_adapter``.
+        base: optional base model, for base naming, kinds, base_params and missing-module checks.
+        scan: read each module's tensors to warn about all-zero B and NaN/Inf.
+    Returns:
+        A JSON-ready dict (the ``inspect --json`` object).
+    """
+    warnings = list(adapter.warnings)
+    names: dict[str, str] = {}
+    if base is not None:
+        for name, mod in adapter.modules.items():
+            key = base.weight_name(name)
+            if key is None:
+                warnings.append(f"{name}: not in the base model")
+                continue
+            mod.kind = base.module_kind(name, mod.kind)
+            names[name] = key[: -len(".weight")]
+            try:
+                bind_adapter(adapter.replace_modules({name: mod}), base)
+            except ModuleMismatchError as exc:
+                warnings.append(str(exc))
+        for tname in adapter.modules_to_save:
+            if base.tensor_name(tname) is None:
+                warnings.append(f"{tname}: modules_to_save tensor has no counterpart in the base (it will be added)")
+        targets = adapter.target_modules
+        if isinstance(targets, list):
+            for t in targets:
+                if not module_names_matching(base, [t]):
+                    warnings.append(f"target_modules entry {t!r} matches nothing in the base")
+        elif isinstance(targets, str) and targets != "all-linear" and not module_names_matching(base, targets):
+            warnings.append(f"target_modules {targets!r} matches nothing in the base")
+
+    modules = []
+    for name, mod in adapter.modules.items():
+        modules.append(
+            {
+                "name": names.get(name, name),
+                "rank": mod.rank,
+                "alpha": mod.alpha,
+                "scale": mod.scale,
+                "in_features": mod.in_features,
+                "out_features": mod.out_features,
+                "params": mod.lora_params,
+                "kind": mod.kind.value,
+                "dora": mod.magnitude is not None,
+                "bias": mod.bias is not None,
+            }
+        )
+        if scan:
+            warnings.extend(_scan_module(name, mod))
+    if scan:
+        for tname, t in adapter.modules_to_save.items():
+            if not torch.isfinite(t.load().float()).all():
+                warnings.append(f"{tname}: modules_to_save tensor holds NaN or Inf")
+
+    dtype = adapter.dtype
+    report: dict[str, Any] = {
+        "format": adapter.format,
+        "path": str(adapter.path) if adapter.path else None,
+        "base_model": adapter.base_model,
+        "variant": adapter.variant,
+        "modules": modules,
+        "modules_to_save": {n: list(t.shape) for n, t in adapter.modules_to_save.items()},
+        "lora_params": adapter.lora_params,
+        "total_params": adapter.total_params,
+        "target_modules": adapter.target_modules,
+        "rslora": adapter.use_rslora,
+        "dora": adapter.use_dora,
+        "bias": adapter.lora_bias,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "file_size": adapter.file_size(),
+        "rank_histogram": dict(sorted(Counter(m["rank"] for m in modules).items())),
+        "warnings": warnings,
+    }
+    if base is not None:
+        base_params = base.unique_params()
+        report["base"] = str(base.path)
+        report["base_params"] = base_params
+        report["percent_of_base"] = 100.0 * adapter.lora_params / base_params if base_params else None
+    return report
+
+
+def _scan_module(name: str, mod) -> list[str]:
+    out = []
+    A = mod.A.load()
+    B = mod.B.load()
+    if not (torch.isfinite(A.float()).all() and torch.isfinite(B.float()).all()):
+        out.append(f"{name}: NaN or Inf in lora_A/lora_B")
+    elif not B.any():
+        out.append(f"{name}: lora_B is all zeros (an untrained adapter: its delta is zero)")
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable summary printed by ``inspect`` without ``--json``."""
+    lines = [f"format: {report['format']}  ({report['variant']}, dtype {report['dtype']}, {report['file_size']:,} bytes)"]
+    if report.get("base_model"):
+        lines.append(f"base model: {report['base_model']}")
+    flags = [f for f in ("rslora", "dora", "bias") if report.get(f)]
+    lines.append(f"flags: {', '.join(flags) if flags else 'none'}")
+    lines.append(f"target_modules: {report['target_modules']}")
+    by_kind: dict[str, list[dict]] = {}
+    for m in report["modules"]:
+        by_kind.setdefault(m["kind"], []).append(m)
+    for kind, mods in by_kind.items():
+        lines.append(f"{kind} modules: {len(mods)}")
+        groups = Counter((m["rank"], m["alpha"], round(m["scale"], 6), m["in_features"], m["out_features"]) for m in mods)
+        for (r, a, s, i, o), n in sorted(groups.items()):
+            lines.append(f"  {n:>4} x  r={r:<4} alpha={a:<8g} scale={s:<10g} {i} -> {o}")
+    hist = ", ".join(f"r={r}: {n}" for r, n in report["rank_histogram"].items())
+    lines.append(f"rank histogram: {hist or 'empty'}")
+    if report["modules_to_save"]:
+        lines.append("modules_to_save: " + ", ".join(f"{n} {tuple(s)}" for n, s in report["modules_to_save"].items()))
+    lines.append(f"LoRA parameters: {report['lora_params']:,}")
+    lines.append(f"total stored parameters: {report['total_params']:,}")
+    if "base_params" in report:
+        pct = report["percent_of_base"]
+        lines.append(f"base parameters: {report['base_params']:,}  (LoRA = {pct:.4f}% of base)" if pct is not None else f"base parameters: {report['base_params']:,}")
+    for w in report["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,376 @@
+"""Lazy, read-only access to the tensors of a checkpoint, one tensor at a time.
+
+A ``TensorStore`` covers one safetensors file, a sharded set described by a
+``*.safetensors.index.json``, or a pickled ``.bin``/``.pth`` (loaded with
+``torch.load(weights_only=True)`` only). Safetensors headers are parsed and checked
+here before any tensor is read, so a hostile header never leads to a huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from loratool.errors import FormatError
+
+# safetensors dtype codes -> torch dtypes (the subset torch can hold)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
+        TORCH_TO_SAFETENSORS[getattr(torch, _name)] = _code
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+class LazyTensor:
+    """A tensor known by shape and dtype, read only when ``load()`` is called.
+
+    ``map`` composes a transform (transpose, permutation, slice) without reading.
+    """
+
+    __slots__ = ("shape", "dtype", "_loader")
+
+    def __init__(self, shape: Iterable[int], dtype: torch.dtype, loader: Callable[[], torch.Tensor]):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self._loader = loader
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "LazyTensor":
+        """Wrap a tensor already in memory."""
+        return cls(tensor.shape, tensor.dtype, lambda: tensor)
+
+    def load(self) -> torch.Tensor:
+        tensor = self._loader()
+        if tuple(tensor.shape) != self.shape:
+            raise FormatError("tensor", f"expected shape {self.shape}, read {tuple(tensor.shape)}")
+        return tensor
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape=None, dtype=None) -> "LazyTensor":
+        """A new lazy tensor that applies ``fn`` after loading this one."""
+        return LazyTensor(self.shape if shape is None else shape, dtype or self.dtype, lambda: fn(self.load()))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype, shape, and for safetensors its byte range."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    dtype_code: str | None = None  # the safetensors dtype string
+    begin: int | None = None  # absolute byte offsets in the file (safetensors only)
+    end: int | None = None
+
+
+def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, str], int]:
+    """Parse and validate a safetensors header.
+
+    Returns:
+        (entries in file order, the ``__metadata__`` dict, the size of the header block).
+    Raises:
+        FormatError: the header is truncated, oversized, inconsistent or names unknown dtypes.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise FormatError(path, "not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise FormatError(path, f"not a safetensors file (header claims {n} bytes, file has {size})")
+            raw = fh.read(n)
+    except IsADirectoryError:
+        raise FormatError(path, "is a directory, expected a safetensors file") from None
+    except PermissionError:
+        raise FormatError(path, "permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(path, "not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(path, "not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(path, "safetensors __metadata__ is not an object")
+    data_start = 8 + n
+    data_len = size - data_start
+    entries: list[TensorEntry] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise FormatError(path, f"tensor {name!r}: header entry is not an object")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if code not in SAFETENSORS_DTYPES:
+            raise FormatError(path, f"tensor {name!r}: unsupported dtype {code!r}")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise FormatError(path, f"tensor {name!r}: malformed shape or data_offsets")
+        begin, end = offsets
+        dtype = SAFETENSORS_DTYPES[code]
+        expected = math.prod(shape) * dtype.itemsize
+        if not (0 <= begin <= end <= data_len) or end - begin != expected:
+            raise FormatError(
+                path, f"tensor {name!r}: data_offsets {offsets} do not fit shape {shape} {code} in a {data_len}-byte data section"
+            )
+        entries.append(TensorEntry(name, path, dtype, tuple(shape), code, data_start + begin, data_start + end))
+    ordered = sorted(entries, key=lambda e: (e.begin, e.end))
+    cursor = data_start
+    for e in ordered:
+        if e.begin < cursor and e.end > e.begin:
+            raise FormatError(path, f"tensor {e.name!r}: data overlaps another tensor")
+        cursor = max(cursor, e.end)
+    return entries, {str(k): str(v) for k, v in metadata.items()}, data_start
+
+
+class TensorStore:
+    """Read-only view of the tensors of one checkpoint (one or more files).
+
+    Safetensors tensors are read one at a time with ``safe_open``; a pickle is loaded once
+    (memory-mapped where the zip format allows it) with ``weights_only=True``.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = [Path(f) for f in files]
+        self._entries: dict[str, TensorEntry] = {}
+        self._pickles: dict[Path, dict] = {}
+        self._handles: dict[Path, object] = {}
+        self.metadata: dict[str, str] = {}
+        self.extras: dict[str, object] = {}  # non-tensor entries found in pickles
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                entries, meta, _ = read_safetensors_header(f)
+                self.metadata.update(meta)
+                for e in entries:
+                    self._add(e)
+            else:
+                self._load_pickle(f)
+
+    def _add(self, entry: TensorEntry) -> None:
+        if entry.name in self._entries:
+            raise FormatError(entry.path, f"tensor {entry.name!r} appears in more than one file")
+        self._entries[entry.name] = entry
+
+    def _load_pickle(self, path: Path) -> None:
+        obj = load_pickle(path)
+        tensors, extras = flatten_state_dict(obj)
+        self.extras.update(extras)
+        self._pickles[path] = tensors
+        for name, t in tensors.items():
+            self._add(TensorEntry(name, path, t.dtype, tuple(t.shape)))
+
+    # -- queries that never read tensor data --
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name].dtype
+
+    def entries(self) -> Iterator[TensorEntry]:
+        return iter(self._entries.values())
+
+    @property
+    def is_safetensors(self) -> bool:
+        return all(f.suffix == ".safetensors" for f in self.files)
+
+    # -- data --
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory."""
+        e = self._entries[name]
+        if e.path in self._pickles:
+            return self._pickles[e.path][name]
+        handle = self._handles.get(e.path)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(e.path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise FormatError(e.path, f"cannot open safetensors file: {exc}") from None
+            self._handles[e.path] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise FormatError(e.path, f"cannot read tensor {name!r}: {exc}") from None
+
+    def lazy(self, name: str) -> LazyTensor:
+        e = self._entries[name]
+        return LazyTensor(e.shape, e.dtype, lambda: self.get(name))
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickles.clear()
+
+    def __enter__(self) -> "TensorStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_pickle(path: Path) -> object:
+    """Load a PyTorch pickle with ``weights_only=True`` (never executes code from the file)."""
+    path = Path(path)
+    import pickle
+    import zipfile
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            # mmap works only for the zip format; legacy pickles load without it.
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except IsADirectoryError:
+        raise FormatError(path, "is a directory, expected a PyTorch checkpoint") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise FormatError(path, "refused: the pickle needs code beyond plain tensors (loaded with weights_only=True)") from None
+        raise FormatError(path, f"not a loadable PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError, AttributeError, TypeError, IndexError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(path, f"not a loadable PyTorch checkpoint ({msg[:200]})") from None
+
+
+def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries."""
+    tensors: dict[str, torch.Tensor] = {}
+    extras: dict[str, object] = {}
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix or "tensor"] = obj
+        return tensors, extras
+    if not isinstance(obj, dict):
+        extras[prefix or "value"] = obj
+        return tensors, extras
+    for k, v in obj.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, torch.Tensor):
+            tensors[name] = v
+        elif isinstance(v, dict):
+            t, e = flatten_state_dict(v, name)
+            tensors.update(t)
+            extras.update(e)
+        else:
+            extras[name] = v
+    return tensors, extras
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers-style folder, sharded or not.
+
+    Prefers safetensors (index first) over pickles, as transformers does.
+    Raises:
+        FormatError: no weights, or an index naming missing shards.
+    """
+    folder = Path(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise FormatError(index, "has no weight_map")
+            shards = []
+            for shard in weight_map.values():
+                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                    raise FormatError(index, f"bad shard name {shard!r}")
+                if shard not in shards:
+                    shards.append(shard)
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FormatError(index, f"names shard {missing[0]} which is missing")
+            return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise FormatError(folder, "no model weights (model.safetensors, an index json, or pytorch_model.bin)")
+
+
+def read_json(path: Path) -> object:
+    """Read a JSON file, with a one-line FormatError for any problem."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FormatError(path, "file not found") from None
+    except IsADirectoryError:
+        raise FormatError(path, "is a directory, expected a JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"malformed JSON ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise FormatError(path, exc.strerror or str(exc)) from None
+
+
+def open_store(path: Path) -> TensorStore:
+    """A TensorStore over a weights file or a transformers-style folder."""
+    path = Path(path)
+    if path.is_dir():
+        return TensorStore(checkpoint_files(path))
+    if not path.exists():
+        raise FormatError(path, "file not found")
+    return TensorStore([path])
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

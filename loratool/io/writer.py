@@ -1,0 +1,129 @@
+"""Streaming safetensors writing: the header first, then each tensor as it is computed.
+
+The safetensors library can only save a whole dict at once; merging a model must not hold
+the model, so the header (names, dtypes, shapes: all known before any data) is written up
+front and tensors follow one at a time, in header order. Untouched tensors can be copied
+byte for byte from their source file with ``copy_raw``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from loratool.errors import InputError
+from loratool.io.store import TORCH_TO_SAFETENSORS, TensorEntry
+
+_ALIGN = 8  # tensor data starts 8-byte aligned, like the reference writer
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor list is declared up front.
+
+    Use as a context manager; ``write`` (or ``copy_raw``) must be called once per declared
+    tensor in declaration order. Leaving the block early raises and leaves the file
+    incomplete, which is why it is meant to be written inside an atomic output folder.
+    """
+
+    def __init__(self, path: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._sizes: list[int] = []
+        for name, dtype, shape in self.specs:
+            if dtype not in TORCH_TO_SAFETENSORS:
+                raise InputError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._sizes.append(nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * ((-len(raw)) % _ALIGN)
+        self._header = len(raw).to_bytes(8, "little") + raw
+        self.total_bytes = offset
+        self._next = 0
+        self._fh = None
+
+    def __enter__(self) -> "SafetensorsStreamWriter":
+        self._fh = open(self.path, "wb")
+        self._fh.write(self._header)
+        return self
+
+    def _expect(self, name: str) -> int:
+        if self._next >= len(self.specs) or self.specs[self._next][0] != name:
+            expected = self.specs[self._next][0] if self._next < len(self.specs) else "nothing"
+            raise RuntimeError(f"safetensors writer: got {name!r}, expected {expected!r}")
+        return self._next
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the data of the next declared tensor."""
+        i = self._expect(name)
+        _, dtype, shape = self.specs[i]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"safetensors writer: {name} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
+
+    def copy_raw(self, name: str, source: TensorEntry) -> None:
+        """Append the next declared tensor by copying its bytes from a safetensors source."""
+        i = self._expect(name)
+        if source.begin is None or source.end - source.begin != self._sizes[i]:
+            raise RuntimeError(f"safetensors writer: raw copy of {name} has the wrong size")
+        self._fh.flush()
+        with open(source.path, "rb") as src:
+            copy_range(src.fileno(), self._fh.fileno(), source.begin, source.end - source.begin)
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self._next != len(self.specs):
+                    raise RuntimeError(f"safetensors writer: {len(self.specs) - self._next} declared tensors were not written")
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``src_fd`` at ``offset`` to the current end of ``dst_fd``."""
+    dst_pos = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < count:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(count - done, 1 << 30), offset + done, dst_pos + done)
+            except OSError as exc:
+                if exc.errno == 28:  # ENOSPC is real, everything else falls back
+                    raise
+                use_cfr = False
+                n = 0
+        if not use_cfr:
+            chunk = os.pread(src_fd, min(count - done, 16 << 20), offset + done)
+            if not chunk:
+                raise OSError(f"unexpected end of file while copying {count} bytes")
+            n = os.pwrite(dst_fd, chunk, dst_pos + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file while copying {count} bytes")
+        done += n
+    os.lseek(dst_fd, dst_pos + count, os.SEEK_SET)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a small dict of tensors (an adapter) with the streaming writer, fsynced."""
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with SafetensorsStreamWriter(path, specs, metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
