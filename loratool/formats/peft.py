@@ -305,7 +305,7 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict:
         carried = {k: adapter.config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if adapter.config.get(k)}
     else:
         targets = sorted(adapter.modules) if mods else []
-    mts_names = sorted({n.rsplit(".", 1)[0] for n in adapter.modules_to_save})
+    mts_names = _modules_to_save_names(adapter)
     config = {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -330,6 +330,21 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict:
     }
     config.update(carried)
     return config
+
+
+def _modules_to_save_names(adapter: Adapter) -> list[str]:
+    """Module names for the config's modules_to_save: the source's own names where they cover a
+    tensor (``classifier`` for ``classifier.dense.weight``), else the tensor's module path."""
+    declared = [m for m in (adapter.config.get("modules_to_save") or []) if isinstance(m, str)]
+    names: list[str] = []
+    for tname in adapter.modules_to_save:
+        module = tname.rsplit(".", 1)[0]
+        if module in adapter.modules:
+            continue  # a replaced base weight of an adapted module, not a modules_to_save wrapper
+        hit = next((m for m in declared if f".{m}." in f".{module}."), module)
+        if hit not in names:
+            names.append(hit)
+    return sorted(names)
 
 
 def _original_modules(adapter: Adapter) -> list[str]:
@@ -360,6 +375,10 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
         if m.magnitude is not None:
             sd[f"{base}.lora_magnitude_vector"] = m.magnitude.load().contiguous()
     for name, t in adapter.modules_to_save.items():
+        module, leaf = name.rsplit(".", 1) if "." in name else (name, "")
+        if module in adapter.modules:
+            # a replaced weight of an adapted module (PEFT's save_embedding_layers layout)
+            name = f"{module}.base_layer.{leaf}"
         sd[PREFIX + name] = t.load().contiguous()
     return sd
 

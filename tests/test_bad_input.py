@@ -1,0 +1,149 @@
+"""Bad input to inspect: exit 2, one line naming the file and the reason, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+
+from conftest import ADAPTERS, BASES, assert_one_line_error, invoke, run_cli
+
+
+def _copy(tmp_path, name="llama-rslora"):
+    dst = tmp_path / name
+    shutil.copytree(ADAPTERS / name, dst)
+    return dst
+
+
+def _inspect_fails(path, *extra, expect=None):
+    code, out, err = invoke("inspect", path, *extra)
+    assert code == 2, (out, err)
+    line = assert_one_line_error(err)
+    if expect:
+        assert expect in line, line
+    return line
+
+
+def test_missing_adapter(tmp_path):
+    _inspect_fails(tmp_path / "nope", expect="nope")
+
+
+def test_missing_weights(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_model.safetensors").unlink()
+    _inspect_fails(dst, expect="no adapter weights")
+
+
+def test_missing_config(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_config.json").unlink()
+    _inspect_fails(dst, expect="unknown adapter format")
+
+
+@pytest.mark.parametrize("cut", [0, 4, 20, 200, -8])
+def test_truncated_safetensors(tmp_path, cut):
+    dst = _copy(tmp_path)
+    f = dst / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    line = _inspect_fails(dst)
+    assert "adapter_model.safetensors" in line
+
+
+def test_garbage_safetensors(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    _inspect_fails(dst, expect="adapter_model.safetensors")
+
+
+def test_huge_header_claim(tmp_path):
+    dst = _copy(tmp_path)
+    f = dst / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = (1 << 40).to_bytes(8, "little")
+    f.write_bytes(bytes(data))
+    _inspect_fails(dst, expect="header claims")
+
+
+def test_malformed_json(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_config.json").write_text("{not json")
+    _inspect_fails(dst, expect="malformed JSON")
+
+
+@pytest.mark.parametrize(
+    "patch,expect",
+    [({"r": "eight"}, "rank"), ({"lora_alpha": [1]}, "lora_alpha"), ({"rank_pattern": [1]}, "rank_pattern"),
+     ({"target_modules": 5}, "target_modules"), ({"r": 0}, "rank"), ({"r": -3}, "rank")],
+)
+def test_config_wrong_types(tmp_path, patch, expect):
+    dst = _copy(tmp_path)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(patch)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    _inspect_fails(dst, expect=expect)
+
+
+def test_config_is_a_directory(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_config.json").unlink()
+    (dst / "adapter_config.json").mkdir()
+    _inspect_fails(dst)
+
+
+def test_unknown_format(tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("hello")
+    _inspect_fails(f, expect="unknown adapter format")
+
+
+def test_base_not_a_model(tmp_path):
+    _inspect_fails(ADAPTERS / "llama-rslora", "--base", tmp_path, expect="config.json")
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_malicious_pickle_never_runs(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(dst / "adapter_model.bin", "wb") as fh:
+        pickle.dump({"x": _Evil(marker)}, fh)
+    _inspect_fails(dst, expect="adapter_model.bin")
+    assert not marker.exists()
+    # also through a real subprocess, as a user would run it
+    proc = run_cli("inspect", dst)
+    assert proc.returncode == 2 and not marker.exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_subprocess_one_line_and_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and "loratool" in proc.stdout
+    proc = run_cli("inspect", "/definitely/not/here")
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr)
+
+
+def test_unknown_option_is_one_line():
+    code, out, err = invoke("inspect", ADAPTERS / "llama-rslora", "--bogus")
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_every_command_has_help_with_example():
+    from loratool.cli import main
+
+    for name in main.commands:
+        code, out, err = invoke(name, "--help")
+        assert code == 0, name
+        assert "Example" in out, f"{name} --help lacks an example"
