@@ -1,76 +1,763 @@
-"""Hugging Face Hub: resolve ``org/name[@revision]`` to a local snapshot (cache, offline mode).
+"""Hugging Face Hub: ``org/name[@revision]`` in (cache, offline mode), adapters and models out.
 
-An existing local path always wins over a repo id.
+``resolve_path`` turns a CLI argument into a local folder: an existing local path always wins;
+otherwise ``org/name`` or ``org/name@revision`` is fetched with ``snapshot_download``, limited to
+the files the command needs, through the Hugging Face cache (``HF_HUB_OFFLINE=1``: the cache only).
+
+``push`` uploads an adapter or merged-model folder in one commit, leaving out training leftovers
+and adding a generated model card (``model_card``) when the folder has no README.md.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
-from loratool.errors import InputError
+from loratool.base import SIDE_FILES
+from loratool.errors import FormatError, InputError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json", "*.safetensors", "*.gguf", "*.pth", "*.yaml", "README.md"]
-MODEL_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt", "*.model", "*.jinja"]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_SIDE_FILES = tuple(dict.fromkeys((*SIDE_FILES, *TOKENIZER_FILES, "processor_config.json")))
+
+# Training leftovers: never downloaded, never pushed unless --include names them.
+TRAINING_LEFTOVERS = (
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "training_args.bin",
+)
+
+# What resolve_path downloads, tried in order until the snapshot holds what the command reads.
+# Only top-level files (or those of the named sub-adapter folder) are fetched.
+ADAPTER_PATTERN_SETS = (
+    ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors"],
+    ["*.gguf", "*.safetensors", "*.bin", "*.pth", "*.pt", "*.yaml", "*.json", "*.lora"],
+)
+# never fetched as an adapter: a model repo passed where an adapter belongs would be downloaded whole
+_NOT_ADAPTER_FILES = ("model*.safetensors", "pytorch_model*.bin", "consolidated*", "*.safetensors.index.json", "*.bin.index.json")
+MODEL_PATTERN_SETS = (
+    [*MODEL_SIDE_FILES, "*.safetensors", "model.safetensors.index.json"],
+    [*MODEL_SIDE_FILES, "pytorch_model*.bin", "pytorch_model.bin.index.json"],
+)
 
 
 def looks_like_repo_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape ``org/name`` or ``org/name@revision``."""
     return bool(_REPO_RE.match(spec)) and not spec.startswith((".", "/"))
 
 
-def resolve_path(spec: str | os.PathLike, *, kind: str = "adapter", token: str | None = None, subfolder: str | None = None) -> Path:
+def parse_repo_id(spec: str) -> tuple[str, str | None]:
+    """Split ``org/name@revision`` into ``(org/name, revision or None)``.
+
+    Raises:
+        InputError: ``spec`` is not a repo id.
+    """
+    if not looks_like_repo_id(spec):
+        raise InputError(f"{spec}: not a Hugging Face repo id (expected org/name or org/name@revision)")
+    repo_id, _, revision = spec.partition("@")
+    return repo_id, revision or None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids network access."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+
+
+def resolve_path(
+    spec: str | os.PathLike,
+    *,
+    kind: str = "adapter",
+    token: str | None = None,
+    subfolder: str | None = None,
+    local_only: bool = False,
+) -> Path:
     """A local path for ``spec``: the path itself when it exists, else a Hub snapshot.
 
     Args:
-        spec: a local path, ``org/name`` or ``org/name@revision``.
+        spec: a local path, ``org/name`` or ``org/name@revision`` (branch, tag or commit).
         kind: "adapter" or "model": which files to download.
         token: a Hub token (default: HF_TOKEN / the saved login).
         subfolder: restrict the download to this subfolder (a named sub-adapter).
+        local_only: read the Hugging Face cache only, even when online.
+    Returns:
+        The local path (for a repo id, the snapshot folder in the cache).
     Raises:
-        InputError: not a local path, and the repo cannot be resolved (offline and not cached, not found...).
+        InputError: not a local path, and the repo cannot be resolved (not cached while offline,
+            no such repo or revision, gated, no network...).
     """
     path = Path(spec)
     if path.exists():
         return path
-    text = str(spec)
+    text = os.fspath(spec)
     if not looks_like_repo_id(text):
-        raise InputError(f"{text}: no such file or folder")
-    repo_id, _, revision = text.partition("@")
-    patterns = ADAPTER_PATTERNS if kind == "adapter" else MODEL_PATTERNS
-    if subfolder:
-        patterns = [f"{subfolder}/{p}" for p in patterns]
+        raise InputError(f"{text}: no such file or folder (nor a Hub repo id, which looks like org/name[@revision])")
+    if kind not in ("adapter", "model"):
+        raise ValueError(f"kind must be 'adapter' or 'model', not {kind!r}")
+    repo_id, revision = parse_repo_id(text)
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
+            IncompleteSnapshotError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise InputError(f"{text}: not a local path and huggingface_hub is not installed") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+    offline = local_only or hub_offline()
+    cache = hub_cache_dir()
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    pattern_sets = ADAPTER_PATTERN_SETS if kind == "adapter" else MODEL_PATTERN_SETS
+    ignores = TRAINING_LEFTOVERS + (_NOT_ADAPTER_FILES if kind == "adapter" else ())
+    incomplete: str | None = None
+    local: Path | None = None
+    for patterns in pattern_sets:
+        try:
+            found = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=str(cache),
+                allow_patterns=[prefix + p for p in patterns],
+                ignore_patterns=[f"{prefix}*/*", *(prefix + p for p in ignores)],
+                token=token or None,
+                local_files_only=offline,
+            )
+        except IncompleteSnapshotError as exc:
+            incomplete = str(exc).split(". ")[0]
+            continue
+        except LocalEntryNotFoundError:
+            raise InputError(_not_cached_message(text, repo_id, revision, cache, offline)) from None
+        except GatedRepoError:
+            raise InputError(f"{text}: gated repository; accept its terms on the Hub, then pass --token or set HF_TOKEN") from None
+        except RevisionNotFoundError:
+            raise InputError(f"{text}: revision {revision!r} not found on the Hub") from None
+        except RepositoryNotFoundError:
+            raise InputError(f"{text}: no such repository on the Hub (or it is private: pass --token or set HF_TOKEN)") from None
+        except Exception as exc:  # network errors come in many types
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise InputError(f"{text}: could not download from the Hub ({type(exc).__name__}: {first})") from None
+        local = Path(found)
+        if _has_needed_files(local / prefix if prefix else local, kind):
+            return local
+    if local is not None and local.is_dir():
+        return local  # the reader names what is missing
+    if incomplete:
+        raise InputError(f"{text}: {incomplete}; connect to the network (unset HF_HUB_OFFLINE) to complete it")
+    what = "adapter" if kind == "adapter" else "model"
+    raise InputError(f"{text}: the repository has no {what} files{f' under {subfolder}/' if subfolder else ''}")
+
+
+def _has_needed_files(folder: Path, kind: str) -> bool:
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    if kind == "adapter":
+        return bool(names & {"adapter_config.json", "adapters.safetensors"})
+    return any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names)
+
+
+def _not_cached_message(text: str, repo_id: str, revision: str | None, cache: Path, offline: bool) -> str:
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    why = "HF_HUB_OFFLINE=1 forbids downloading" if offline else "the Hub could not be reached"
+    if not storage.is_dir():
+        return f"{text}: not a local path, and not in the Hugging Face cache ({cache}); {why}"
+    known = sorted(p.name for p in (storage / "refs").glob("*") if p.is_file()) if (storage / "refs").is_dir() else []
+    known += sorted(p.name[:12] for p in (storage / "snapshots").glob("*")) if (storage / "snapshots").is_dir() else []
+    have = f" (cached: {', '.join(known)})" if known else ""
+    return f"{text}: revision {revision or 'main'!r} not in the Hugging Face cache{have}; {why}"
+
+
+# ----------------------------------------------------------------------------------------------
+# push: the files of an adapter or merged-model folder, a model card, one commit
+
+
+def folder_kind(path: Path) -> str:
+    """``"adapter"`` or ``"model"`` for a folder to push.
+
+    Raises:
+        InputError: neither an adapter nor a transformers model folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: push takes a folder (an adapter or a merged model)")
+    if (path / "adapter_config.json").is_file() or any(
+        (p / "adapter_config.json").is_file() for p in path.iterdir() if p.is_dir() and not p.name.startswith(("checkpoint-", "."))
+    ):
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    from loratool.formats import detect_format
+
     try:
-        local = snapshot_download(
+        detect_format(path)
+    except FormatError:
+        ckpts = sorted(p.name for p in path.glob("checkpoint-*") if p.is_dir())
+        hint = f"; push one of its checkpoints instead, e.g. {path / ckpts[-1]}" if ckpts else ""
+        raise InputError(f"{path}: neither an adapter (adapter_config.json...) nor a model folder (config.json and weights){hint}") from None
+    return "adapter"
+
+
+def select_files(path: Path, kind: str, *, include: Iterable[str] = (), adapter_files: Iterable[Path] = ()) -> tuple[list[str], list[str]]:
+    """Split the files under ``path`` into (kept, left out), as POSIX paths relative to ``path``.
+
+    Adapters keep their config and weights (also in sub-adapter folders), README.md and tokenizer
+    files; models keep config / generation / tokenizer files, safetensors weights (pickled weights
+    only when there are none) and index JSON. Hidden files, ``checkpoint-*/`` folders and training
+    leftovers (optimizer, scheduler, RNG states, trainer state) are left out. A file matching an
+    ``include`` glob (or lying in a folder that matches) is kept whatever it is.
+    """
+    path = Path(path)
+    include = [p.rstrip("/") for p in include if p]
+    rel_files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    extra = {Path(f).resolve() for f in adapter_files}
+    has_safetensors = any("/" not in f and f.endswith(".safetensors") for f in rel_files)
+    kept, left = [], []
+    for rel in rel_files:
+        if _matches_include(rel, include):
+            kept.append(rel)
+            continue
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts) or any(fnmatch.fnmatchcase(p, "checkpoint-*") for p in parts[:-1]):
+            left.append(rel)
+            continue
+        if any(fnmatch.fnmatchcase(parts[-1], pat) for pat in TRAINING_LEFTOVERS):
+            left.append(rel)
+            continue
+        if _keep(rel, parts, kind, has_safetensors) or (path / rel).resolve() in extra:
+            kept.append(rel)
+        else:
+            left.append(rel)
+    return kept, left
+
+
+def _matches_include(rel: str, include: list[str]) -> bool:
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pat) for pat in include for p in prefixes) or any(
+        fnmatch.fnmatchcase(parts[-1], pat) for pat in include
+    )
+
+
+def _keep(rel: str, parts: list[str], kind: str, has_safetensors: bool) -> bool:
+    name = parts[-1]
+    if rel == "README.md":
+        return True
+    if kind == "adapter":
+        if len(parts) > 2:
+            return False
+        if name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            return True  # top level, or a PEFT sub-adapter folder
+        return len(parts) == 1 and (name in TOKENIZER_FILES or name == "adapters.safetensors")
+    if len(parts) > 1:
+        return False
+    if name in MODEL_SIDE_FILES or name.endswith(".index.json"):
+        return True
+    if name.endswith(".safetensors"):
+        return True
+    return not has_safetensors and fnmatch.fnmatchcase(name, "pytorch_model*.bin")
+
+
+def _hub_id(value: Any) -> str | None:
+    """``value`` when it can name a Hub model (``org/name`` or a legacy ``gpt2``), else None."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith((".", "~")):
+        return None
+    value = value.split("@", 1)[0]
+    if not _HUB_ID_RE.match(value) or "--" in value or ".." in value:
+        return None
+    if Path(value).exists():
+        return None  # a local path wins over a repo id
+    return value
+
+
+def _open_card_base(base: str | os.PathLike | None, fallback: str | None, token: str | None):
+    """The base model for a card's numbers: ``base`` (resolved), else ``fallback`` if local or cached."""
+    from loratool.base import BaseModel
+
+    if base is not None:
+        return BaseModel.open(resolve_path(base, kind="model", token=token))
+    if not fallback:
+        return None
+    try:
+        if Path(fallback).exists():
+            return BaseModel.open(fallback)
+        if looks_like_repo_id(fallback):
+            return BaseModel.open(resolve_path(fallback, kind="model", token=token, local_only=True))
+    except (InputError, OSError):
+        return None
+    return None
+
+
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModel": "feature-extraction",
+}
+
+
+def _auto_class(task_type: str | None, architecture: str | None) -> str:
+    if task_type and task_type in _AUTO_CLASSES:
+        return _AUTO_CLASSES[task_type]
+    arch = architecture or ""
+    for suffix, cls in (
+        ("ForCausalLM", "AutoModelForCausalLM"),
+        ("LMHeadModel", "AutoModelForCausalLM"),
+        ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+        ("ForTokenClassification", "AutoModelForTokenClassification"),
+        ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+        ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ):
+        if arch.endswith(suffix):
+            return cls
+    return "AutoModelForCausalLM" if not arch else "AutoModel"
+
+
+def _model_type_from_config(config: dict) -> str | None:
+    """The transformers model type an adapter config implies (PEFT's auto_mapping), if any."""
+    mapping = config.get("auto_mapping") if isinstance(config, dict) else None
+    if isinstance(mapping, dict):
+        lib = mapping.get("parent_library") or ""
+        m = re.match(r"^transformers\.models\.([\w]+)\.", lib)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n:,}"
+
+
+def _join(values: Iterable[Any]) -> str:
+    return ", ".join(f"`{v}`" for v in values)
+
+
+def _card_text(data, body: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+
+
+def model_card(
+    path: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    base: str | os.PathLike | None = None,
+    adapter: str | None = None,
+    token: str | None = None,
+):
+    """Generate a model card for an adapter or merged-model folder.
+
+    Adapter cards carry ``base_model`` (from ``base`` or adapter_config's base_model_name_or_path),
+    ``library_name: peft`` for PEFT adapters, tags (lora, peft, the architecture) and a section
+    from ``inspect_adapter``: rank(s), alpha, target modules, LoRA parameters and their percent of
+    the base (when the base is ``base``, a local folder or in the Hugging Face cache), and how to
+    load the adapter. Merged-model cards carry ``library_name: transformers`` and a note that the
+    model was merged with loratool.
+
+    Args:
+        path: the folder to describe.
+        repo_id: the repo the folder goes to (for the loading snippets).
+        revision: the branch it goes to (for the loading snippets).
+        base: the base model (path or repo id), when the folder's own metadata lacks or misnames it.
+        adapter: for a merged model, the adapter that was merged (for the note).
+        token: a Hub token, used only to resolve ``base``.
+    Returns:
+        A ``huggingface_hub.ModelCard`` (``str(card)`` is the README.md text).
+    Raises:
+        InputError / FormatError: the folder is not an adapter or model, or cannot be read.
+    """
+    path = Path(path)
+    kind = folder_kind(path)
+    if kind == "adapter":
+        return _adapter_card(path, repo_id=repo_id, revision=revision, base=base, token=token)
+    return _model_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token)
+
+
+def _read_adapters(path: Path):
+    """[(sub-adapter name or None, Adapter)]: the top-level adapter, or every PEFT sub-adapter."""
+    from loratool.formats import read_adapter
+
+    subs = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_dir() and (p / "adapter_config.json").is_file() and not p.name.startswith(("checkpoint-", "."))
+    )
+    found = [(None, read_adapter(path))] if (path / "adapter_config.json").is_file() or not subs else []
+    return found + [(name, read_adapter(path, format="peft", adapter_name=name)) for name in subs]
+
+
+def _adapter_card(path: Path, *, repo_id, revision, base, token):
+    from huggingface_hub import ModelCardData
+
+    from loratool.inspect import inspect_adapter
+
+    adapters = _read_adapters(path)
+    first = adapters[0][1]
+    base_model_id = _hub_id(os.fspath(base)) if base is not None else None
+    base_model_id = base_model_id or _hub_id(first.base_model)
+    base_obj = _open_card_base(base, first.base_model, token)
+    model_type = (base_obj.model_type if base_obj is not None else None) or _model_type_from_config(first.config)
+    architecture = None
+    if base_obj is not None and base_obj.architectures:
+        architecture = base_obj.architectures[0]
+    elif isinstance(first.config.get("auto_mapping"), dict):
+        architecture = first.config["auto_mapping"].get("base_model_class")
+    auto_cls = _auto_class(first.task_type, architecture)
+    is_peft = first.format == "peft"
+
+    tags = ["lora"]
+    tags += ["peft"] if is_peft else [first.format]
+    if first.use_dora:
+        tags.append("dora")
+    if model_type:
+        tags.append(model_type)
+    tags.append("loratool")
+    data = ModelCardData(
+        base_model=base_model_id,
+        library_name="peft" if is_peft else None,
+        pipeline_tag=_PIPELINE_TAGS.get(auto_cls) if (first.task_type or architecture) else None,
+        tags=tags,
+    )
+
+    name = repo_id.split("/")[-1] if repo_id else path.name
+    if base_model_id:
+        base_text = f"[`{base_model_id}`](https://huggingface.co/{base_model_id})"
+    elif first.base_model:
+        base_text = f"a local base model (`{Path(first.base_model).name}`)"
+    else:
+        base_text = "an unnamed base model"
+    kind_text = "DoRA" if first.use_dora else ("AdaLoRA" if first.variant == "adalora" else "LoRA")
+    lines = [f"# {name}", "", f"A {kind_text} adapter for {base_text}.", ""]
+
+    for sub, ad in adapters:
+        report = inspect_adapter(ad, base=base_obj, scan=False)
+        lines += _adapter_section(sub, ad, report)
+
+    repo = repo_id or "REPO_ID"
+    rev_arg = f', revision="{revision}"' if revision else ""
+    base_ref = base_model_id or "BASE_MODEL"
+    lines += ["## How to load", ""]
+    if is_peft:
+        sub_arg = f', subfolder="{adapters[0][0]}"' if adapters[0][0] else ""
+        lines += [
+            "With PEFT:",
+            "",
+            "```python",
+            f"from transformers import {auto_cls}",
+            "from peft import PeftModel",
+            "",
+            f'base = {auto_cls}.from_pretrained("{base_ref}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}"{sub_arg}{rev_arg})',
+            "```",
+            "",
+        ]
+    else:
+        lines += [f"This adapter is in {first.format} format; `loratool convert` turns it into a PEFT adapter.", ""]
+    spec = f"{repo}@{revision}" if revision else repo
+    name_opt = f" --adapter-name {adapters[0][0]}" if adapters[0][0] else ""
+    lines += [
+        "To merge it into the base weights with loratool:",
+        "",
+        "```bash",
+        f"loratool merge {base_ref} {spec} merged/{name_opt}",
+        "```",
+    ]
+    if not base_model_id:
+        lines += ["", "Replace `BASE_MODEL` with the base model this adapter was trained on."]
+    return _card_text(data, "\n".join(lines))
+
+
+def _adapter_section(sub: str | None, ad, report: dict) -> list[str]:
+    modules = report["modules"]
+    ranks = sorted({m["rank"] for m in modules})
+    alphas = sorted({m["alpha"] for m in modules})
+    scales = sorted({round(m["scale"], 6) for m in modules})
+    targets = ad.target_modules
+    if isinstance(targets, (list, tuple, set)):
+        target_text = _join(sorted(targets))
+    elif isinstance(targets, str):
+        target_text = f"`{targets}`"
+    else:
+        target_text = _join(sorted({m["name"].rsplit(".", 1)[-1] for m in modules}))
+    params = _fmt_params(report["lora_params"])
+    if report.get("percent_of_base") is not None:
+        params += f" ({report['percent_of_base']:.4g}% of the base's {_fmt_params(report['base_params'])})"
+    flags = [f for f in ("rslora", "dora", "bias") if report.get(f)]
+    rows = [
+        ("format", f"{report['format']} ({report['variant']})"),
+        ("rank" + ("s" if len(ranks) > 1 else ""), ", ".join(map(str, ranks)) or "-"),
+        ("alpha", ", ".join(f"{a:g}" for a in alphas) or "-"),
+        ("scale", ", ".join(f"{s:g}" for s in scales) or "-"),
+        ("target modules", target_text or "-"),
+        ("adapted modules", str(len(modules))),
+        ("LoRA parameters", params),
+        ("dtype", report.get("dtype") or "-"),
+    ]
+    if flags:
+        rows.append(("flags", ", ".join(flags)))
+    if report["modules_to_save"]:
+        rows.append(("modules_to_save", _join(report["modules_to_save"])))
+    if len(ranks) > 1:
+        hist = ", ".join(f"r={r}: {n}" for r, n in report["rank_histogram"].items())
+        rows.append(("rank histogram", hist))
+    title = "## Adapter" + (f" `{sub}`" if sub else "")
+    out = [title, "", "| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "_Figures from `loratool inspect`._", ""]
+    return out
+
+
+def _adapter_base_id(adapter: str | os.PathLike | None) -> str | None:
+    """The Hub id of the base an adapter (local or cached) names in its adapter_config.json."""
+    if adapter is None:
+        return None
+    from loratool.io.store import read_json
+
+    try:
+        folder = resolve_path(adapter, kind="adapter", local_only=True)
+        config = read_json((folder if folder.is_dir() else folder.parent) / "adapter_config.json")
+    except (InputError, OSError):
+        return None
+    return _hub_id(config.get("base_model_name_or_path")) if isinstance(config, dict) else None
+
+
+def _model_card(path: Path, *, repo_id, revision, base, adapter, token):
+    from huggingface_hub import ModelCardData
+
+    from loratool.base import BaseModel
+
+    model = BaseModel.open(path)
+    base_model_id = _hub_id(os.fspath(base)) if base is not None else None
+    base_model_id = base_model_id or _hub_id(model.config.get("_name_or_path")) or _adapter_base_id(adapter)
+    arch = model.architectures[0] if model.architectures else None
+    auto_cls = _auto_class(None, arch)
+    tags = ["loratool", "lora-merged"]
+    if model.model_type:
+        tags.append(model.model_type)
+    data = ModelCardData(
+        base_model=base_model_id,
+        library_name="transformers",
+        pipeline_tag=_PIPELINE_TAGS.get(auto_cls) if arch else None,
+        tags=tags,
+    )
+    name = repo_id.split("/")[-1] if repo_id else path.name
+    base_text = f"[`{base_model_id}`](https://huggingface.co/{base_model_id})" if base_model_id else "its base model"
+    adapter_text = ""
+    if adapter:
+        aid = _hub_id(os.fspath(adapter))
+        adapter_text = f" [`{aid}`](https://huggingface.co/{aid})" if aid else f" `{Path(adapter).name}`"
+    dtypes = sorted({str(e.dtype).replace("torch.", "") for e in model.store.entries() if e.dtype.is_floating_point})
+    rows = [
+        ("architecture", f"`{arch}`" if arch else "-"),
+        ("model type", model.model_type or "-"),
+        ("parameters", _fmt_params(model.unique_params())),
+        ("dtype", ", ".join(dtypes) or "-"),
+    ]
+    rev_arg = f', revision="{revision}"' if revision else ""
+    lines = [
+        f"# {name}",
+        "",
+        f"This model is {base_text} with a LoRA adapter{adapter_text} merged into its weights by loratool. "
+        "It is a plain transformers model: loading it needs no PEFT.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "## How to load",
+        "",
+        "```python",
+        f"from transformers import {auto_cls}",
+        "",
+        f'model = {auto_cls}.from_pretrained("{repo_id or "REPO_ID"}"{rev_arg})',
+        "```",
+    ]
+    return _card_text(data, "\n".join(lines))
+
+
+def check_push_repo_id(repo_id: str) -> None:
+    """Refuse a push target that is not ``org/name``.
+
+    Raises:
+        InputError: malformed, or carrying an ``@revision`` (the branch is a separate option).
+    """
+    if "@" in repo_id:
+        raise InputError(f"{repo_id}: name the branch with --revision, not @")
+    if not looks_like_repo_id(repo_id):
+        raise InputError(f"{repo_id}: not a Hugging Face repo id (expected org/name)")
+
+
+def push(
+    path: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    dry_run: bool = False,
+    include: Iterable[str] = (),
+    token: str | None = None,
+    api=None,
+    base: str | os.PathLike | None = None,
+    adapter: str | None = None,
+) -> dict[str, Any]:
+    """Upload an adapter or merged-model folder to the Hub in one commit.
+
+    The repo is created when missing (``create_repo(exist_ok=True)``), the branch too when
+    ``revision`` names one that does not exist (unless ``create_pr``). Only the files of the
+    adapter or model are sent (see ``select_files``); when the folder has no README.md a model card
+    is generated (``model_card``) and committed from memory: nothing is written into ``path``.
+
+    Args:
+        path: the local folder.
+        repo_id: ``org/name`` on the Hub.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch to commit to (default: main).
+        commit_message: the commit title (default: "Upload LoRA adapter with loratool" / "... merged model ...").
+        create_pr: open a pull request instead of committing to the branch.
+        dry_run: compute the files and the card and return them; no network at all.
+        include: glob patterns of files to send even though they are normally left out.
+        token: a Hub token (default: HF_TOKEN / the saved login).
+        api: an ``huggingface_hub.HfApi``-like object (default: ``HfApi(token=token)``).
+        base: the base model (path or repo id) for the card, when the folder's metadata lacks it.
+        adapter: for a merged model, the adapter that was merged (named in the card).
+    Returns:
+        A dict: repo_id, revision, kind, files [{path, size}], left_out, card (the generated
+        README.md text, or None), dry_run, and after an upload commit_url and pr_url.
+    Raises:
+        InputError: not an adapter or model folder, a bad repo id, or the upload failed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such folder (push takes a local adapter or model folder)")
+    check_push_repo_id(repo_id)
+    if revision is not None and not revision.strip():
+        raise InputError("--revision must not be empty")
+    kind = folder_kind(path)
+
+    adapter_files: list[Path] = []
+    if kind == "adapter":
+        try:
+            adapter_files = [f for _, ad in _read_adapters(path) for f in ad.files]
+        except FormatError as exc:
+            raise InputError(f"{path}: not a readable adapter ({exc.reason})") from None
+    else:
+        from loratool.base import BaseModel
+
+        BaseModel.open(path)  # config.json and weights must be readable
+    kept, left_out = select_files(path, kind, include=include, adapter_files=adapter_files)
+    if not kept:
+        raise InputError(f"{path}: nothing to push")
+
+    card_text: str | None = None
+    if "README.md" not in kept:
+        card_text = str(model_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token))
+    files = [{"path": rel, "size": (path / rel).stat().st_size} for rel in kept]
+    if card_text is not None:
+        files.append({"path": "README.md", "size": len(card_text.encode("utf-8")), "generated": True})
+    message = commit_message or f"Upload {'LoRA adapter' if kind == 'adapter' else 'merged model'} with loratool"
+    result: dict[str, Any] = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "kind": kind,
+        "path": str(path),
+        "private": private,
+        "create_pr": create_pr,
+        "commit_message": message,
+        "files": files,
+        "total_size": sum(f["size"] for f in files),
+        "left_out": left_out,
+        "card": card_text,
+        "dry_run": dry_run,
+    }
+    if dry_run:
+        return result
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token or None
+    api = api if api is not None else HfApi(token=token)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in kept]
+    if card_text is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
+    try:
+        api.create_repo(repo_id, token=token, private=True if private else None, repo_type="model", exist_ok=True)
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+        info = api.create_commit(
             repo_id,
-            revision=revision or None,
-            allow_patterns=patterns,
+            operations,
+            commit_message=message,
             token=token,
-            local_files_only=offline,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr or None,
         )
-    except LocalEntryNotFoundError:
-        if offline:
-            raise InputError(f"{text}: not a local path, and not in the Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloading)") from None
-        raise InputError(f"{text}: not a local path, and the Hub could not be reached (no cached copy)") from None
-    except GatedRepoError:
-        raise InputError(f"{text}: gated repository; pass --token or set HF_TOKEN with access") from None
-    except RepositoryNotFoundError:
-        raise InputError(f"{text}: no such repository on the Hub (or it is private: pass --token)") from None
-    except RevisionNotFoundError:
-        raise InputError(f"{text}: revision {revision!r} not found") from None
-    except Exception as exc:  # network errors come in many types
-        raise InputError(f"{text}: could not download from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return Path(local)
+    except HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{repo_id}: upload failed ({first})") from None
+    except OSError as exc:
+        raise InputError(f"{repo_id}: upload failed ({type(exc).__name__}: {exc})") from None
+    result["commit_url"] = getattr(info, "commit_url", None)
+    result["pr_url"] = getattr(info, "pr_url", None)
+    return result

@@ -57,9 +57,13 @@ _KEY_RE = re.compile(
 
 def detect(path: Path) -> bool:
     path = Path(path)
-    if path.is_dir():
-        return (path / CONFIG_NAME).is_file()
-    return path.name in WEIGHT_NAMES or (path.name == CONFIG_NAME)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() or path.name == CONFIG_NAME:
+        # an MLX-LM folder also has adapter_config.json, beside adapters.safetensors
+        if (folder / "adapters.safetensors").is_file() and not any((folder / w).exists() for w in WEIGHT_NAMES):
+            return False
+        return (folder / CONFIG_NAME).is_file()
+    return path.name in WEIGHT_NAMES
 
 
 def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
@@ -283,6 +287,8 @@ def _most_common(values):
 
 def module_alpha(module: LoraModule, rslora: bool) -> float:
     """The lora_alpha PEFT needs so that its scaling equals ``module.scale``."""
+    if math.isclose(lora_scale(module.alpha, module.rank, rslora=rslora), module.scale, rel_tol=1e-13, abs_tol=0.0):
+        return module.alpha  # the recorded alpha, not scale * r with its rounding (7.999999999999999)
     return module.scale * (math.sqrt(module.rank) if rslora else module.rank)
 
 

@@ -1,0 +1,252 @@
+"""Benchmark: `loratool merge` vs `cp -r BASE X && sync` vs the PEFT path, wall time and peak RssAnon.
+
+    python bench/bench_merge.py                      # TinyLlama-1.1B shape (22 layers) and a 44-layer variant
+    python bench/bench_merge.py --layers 22 --no-peft --workdir /tmp/bench
+
+The base is a TinyLlama-1.1B-shaped Llama (hidden 2048, intermediate 5632, 32 heads, 4 KV
+heads, vocab 32000) with random bf16 weights in 3 safetensors shards; the adapter is an r=16
+PEFT LoRA on q/k/v/o/gate/up/down of every layer. Each contender runs in its own process;
+its peak anonymous memory (RssAnon, summed over its process tree) is sampled from /proc every
+10 ms. Page cache is warm for every contender (the inputs were just written, and `cp` runs
+first). Results are printed as a Markdown table and written as JSON to WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of LlamaForCausalLM's state dict (untied head)."""
+    head_dim = HIDDEN // HEADS
+    kv = KV_HEADS * head_dim
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", (HIDDEN,)),
+            (f"{p}.self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (f"{p}.self_attn.k_proj.weight", (kv, HIDDEN)),
+            (f"{p}.self_attn.v_proj.weight", (kv, HIDDEN)),
+            (f"{p}.self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
+            (f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)),
+            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)),
+        ]
+    out += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return out
+
+
+def make_base(folder: Path, layers: int, shards: int = 3) -> None:
+    """Write the random bf16 base, streaming (never more than one tensor in memory)."""
+    from transformers import LlamaConfig
+
+    from loratool.io.writer import SafetensorsStreamWriter
+
+    folder.mkdir(parents=True)
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, dtype="bfloat16", architectures=["LlamaForCausalLM"],
+    )
+    config.save_pretrained(folder)
+    tensors = llama_tensors(layers)
+    total = sum(math.prod(s) * 2 for _, s in tensors)
+    groups: list[list] = [[] for _ in range(shards)]
+    acc = 0
+    for name, shape in tensors:
+        groups[min(shards - 1, acc * shards // total)].append((name, shape))
+        acc += math.prod(shape) * 2
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        specs = [(n, torch.bfloat16, s) for n, s in group]
+        with SafetensorsStreamWriter(folder / fname, specs, {"format": "pt"}) as w:
+            for name, shape in group:
+                if len(shape) == 1:
+                    t = torch.ones(shape, dtype=torch.bfloat16)
+                else:
+                    t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+                w.write(name, t)
+                weight_map[name] = fname
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_adapter(folder: Path, layers: int, rank: int = 16) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(1)
+    sd = {}
+    for name, shape in llama_tensors(layers):
+        module = name[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] not in TARGETS:
+            continue
+        out_f, in_f = shape
+        sd[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
+        sd[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
+    save_file(sd, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": folder.parent.name + "/base",
+        "inference_mode": True, "use_rslora": False, "use_dora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list[str], *, env=None) -> dict:
+    """Run ``cmd``; wall seconds and the peak of RssAnon summed over its process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, sum(_rss_anon(p) for p in _tree(proc.pid)))
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}):\n{err[-2000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 2**20, 1)}
+
+
+def du(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def bench(work: Path, layers: int, peft: bool) -> dict:
+    case = work / f"llama-{layers}L"
+    base, adapter = case / "base", case / "adapter"
+    if not base.exists():
+        print(f"[{layers} layers] writing base and adapter ...", flush=True)
+        make_base(base, layers)
+        make_adapter(adapter, layers)
+    for d in ("cp", "merged", "peft"):
+        shutil.rmtree(case / d, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    res = {"layers": layers, "base_bytes": du(base), "adapter_bytes": du(adapter)}
+    print(f"[{layers} layers] cp -r + sync ...", flush=True)
+    res["cp_sync"] = measure(["bash", "-c", f"cp -r '{base}' '{case / 'cp'}' && sync"])
+    shutil.rmtree(case / "cp")
+    subprocess.run(["sync"], check=True)
+    print(f"[{layers} layers] loratool merge ...", flush=True)
+    res["loratool"] = measure([sys.executable, "-m", "loratool", "merge", str(base), str(adapter), str(case / "merged"), "--device", "cpu", "--quiet"])
+    shutil.rmtree(case / "merged")
+    subprocess.run(["sync"], check=True)
+    if peft:
+        print(f"[{layers} layers] PEFT merge_and_unload + save_pretrained ...", flush=True)
+        script = case / "peft_merge.py"
+        script.write_text(PEFT_SCRIPT)
+        res["peft"] = measure([sys.executable, str(script), str(base), str(adapter), str(case / "peft")])
+        shutil.rmtree(case / "peft")
+    return res
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
+        "torch": torch.__version__, "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out"), help="where bases and outputs go (needs ~20 GB)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[22, 44], help="model sizes (TinyLlama-1.1B has 22)")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT path")
+    ap.add_argument("--peft-layers", type=int, nargs="*", default=[22], help="sizes at which to run the PEFT path")
+    ap.add_argument("--keep", action="store_true", help="keep the generated bases")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "runs": []}
+    try:
+        for layers in args.layers:
+            results["runs"].append(bench(work, layers, peft=not args.no_peft and layers in args.peft_layers))
+    finally:
+        if not args.keep:
+            for layers in args.layers:
+                shutil.rmtree(work / f"llama-{layers}L", ignore_errors=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print()
+    print("| model | contender | wall s | peak RssAnon MiB | vs cp+sync | PEFT / loratool |")
+    print("|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        label = f"{r['layers']} layers, {r['base_bytes'] / 2**30:.2f} GiB"
+        cp = r["cp_sync"]["wall_s"]
+        for key, title in (("cp_sync", "cp -r + sync"), ("loratool", "loratool merge"), ("peft", "PEFT merge_and_unload")):
+            if key not in r:
+                continue
+            x = r[key]
+            speed = f"{r['peft']['wall_s'] / r['loratool']['wall_s']:.1f}x" if key == "loratool" and "peft" in r else ""
+            print(f"| {label} | {title} | {x['wall_s']} | {x['peak_rss_anon_mib']} | {x['wall_s'] / cp:.2f}x | {speed} |")
+    print(f"\nmachine: {results['machine']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

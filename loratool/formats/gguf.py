@@ -1,0 +1,386 @@
+"""llama.cpp LoRA adapters in GGUF, written and read with the ``gguf`` package.
+
+As convert_lora_to_gguf.py makes them (one file):
+
+    general.architecture   the llama.cpp architecture of the base (llama, qwen2, ...)
+    general.type           "adapter"
+    adapter.type           "lora"
+    adapter.lora.alpha     one float for the whole file: llama.cpp scales each pair by alpha / r
+                           (by 1 when alpha is 0)
+    <blk.N.attn_q>.weight.lora_a   numpy (r, in)    = A          (ggml ne: in, r)
+    <blk.N.attn_q>.weight.lora_b   numpy (out, r)   = B          (ggml ne: r, out)
+    token_embd.weight.lora_a       numpy (vocab, r) = A^T        (token embeddings only)
+    token_embd.weight.lora_b       numpy (dim, r)   = B
+
+Tensor names come from gguf's TensorNameMap for the architecture. For architectures whose
+HF converter permutes q/k (``LlamaModel.permute``: llama, mistral, granite...) the rows of B
+of every q_proj/k_proj are permuted the same way; A is never touched. loratool also writes
+``<arch>.attention.head_count``/``head_count_kv`` and ``<arch>.block_count`` so that its own
+files can be read back without a base; files from llama.cpp's converter lack them and need
+``--base`` when q/k must be un-permuted. Per-module scales differing from alpha / r are baked
+into B. DoRA, a LoRA bias and modules_to_save have no GGUF form and are refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.base import is_conv1d
+from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.io.store import LazyTensor
+from loratool.names import (
+    GGUFArch,
+    gguf_arch_by_name,
+    gguf_arch_for_config,
+    gguf_tensor_kind,
+    gguf_tensor_name,
+    head_counts,
+    hf_module_name,
+    permute_qk_rows,
+    qk_projection,
+    unpermute_qk_rows,
+)
+
+NAME = "gguf"
+OUTPUT_IS_FILE = True
+MAGIC = b"GGUF"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def detect(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # a malformed field: treat as absent
+        return None
+
+
+def _to_torch(t) -> torch.Tensor:
+    """A GGUF tensor's data in numpy (row-major) order, as torch, in its own float type."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType
+    if t.tensor_type == qt.F32:
+        return torch.from_numpy(np.array(t.data, dtype=np.float32))
+    if t.tensor_type == qt.F16:
+        return torch.from_numpy(np.array(t.data, dtype=np.float16))
+    if t.tensor_type == qt.BF16:
+        raw = np.array(t.data).view(np.int16)
+        return torch.from_numpy(raw).view(torch.bfloat16)
+    return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+
+_GGML_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _base_name_map(base, arch: GGUFArch, n_blocks: int) -> dict[str, str]:
+    """GGUF base name -> the base model's module name, for every 2-D weight of the base."""
+    out: dict[str, str] = {}
+    for key in base.keys():
+        if not key.endswith(".weight") or len(base.store.shape(key)) != 2:
+            continue
+        module = key[: -len(".weight")]
+        g = _gguf_name(module, arch, n_blocks)
+        if g is not None:
+            out.setdefault(g, module)
+    return out
+
+
+def _n_blocks(config: dict) -> int | None:
+    cfg = dict(config.get("text_config") or {}, **config)
+    for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return None
+
+
+def read(path: Path, *, base=None, **_options) -> Adapter:
+    """Read a llama.cpp LoRA GGUF into canonical form (HF module names and row order).
+
+    Args:
+        path: the .gguf file.
+        base: optional ``BaseModel``: module names as the base names them, head counts for
+            un-permuting q/k when the file does not carry them.
+    Raises:
+        FormatError, UnsupportedError.
+    """
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors on garbage
+        raise FormatError(path, f"not a readable GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    gtype = _field(reader, gguf.Keys.General.TYPE)
+    if gtype is not None and gtype != gguf.GGUFType.ADAPTER:
+        raise UnsupportedError(f"{path}: a GGUF {gtype}, not an adapter (general.type)")
+    atype = _field(reader, gguf.Keys.Adapter.TYPE)
+    if atype not in (None, "lora"):
+        raise UnsupportedError(f"{path}: GGUF adapter type {atype!r} is not LoRA")
+    arch_name = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    if not isinstance(arch_name, str):
+        raise FormatError(path, "no general.architecture")
+    alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = float(alpha) if isinstance(alpha, (int, float)) else 0.0
+    warnings: list[str] = []
+
+    if base is not None:
+        try:
+            arch = gguf_arch_for_config(base.config)
+        except UnsupportedError:
+            arch = gguf_arch_by_name(arch_name)
+        if arch.name != arch_name:
+            raise InputError(f"{path}: a GGUF for architecture {arch_name}, but the base {base.path} is {arch.name}")
+        n_head, n_kv = head_counts(base.config) if arch.permute_qk else (None, None)
+        n_blocks = _n_blocks(base.config) or 0
+        name_map = _base_name_map(base, arch, n_blocks)
+    else:
+        arch = gguf_arch_by_name(arch_name)
+        n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
+        n_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name)) or n_head
+        n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)) or 0
+        name_map = None
+
+    pairs: dict[str, dict[str, object]] = {}
+    for t in reader.tensors:
+        name = t.name
+        for suffix, part in ((".weight.lora_a", "a"), (".weight.lora_b", "b")):
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], {})[part] = t
+                break
+        else:
+            raise UnsupportedError(f"{path}: tensor {name} is not a LoRA pair member (full tensors in a GGUF adapter are not supported)")
+
+    modules: dict[str, LoraModule] = {}
+    needs_heads = []
+    for gname, p in pairs.items():
+        if "a" not in p or "b" not in p:
+            raise FormatError(path, f"{gname}: has lora_{'a' if 'a' in p else 'b'} without its pair")
+        ta, tb = p["a"], p["b"]
+        sa = tuple(int(x) for x in reversed(list(ta.shape)))  # numpy order
+        sb = tuple(int(x) for x in reversed(list(tb.shape)))
+        if len(sa) != 2 or len(sb) != 2:
+            raise UnsupportedError(f"{path}: {gname}: {len(sa)}-D LoRA tensors are not supported")
+        kind_info = gguf_tensor_kind(gname)
+        tkind = kind_info[0] if kind_info else None
+        module = name_map.get(gname) if name_map is not None else hf_module_name(gname, arch)
+        if module is None:
+            where = f"the base {base.path}" if base is not None else f"the {arch.name} naming (pass --base)"
+            raise UnsupportedError(f"{path}: GGUF tensor {gname} has no module in {where}")
+        embedding = tkind in ("TOKEN_EMBD", "POS_EMBD")
+        if embedding:
+            A_shape, B_shape = (sa[1], sa[0]), sb
+        else:
+            A_shape, B_shape = sa, sb
+        if A_shape[0] != B_shape[1]:
+            raise FormatError(path, f"{gname}: lora_a is {sa} but lora_b is {sb} (ranks differ)")
+        rank = A_shape[0]
+        dtype_a = _GGML_TO_TORCH.get(ta.tensor_type.name, torch.float32)
+        dtype_b = _GGML_TO_TORCH.get(tb.tensor_type.name, torch.float32)
+        A = LazyTensor(A_shape, dtype_a, (lambda t=ta, e=embedding: _to_torch(t).T.contiguous() if e else _to_torch(t)))
+        B = LazyTensor(B_shape, dtype_b, (lambda t=tb: _to_torch(t)))
+        role = qk_projection(module) if arch.permute_qk else None
+        if role is not None:
+            heads = n_head if role == "q" else n_kv
+            if not isinstance(heads, int) or heads <= 0:
+                needs_heads.append(module)
+            else:
+                B = B.map(lambda t, h=heads: unpermute_qk_rows(t, h))
+        if embedding:
+            kind = ModuleKind.EMBEDDING
+        elif base is not None:
+            kind = base.module_kind(module, ModuleKind.LINEAR)
+        else:
+            kind = ModuleKind.CONV1D if is_conv1d(arch.name, module) else ModuleKind.LINEAR
+        scale = alpha / rank if alpha else 1.0
+        modules[module] = LoraModule(module, kind, A, B, alpha=alpha if alpha else float(rank), scale=scale)
+    if needs_heads:
+        raise UnsupportedError(
+            f"{path}: q/k rows are in llama.cpp's permuted order and the file names no head counts; "
+            f"pass --base to restore them (e.g. {needs_heads[0]})"
+        )
+    if not modules:
+        warnings.append(f"{path}: holds no LoRA tensors")
+    return Adapter(
+        format=NAME,
+        modules=modules,
+        base_model=_field(reader, gguf.Keys.General.BASE_MODEL_NAME.format(id=0)),
+        target_modules=sorted(modules),
+        path=path,
+        files=[path],
+        config={"general.architecture": arch_name, "adapter.lora.alpha": alpha},
+        warnings=warnings,
+        extras={"gguf_arch": arch.name, "gguf_heads": (n_head, n_kv), "gguf_blocks": n_blocks, "gguf_modules": sorted(modules)},
+    )
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _gguf_name(module: str, arch: GGUFArch, n_blocks: int) -> str | None:
+    for cand in (module, f"model.{module}", module.partition(".")[2]):
+        if cand:
+            g = gguf_tensor_name(cand, arch, n_blocks)
+            if g is not None:
+                return g
+    return None
+
+
+def check_writable(adapter: Adapter) -> None:
+    """Refuse what a llama.cpp LoRA GGUF cannot hold.
+
+    Raises:
+        UnsupportedError: DoRA magnitudes, a LoRA bias, modules_to_save.
+    """
+    dora = [m.name for m in adapter if m.magnitude is not None]
+    if dora:
+        raise UnsupportedError(f"GGUF (llama.cpp) has no DoRA: the magnitude of {dora[0]} would be lost")
+    bias = [m.name for m in adapter if m.bias is not None]
+    if bias:
+        raise UnsupportedError(f"GGUF (llama.cpp) cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
+    if adapter.modules_to_save:
+        names = sorted(adapter.modules_to_save)
+        raise UnsupportedError(f"GGUF adapters cannot hold modules_to_save ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); they would be lost")
+
+
+def _resolve_arch(adapter: Adapter, base) -> tuple[GGUFArch, tuple[int | None, int | None], int, dict]:
+    if base is not None:
+        arch = gguf_arch_for_config(base.config)
+        try:
+            heads = head_counts(base.config)
+        except UnsupportedError:
+            if arch.permute_qk:
+                raise
+            heads = (None, None)
+        return arch, heads, _n_blocks(base.config) or 0, base.config
+    if adapter.format == NAME and "gguf_arch" in adapter.extras:
+        return gguf_arch_by_name(adapter.extras["gguf_arch"]), tuple(adapter.extras.get("gguf_heads", (None, None))), adapter.extras.get("gguf_blocks") or 0, {}
+    raise InputError("writing GGUF needs --base (a base model folder or its config): the architecture and head counts come from it")
+
+
+def _alpha_for(mods: list[LoraModule]) -> float:
+    candidates = [m.scale * m.rank for m in mods if m.scale != 0]
+    if not candidates:
+        return float(mods[0].rank) if mods else 1.0
+    return float(np.float32(Counter(candidates).most_common(1)[0][0]))
+
+
+def _encode(t: torch.Tensor, outtype: str):
+    """numpy data and GGML type for one tensor, falling back to F16 where Q8_0 cannot hold it."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType
+    data = t.detach().to(torch.float32).contiguous().numpy() if t.dtype not in (torch.float16, torch.float32) else t.detach().contiguous().numpy()
+    want = {"f32": qt.F32, "f16": qt.F16, "bf16": qt.BF16, "q8_0": qt.Q8_0}[outtype]
+    try:
+        return gguf.quants.quantize(data, want), want, False
+    except gguf.QuantError:
+        return gguf.quants.quantize(data, qt.F16), qt.F16, True
+
+
+def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", report: dict | None = None, **_options) -> list[Path]:
+    """Write a llama.cpp LoRA GGUF file.
+
+    Args:
+        adapter: the adapter (HF module names, HF row order).
+        target: the file to write.
+        base: a ``BaseModel`` (its config is enough): architecture, head counts, block count.
+            Needed unless the adapter was read from a GGUF.
+        outtype: f32, f16, bf16 or q8_0 (tensors Q8_0 cannot hold, such as lora_b with a rank
+            that is not a multiple of 32, fall back to F16 as llama.cpp's converter does).
+        report: a dict that receives ``baked`` and ``notes`` lists.
+    Raises:
+        UnsupportedError, InputError.
+    """
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    check_writable(adapter)
+    arch, (n_head, n_kv), n_blocks, config = _resolve_arch(adapter, base)
+    mods = list(adapter)
+    alpha = _alpha_for(mods)
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    planned: list[tuple[str, torch.Tensor]] = []
+    rescaled, fallback = [], []
+    seen: dict[str, str] = {}
+    for m in mods:
+        gname = _gguf_name(m.name, arch, n_blocks)
+        if gname is None:
+            raise UnsupportedError(f"GGUF ({arch.name}): module {m.name} has no llama.cpp tensor name; its delta would be lost")
+        if gname in seen:
+            raise UnsupportedError(f"GGUF: modules {seen[gname]} and {m.name} both map to {gname}")
+        seen[gname] = m.name
+        tkind = (gguf_tensor_kind(gname) or ("", None))[0]
+        if tkind == "OUTPUT" and tied:
+            raise UnsupportedError(f"GGUF: llama.cpp ties {m.name} to the token embedding in this base; its delta would be lost")
+        A, B = m.A.load(), m.B.load()
+        if A.dtype != B.dtype:
+            A, B = A.float(), B.float()
+        llama_scale = alpha / m.rank if alpha else 1.0
+        if m.scale != llama_scale:
+            B = (B.double() * (m.scale / llama_scale)).to(B.dtype)
+            rescaled.append(m.name)
+        role = qk_projection(m.name) if arch.permute_qk else None
+        if role is not None:
+            heads = n_head if role == "q" else n_kv
+            if not heads:
+                raise InputError(f"GGUF ({arch.name}): head counts are needed to permute {m.name}; pass --base")
+            B = permute_qk_rows(B, heads)
+        if m.kind is ModuleKind.EMBEDDING:
+            if tkind != "TOKEN_EMBD":
+                raise UnsupportedError(f"GGUF: embedding LoRA on {m.name} ({gname}) is not applied by llama.cpp; its delta would be lost")
+            A = A.T
+        planned.append((f"{gname}.weight.lora_a", A))
+        planned.append((f"{gname}.weight.lora_b", B))
+
+    writer = gguf.GGUFWriter(str(target), arch.name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(Path(str(adapter.base_model or "loratool adapter")).name or "loratool adapter")
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if n_blocks:
+        writer.add_block_count(n_blocks)
+    if n_head:
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv or n_head)
+    for name, t in planned:
+        data, qtype, fell_back = _encode(t, outtype)
+        if fell_back:
+            fallback.append(name)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if report is not None:
+        if rescaled:
+            report.setdefault("baked", []).append(f"per-module scale baked into lora_b for {len(rescaled)} module(s) (GGUF holds one alpha, {alpha:g})")
+        if fallback:
+            report.setdefault("notes", []).append(f"{len(fallback)} tensor(s) stored as F16: {outtype.upper()} cannot hold their shape (as llama.cpp's converter does)")
+    return [Path(target)]

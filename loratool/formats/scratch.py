@@ -1,0 +1,322 @@
+"""Hand-written ("from scratch") LoRA in a plain state dict, one .pth or .safetensors file.
+
+Two key styles, both with ``dW = scale * B @ A`` in ``F.linear`` orientation (out, in):
+
+    <parent>.lora_<leaf>_matrix_A   (r, in)    the LoRA of module <parent>.<leaf>, held by its parent
+    <parent>.lora_<leaf>_matrix_B   (out, r)   (the RoBERTa tutorial: attention.self.lora_query_matrix_A)
+    <module>.lora_matrix_A          (r, in)    a generic ``LoraLinear`` holding its own pair
+    <module>.lora_matrix_B          (out, r)
+
+No alpha is stored: the scale is 1 unless the reader is told ``scale`` (absolute) or
+``alpha`` (scale = alpha / r). Other tensors (classifier head, biases, LayerNorm) and
+non-tensor entries may sit in the same file: with a base model, tensors the base also has
+(same shape, outside the adapted modules) become modules_to_save, as do the tensors a
+``modules_to_save`` entry (a list of names, written by loratool) names; the rest is reported
+and carried along only when writing scratch again.
+
+Writing produces one file (``OUTPUT_IS_FILE``): a torch pickle when OUT ends in .pth, .pt
+or .bin, safetensors otherwise. Per-module scales are baked into B so the file reads back
+exactly with the default scale 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.io.store import LazyTensor, TensorStore, read_safetensors_header
+from loratool.io.writer import write_safetensors
+
+NAME = "scratch"
+OUTPUT_IS_FILE = True
+
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+MTS_ENTRY = "modules_to_save"  # a non-tensor entry naming the tensors that are modules_to_save
+
+# <parent>.lora_<leaf>_matrix_<A|B>  or  <module>.lora_matrix_<A|B>
+_KEY_RE = re.compile(r"^(?:(?P<parent>.+)\.)?lora_(?:(?P<leaf>[A-Za-z_][A-Za-z0-9_]*?)_)?matrix_(?P<ab>[AB])$")
+
+
+def parse_key(key: str) -> tuple[str, str, str] | None:
+    """(module name, "A"|"B", style) of a scratch LoRA key, style "attr" or "generic"; None otherwise."""
+    m = _KEY_RE.match(key)
+    if m is None:
+        return None
+    parent, leaf, ab = m.group("parent"), m.group("leaf"), m.group("ab")
+    if leaf:
+        return (f"{parent}.{leaf}" if parent else leaf), ab, "attr"
+    if not parent:
+        return None
+    return parent, ab, "generic"
+
+
+def lora_keys(module: str, style: str = "attr") -> tuple[str, str]:
+    """The (A, B) keys of a module in a key style ("attr" falls back to "generic" for numeric leaves)."""
+    parent, _, leaf = module.rpartition(".")
+    if style == "attr" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", leaf):
+        prefix = f"{parent}." if parent else ""
+        return f"{prefix}lora_{leaf}_matrix_A", f"{prefix}lora_{leaf}_matrix_B"
+    return f"{module}.lora_matrix_A", f"{module}.lora_matrix_B"
+
+
+def _candidate_keys(path: Path) -> list[str] | None:
+    """Tensor names of a candidate file, read cheaply; None if it is not one."""
+    if path.suffix == ".safetensors":
+        try:
+            entries, _, _ = read_safetensors_header(path)
+        except FormatError:
+            return None
+        return [e.name for e in entries]
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            return TensorStore([path]).keys()
+        except FormatError:
+            return None
+    return None
+
+
+def _single_file(path: Path) -> Path | None:
+    """The one scratch file of a folder, or None."""
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in SUFFIXES]
+    hits = [p for p in files if any(parse_key(k) for k in (_candidate_keys(p) or []))]
+    return hits[0] if len(hits) == 1 else None
+
+
+def detect(path: Path) -> bool:
+    path = Path(path)
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            return False
+        return _single_file(path) is not None
+    if path.suffix not in SUFFIXES:
+        return False
+    keys = _candidate_keys(path)
+    return bool(keys) and any(parse_key(k) for k in keys)
+
+
+def _resolve_scale(alpha, scale, rank: int, path: Path) -> tuple[float, float]:
+    if alpha is not None and scale is not None:
+        raise InputError(f"{path}: give --alpha or --scale, not both")
+    if scale is not None:
+        return float(scale) * rank, float(scale)
+    if alpha is not None:
+        return float(alpha), float(alpha) / rank
+    return float(rank), 1.0
+
+
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, **_options) -> Adapter:
+    """Read a scratch LoRA state dict.
+
+    Args:
+        path: the .pth/.safetensors file (or a folder holding exactly one).
+        base: optional ``BaseModel``: module names are mapped onto the base's names (a wrapper
+            prefix such as ``model.`` is dropped), kinds follow the base, head tensors the base
+            has become modules_to_save.
+        alpha: scale = alpha / r for every module.
+        scale: an absolute scale for every module (default 1).
+    Raises:
+        FormatError, InputError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        single = _single_file(path)
+        if single is None:
+            raise FormatError(path, "expected a folder with exactly one scratch LoRA file (.pth or .safetensors); give the file")
+        path = single
+    store = TensorStore([path])
+    extras_entries: dict[str, object] = dict(store.extras)
+    for k, v in store.metadata.items():
+        if k == "format":
+            continue
+        try:
+            extras_entries[k] = json.loads(v)
+        except ValueError:
+            extras_entries[k] = v
+
+    pairs: dict[str, dict[str, str]] = {}
+    styles: dict[str, str] = {}
+    others: list[str] = []
+    for key in store.keys():
+        parsed = parse_key(key)
+        if parsed is None:
+            others.append(key)
+            continue
+        module, ab, style = parsed
+        if ab in pairs.setdefault(module, {}):
+            raise FormatError(path, f"{module}: two lora_matrix_{ab} tensors ({pairs[module][ab]}, {key})")
+        pairs[module][ab] = key
+        styles[module] = style
+    if not pairs:
+        raise FormatError(path, "no scratch LoRA tensors (lora_*_matrix_A / lora_*_matrix_B)")
+
+    warnings: list[str] = []
+    modules: dict[str, LoraModule] = {}
+    renamed: dict[str, str] = {}
+    for module, p in pairs.items():
+        if "A" not in p or "B" not in p:
+            raise FormatError(path, f"{module}: has lora_matrix_{'A' if 'A' in p else 'B'} without its pair")
+        A, B = store.lazy(p["A"]), store.lazy(p["B"])
+        if len(A.shape) != 2 or len(B.shape) != 2:
+            raise FormatError(path, f"{module}: LoRA matrices must be 2-D, got A {A.shape}, B {B.shape}")
+        if A.shape[0] != B.shape[1]:
+            if A.shape[1] == B.shape[0]:
+                raise FormatError(path, f"{module}: A is {A.shape} and B is {B.shape}: expected A (r, in) and B (out, r)")
+            raise FormatError(path, f"{module}: A is {A.shape} but B is {B.shape} (ranks differ)")
+        mod_alpha, mod_scale = _resolve_scale(alpha, scale, A.shape[0], path)
+        name = module
+        kind = ModuleKind.LINEAR
+        if base is not None:
+            key = base.weight_name(module)
+            if key is None:
+                warnings.append(f"{module}: not in the base model {base.path}; name kept as in the file")
+            else:
+                name = key[: -len(".weight")]
+                kind = base.module_kind(name, kind)
+        renamed[module] = name
+        if name in modules:
+            raise FormatError(path, f"{module}: maps onto {name}, which another LoRA pair already targets")
+        modules[name] = LoraModule(name, kind, A, B, alpha=mod_alpha, scale=mod_scale)
+
+    to_save: dict[str, LazyTensor] = {}
+    kept: dict[str, LazyTensor] = {}
+    reasons: dict[str, list[str]] = {}
+    adapted_files = set(pairs)
+    adapted_base = set(modules)
+    marked = extras_entries.pop(MTS_ENTRY, None)
+    marked = set(marked) if isinstance(marked, list) and all(isinstance(x, str) for x in marked) else set()
+    for key in others:
+        t = store.lazy(key)
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        if base is None and key in marked:
+            to_save[key] = t
+            continue
+        if base is None:
+            reasons.setdefault("no --base to place them", []).append(key)
+            kept[key] = t
+            continue
+        target = base.tensor_name(key)
+        if target is None:
+            reasons.setdefault("not in the base model", []).append(key)
+            kept[key] = t
+        elif owner in adapted_files or target.rsplit(".", 1)[0] in adapted_base:
+            reasons.setdefault("belong to a LoRA-adapted module (PEFT cannot also replace it)", []).append(key)
+            kept[key] = t
+        elif tuple(base.store.shape(target)) != tuple(t.shape):
+            reasons.setdefault("shape differs from the base", []).append(key)
+            kept[key] = t
+        else:
+            to_save[target] = t
+    for why, keys in reasons.items():
+        shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+        warnings.append(f"{path.name}: {len(keys)} non-LoRA tensor(s) not carried as modules_to_save ({why}): {shown}")
+    if extras_entries:
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(extras_entries.items())[:6])
+        warnings.append(f"{path.name}: non-tensor entries kept only for scratch output: {shown}")
+    if alpha is None and scale is None:
+        warnings.append(f"{path.name}: scratch LoRA stores no alpha: scale 1 assumed (use --alpha or --scale otherwise)")
+
+    return Adapter(
+        format=NAME,
+        modules=modules,
+        modules_to_save=to_save,
+        base_model=extras_entries.get("model_id") if isinstance(extras_entries.get("model_id"), str) else None,
+        target_modules=sorted(modules),
+        path=path,
+        files=[path],
+        config={},
+        warnings=warnings,
+        extras={
+            "scratch_styles": {renamed[m]: s for m, s in styles.items()},
+            "scratch_file_names": {renamed[m]: m for m in renamed},
+            "scratch_tensors": kept,
+            "scratch_entries": extras_entries,
+        },
+    )
+
+
+def check_writable(adapter: Adapter) -> None:
+    """Refuse what a scratch file cannot hold.
+
+    Raises:
+        UnsupportedError: DoRA magnitudes, lora_bias or embedding LoRA would be lost.
+    """
+    dora = [m.name for m in adapter if m.magnitude is not None]
+    if dora:
+        raise UnsupportedError(f"scratch cannot hold DoRA magnitudes (e.g. {dora[0]}); they would be lost")
+    bias = [m.name for m in adapter if m.bias is not None]
+    if bias:
+        raise UnsupportedError(f"scratch cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
+    emb = [m.name for m in adapter if m.kind is ModuleKind.EMBEDDING]
+    if emb:
+        raise UnsupportedError(f"scratch LoRA is linear only: the embedding LoRA of {emb[0]} would be lost")
+
+
+def _json_safe(v: object) -> object:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    return str(v)
+
+
+def write(adapter: Adapter, target: Path, *, base=None, out_name: str | None = None, container: str | None = None, report: dict | None = None, **_options) -> list[Path]:
+    """Write one scratch state dict file.
+
+    Args:
+        adapter: the adapter.
+        target: the file to write.
+        out_name: the final OUT name; its suffix picks the container (.pth/.pt/.bin: torch pickle).
+        container: "pickle" or "safetensors", overriding ``out_name``.
+        report: a dict that receives ``baked`` notes.
+    Raises:
+        UnsupportedError: DoRA, lora_bias or embedding LoRA.
+    """
+    check_writable(adapter)
+    target = Path(target)
+    suffix = Path(out_name).suffix if out_name else target.suffix
+    if container is None:
+        container = "pickle" if suffix in PICKLE_SUFFIXES else "safetensors"
+    styles = adapter.extras.get("scratch_styles", {}) if adapter.format == NAME else {}
+    file_names = adapter.extras.get("scratch_file_names", {}) if adapter.format == NAME else {}
+    baked = []
+    sd: dict[str, torch.Tensor] = {}
+    for m in adapter:
+        A, B = m.A.load(), m.B.load()
+        if m.scale != 1.0:
+            B = (B.double() * m.scale).to(B.dtype)
+            baked.append(m.name)
+        a_key, b_key = lora_keys(file_names.get(m.name, m.name), styles.get(m.name, "attr"))
+        for k in (a_key, b_key):
+            if k in sd:
+                raise InputError(f"{m.name}: scratch key {k} collides with another module")
+        sd[a_key] = A.contiguous()
+        sd[b_key] = B.contiguous()
+    for name, t in adapter.modules_to_save.items():
+        sd[name] = t.load().contiguous()
+    if adapter.format == NAME:
+        for name, t in adapter.extras.get("scratch_tensors", {}).items():
+            sd.setdefault(name, t.load().contiguous())
+    entries = dict(adapter.extras.get("scratch_entries", {})) if adapter.format == NAME else {}
+    if adapter.modules_to_save:
+        entries[MTS_ENTRY] = sorted(adapter.modules_to_save)
+    if baked and report is not None:
+        report.setdefault("baked", []).append(f"scale baked into B for {len(baked)} module(s) (scratch files hold scale 1)")
+    if container == "pickle":
+        obj: dict[str, object] = dict(sd)
+        for k, v in entries.items():
+            obj.setdefault(k, v)
+        torch.save(obj, target)
+    else:
+        meta = {"format": "pt"}
+        for k, v in entries.items():
+            meta[str(k)] = json.dumps(_json_safe(v))
+        write_safetensors(target, sd, metadata=meta)
+    return [target]

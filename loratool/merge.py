@@ -1,0 +1,1021 @@
+"""The streaming merge engine behind ``loratool merge`` and ``loratool unmerge``.
+
+It writes what PEFT's ``merge_and_unload()`` + ``save_pretrained()`` would give, without ever
+building the model: base tensors are read in row blocks straight from their files, merged in
+float32 (on the CPU or an accelerator), rounded once, and streamed into safetensors shards that
+mirror the base's own sharding. Untouched tensors are copied byte for byte (``copy_raw``).
+A producer thread reads and computes while the calling thread writes, so reading, math and
+writing overlap; peak memory is a few row blocks plus the adapter, whatever the model size.
+
+API::
+
+    report = merge_model(base, adapter, out, *, dtype=None, device="auto", force=False,
+                         strict=False, sign=+1, keep_modules_to_save=False, report_path=None,
+                         progress=None, tensor_hook=None, warn=None)
+
+``base`` is a folder or a ``BaseModel``; ``adapter`` a path or an ``Adapter``. ``sign=-1``
+unmerges. ``report`` is a JSON-ready dict (also written to ``report_path``). Internally:
+
+``plan_merge(base, adapter, ...) -> MergePlan``
+    Pure planning, no tensor data read: binds the adapter to the base (name mapping, kinds,
+    shapes), resolves modules_to_save, tied embeddings and lora biases, and lays out one
+    ``TensorTask`` per output tensor, grouped in ``ShardPlan`` s that mirror the base files.
+    Raises the refusals (``ModuleMismatchError``, ``UnsupportedError``, ``InputError``).
+``check_adapter_finite(adapter)``
+    Raises ``InputError`` on NaN/Inf in any adapter tensor; called before OUT is created.
+``execute_plan(plan, folder, *, device, progress, tensor_hook) -> dict``
+    Streams the shards, the index json and the side files into ``folder``.
+
+A ``TensorTask`` is one base tensor (or one tensor the adapter adds) and the ordered updates
+that apply to it: ``replacement`` (modules_to_save, or PEFT's saved ``base_layer.weight``),
+then the ``loras`` deltas (or one ``dora`` merge), or the ``biases`` (lora_bias) for a bias.
+
+Tensor hooks (how later stages plug in per-tensor work, e.g. quantization or verification):
+an object with
+
+* ``specs(name, dtype, shape, touched) -> list[(name, dtype, shape)] | None`` called at plan
+  time for every output tensor; ``None`` leaves the tensor alone (untouched tensors stay raw
+  byte copies), a list declares what the hook will emit instead (names may differ, several
+  tensors may come out of one);
+* ``__call__(name, tensor, touched) -> dict[str, Tensor]`` called with the finished tensor
+  (in its output dtype, on the CPU) for every tensor whose ``specs`` was not ``None``; it
+  must return exactly the declared tensors;
+* optionally ``finalize(folder, report)``, called after every shard and side file is in the
+  temporary folder and before it is committed (e.g. to add a quantization_config).
+
+Tied embeddings: see docs/merge.md. In short, a base whose checkpoint has no ``lm_head``
+because ``tie_word_embeddings`` is set keeps it tied; a LoRA on ``lm_head`` (or on the
+embedding) changes the one shared tensor, exactly as PEFT's merge into the tied parameter does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.base import SIDE_FILES, BaseModel, bind_adapter
+from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
+from loratool.io.atomic import atomic_output_dir, atomic_output_file, check_output_path
+from loratool.io.store import LazyTensor, TensorEntry, read_json, read_safetensors_header
+from loratool.io.writer import SafetensorsStreamWriter
+from loratool.ops.merge import Factors
+
+F32 = torch.float32
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+HALF = frozenset({torch.float16, torch.bfloat16})
+BLOCK_ELEMS = 1 << 22  # float32 elements per row block (16 MiB)
+QUEUE_DEPTH = 4  # blocks computed ahead of the writer
+INDEX_NAME = "model.safetensors.index.json"
+
+_HEAD_LEAVES = ("lm_head", "embed_out")
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight", "shared.weight")
+# (mantissa bits + 1, smallest normal exponent as torch.frexp gives it) per half dtype
+_FLOAT_BITS = {torch.float16: (11, -13), torch.bfloat16: (8, -125), torch.float32: (24, -125)}
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class TensorTask:
+    """One output tensor and the updates applied to it, in order."""
+
+    name: str
+    source: TensorEntry | None  # the base tensor (None: added from the adapter)
+    dtype: torch.dtype  # output dtype (before any hook)
+    shape: tuple[int, ...]
+    replacement: LazyTensor | None = None
+    loras: list[LoraModule] = field(default_factory=list)
+    dora: LoraModule | None = None
+    biases: list[LoraModule] = field(default_factory=list)
+    outputs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
+    hooked: bool = False
+
+    @property
+    def touched(self) -> bool:
+        return self.replacement is not None or bool(self.loras) or self.dora is not None or bool(self.biases)
+
+    @property
+    def modules(self) -> list[LoraModule]:
+        return self.loras + ([self.dora] if self.dora is not None else [])
+
+    @property
+    def raw_copy(self) -> bool:
+        """Whether the bytes can be copied unchanged from the base file."""
+        return (
+            not self.touched
+            and not self.hooked
+            and self.source is not None
+            and self.source.begin is not None
+            and self.source.dtype == self.dtype
+        )
+
+
+@dataclass
+class ShardPlan:
+    """One output safetensors file: its tensors in write order and its header metadata."""
+
+    filename: str
+    tasks: list[TensorTask]
+    metadata: dict[str, str]
+
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [spec for task in self.tasks for spec in task.outputs]
+
+
+@dataclass
+class MergePlan:
+    """Everything ``execute_plan`` needs; built by ``plan_merge`` without reading tensor data."""
+
+    base: BaseModel
+    adapter: Adapter
+    sign: int
+    dtype: torch.dtype | None
+    shards: list[ShardPlan]
+    write_index: bool
+    index_metadata: dict
+    modules: dict[str, str]  # module name -> base tensor it updates
+    modules_to_save: list[dict]
+    warnings: list[str]
+
+    def tasks(self) -> Iterator[TensorTask]:
+        for shard in self.shards:
+            yield from shard.tasks
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(s) * d.itemsize for shard in self.shards for _, d, s in shard.specs())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> torch.bfloat16 (None stays None).
+
+    Raises:
+        InputError: not float32, float16 or bfloat16.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in DTYPES.values():
+            raise InputError(f"--dtype {dtype}: choose float32, float16 or bfloat16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise InputError(f"--dtype {dtype}: choose float32, float16 or bfloat16") from None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device the merge math runs on: ``auto`` picks CUDA, then MPS, then the CPU.
+
+    Raises:
+        InputError: the named accelerator is not available.
+    """
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+        return torch.device(name)
+    if name == "mps":
+        if not _mps_available():
+            raise InputError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"--device {name}: choose auto, cpu, cuda or mps")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _norm_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _base_names(base: BaseModel) -> list[str]:
+    names = [base.path.name, str(base.config.get("_name_or_path") or "")]
+    for part in base.path.parts:  # a Hub cache snapshot: .../models--org--name/snapshots/<hash>
+        if part.startswith("models--"):
+            names.append(part.split("--")[-1])
+    return [n for n in names if n]
+
+
+def base_mismatch(adapter: Adapter, base: BaseModel) -> str | None:
+    """A warning when the adapter's base_model_name_or_path names another model than BASE.
+
+    The comparison is loose: the last path component, lowercased, alphanumerics only; one
+    name containing the other counts as a match (``gpt2`` vs a folder ``gpt2-finetuned``).
+    """
+    claimed = (adapter.base_model or "").strip()
+    if not claimed:
+        return None
+    try:
+        if Path(claimed).exists() and Path(claimed).resolve() == base.path.resolve():
+            return None
+    except OSError:
+        pass
+    want = _norm_name(Path(claimed.split("@", 1)[0].rstrip("/")).name)
+    if not want:
+        return None
+    for name in _base_names(base):
+        have = _norm_name(Path(name.rstrip("/")).name)
+        if have and (have == want or have in want or want in have):
+            return None
+    return f"the adapter was trained on {claimed!r} but BASE is {base.path} ({base.path.name}); merging anyway (use --strict to refuse)"
+
+
+def _embedding_key(base: BaseModel) -> str | None:
+    for key in base.keys():
+        if key.endswith(_EMBED_SUFFIXES) and len(base.store.shape(key)) == 2:
+            return key
+    return None
+
+
+def _tied_head_key(base: BaseModel, module: str) -> str | None:
+    """The embedding key a tied head resolves to, when the checkpoint lacks the head."""
+    if module.rsplit(".", 1)[-1] not in _HEAD_LEAVES or not base.tie_word_embeddings:
+        return None
+    return _embedding_key(base)
+
+
+def _head_key(base: BaseModel) -> str | None:
+    for leaf in _HEAD_LEAVES:
+        key = base.tensor_name(f"{leaf}.weight")
+        if key is not None:
+            return key
+    return None
+
+
+def _output_filename(path: Path) -> str:
+    name = path.name
+    if name.endswith(".safetensors"):
+        return name
+    stem = name.rsplit(".", 1)[0]
+    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
+
+
+def _default_float_dtype(base: BaseModel) -> torch.dtype:
+    counts = Counter(e.dtype for e in base.store.entries() if e.dtype in CONVERTIBLE)
+    return counts.most_common(1)[0][0] if counts else F32
+
+
+def plan_merge(
+    base: BaseModel,
+    adapter: Adapter,
+    *,
+    dtype: torch.dtype | str | None = None,
+    sign: int = 1,
+    keep_modules_to_save: bool = False,
+    strict: bool = False,
+    tensor_hook: Any = None,
+) -> MergePlan:
+    """Lay out the merge (or unmerge, ``sign=-1``) of ``adapter`` into ``base``; reads no tensor data.
+
+    Returns:
+        A ``MergePlan``.
+    Raises:
+        ModuleMismatchError: a module or modules_to_save tensor is absent from the base, or its shape differs.
+        UnsupportedError: unmerging DoRA, or modules_to_save without ``keep_modules_to_save``.
+        InputError: ``strict`` and the adapter names another base model.
+    """
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 or -1")
+    out_dtype = resolve_dtype(dtype)
+    warnings = list(adapter.warnings)
+    mismatch = base_mismatch(adapter, base)
+    if mismatch:
+        if strict:
+            raise InputError(mismatch.replace("; merging anyway (use --strict to refuse)", "; refused (--strict)"))
+        warnings.append(mismatch)
+    if sign < 0 and any(m.magnitude is not None for m in adapter.modules.values()):
+        raise UnsupportedError(
+            "a DoRA adapter cannot be unmerged: DoRA rescales each row by m / ||W + dW||, and that pre-merge norm "
+            "cannot be recovered from the merged weights"
+        )
+
+    # modules -> base tensors (tied heads first: their weight is the embedding)
+    mapping: dict[str, str] = {}
+    untied: dict[str, LoraModule] = {}
+    for name, mod in adapter.modules.items():
+        key = None if base.weight_name(name) is not None else _tied_head_key(base, name)
+        if key is None:
+            untied[name] = mod
+            continue
+        mod.kind = ModuleKind.LINEAR if mod.kind is not ModuleKind.EMBEDDING else mod.kind
+        if tuple(base.store.shape(key)) != mod.weight_shape:
+            raise ModuleMismatchError(
+                name, f"shape mismatch: adapter gives {mod.kind.value} weight {mod.weight_shape}, tied base tensor {key} is {tuple(base.store.shape(key))}"
+            )
+        mapping[name] = key
+        warnings.append(f"{name}: the base ties it to {key} (tie_word_embeddings); the merged delta changes that shared tensor, as PEFT's merge does")
+    mapping.update(bind_adapter(adapter.replace_modules(untied), base))
+
+    float_default = _default_float_dtype(base)
+    tasks: dict[str, TensorTask] = {}
+
+    def task_for(key: str) -> TensorTask:
+        if key not in tasks:
+            e = base.store.entry(key)
+            tasks[key] = TensorTask(key, e, _cast(e.dtype, out_dtype), tuple(e.shape))
+        return tasks[key]
+
+    added: list[TensorTask] = []
+    mts_report: list[dict] = []
+    refused: list[str] = []
+    module_weights = {f"{n}.weight" for n in adapter.modules}
+    for tname, tensor in adapter.modules_to_save.items():
+        is_base_layer = tname in module_weights  # PEFT's saved base_layer.weight of a LoRA'd module
+        key = base.tensor_name(tname)
+        if key is None and tname.endswith(".weight"):
+            key = _tied_head_key(base, tname[: -len(".weight")])
+        if sign < 0:
+            if is_base_layer:
+                continue  # subtracting the delta recovers it
+            if keep_modules_to_save:
+                mts_report.append({"name": tname, "tensor": key, "action": "kept" if key else "absent"})
+                continue
+            refused.append(tname)
+            continue
+        if key is None:
+            t = TensorTask(tname, None, _cast(tensor.dtype, out_dtype or float_default), tuple(tensor.shape), replacement=tensor)
+            added.append(t)
+            mts_report.append({"name": tname, "tensor": tname, "action": "added"})
+            warnings.append(f"{tname}: modules_to_save tensor is not in the base; it is added to the output")
+            continue
+        if tuple(base.store.shape(key)) != tuple(tensor.shape):
+            raise ModuleMismatchError(tname, f"shape mismatch: adapter gives modules_to_save tensor {tuple(tensor.shape)}, base {key} is {tuple(base.store.shape(key))}")
+        task_for(key).replacement = tensor
+        mts_report.append({"name": tname, "tensor": key, "action": "replaced"})
+    if refused:
+        raise UnsupportedError(
+            f"cannot unmerge modules_to_save ({', '.join(refused)}): the adapter replaced those base tensors and the originals are gone; "
+            "pass --keep-modules-to-save to keep them as they are in MERGED"
+        )
+
+    for name, key in mapping.items():
+        mod = adapter.modules[name]
+        task = task_for(key)
+        if mod.magnitude is not None:
+            if task.dora is not None or task.loras:
+                raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
+            task.dora = mod
+        else:
+            if task.dora is not None:
+                raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
+            task.loras.append(mod)
+        if mod.bias is not None:
+            if mod.kind is not ModuleKind.LINEAR and mod.kind is not ModuleKind.CONV1D:
+                raise UnsupportedError(f"{name}: lora_bias on an embedding is not supported (PEFT refuses it too)")
+            bkey = base.tensor_name(f"{name}.bias")
+            if bkey is None:
+                raise ModuleMismatchError(name, "lora_bias needs a bias in the base layer, and the base has none")
+            if tuple(base.store.shape(bkey)) != (mod.out_features,):
+                raise ModuleMismatchError(name, f"shape mismatch: lora bias is ({mod.out_features},), base {bkey} is {tuple(base.store.shape(bkey))}")
+            task_for(bkey).biases.append(mod)
+
+    _mirror_tied(base, tasks, task_for, warnings)
+
+    # shards mirror the base files; tensors keep their file order (sequential reads)
+    shards: list[ShardPlan] = []
+    for path in base.store.files:
+        entries = [e for e in base.store.entries() if e.path == path]
+        entries.sort(key=lambda e: (e.begin if e.begin is not None else 0))
+        shard_tasks = [tasks.get(e.name) or TensorTask(e.name, e, _cast(e.dtype, out_dtype), tuple(e.shape)) for e in entries]
+        meta = {"format": "pt"}
+        if path.suffix == ".safetensors":
+            meta.update(read_safetensors_header(path)[1])
+        shards.append(ShardPlan(_output_filename(path), shard_tasks, meta))
+    if added:
+        shards[-1].tasks.extend(added)
+    names = Counter(s.filename for s in shards)
+    if any(n > 1 for n in names.values()):
+        raise InputError(f"{base.path}: two weight files map to the same output name")
+
+    for task in (t for s in shards for t in s.tasks):
+        spec = None
+        if tensor_hook is not None:
+            spec = tensor_hook.specs(task.name, task.dtype, task.shape, task.touched)
+        if spec is None:
+            task.outputs = [(task.name, task.dtype, task.shape)]
+        else:
+            task.hooked = True
+            task.outputs = [(n, d, tuple(s)) for n, d, s in spec]
+
+    index_path = base.path / INDEX_NAME
+    bin_index = base.path / "pytorch_model.bin.index.json"
+    index_meta: dict = {}
+    for p in (index_path, bin_index):
+        if p.is_file():
+            data = read_json(p)
+            if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+                index_meta = dict(data["metadata"])
+            break
+    write_index = len(shards) > 1 or index_path.is_file() or bin_index.is_file()
+    return MergePlan(
+        base=base,
+        adapter=adapter,
+        sign=sign,
+        dtype=out_dtype,
+        shards=shards,
+        write_index=write_index,
+        index_metadata=index_meta,
+        modules=mapping,
+        modules_to_save=mts_report,
+        warnings=warnings,
+    )
+
+
+def _cast(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    return out_dtype if out_dtype is not None and dtype in CONVERTIBLE else dtype
+
+
+def _mirror_tied(base: BaseModel, tasks: dict[str, TensorTask], task_for, warnings: list[str]) -> None:
+    """A checkpoint that stores both halves of a tied pair gets the same update in both."""
+    if not base.config.get("tie_word_embeddings"):
+        return
+    embed, head = _embedding_key(base), _head_key(base)
+    if embed is None or head is None or embed == head or base.store.shape(embed) != base.store.shape(head):
+        return
+    a, b = tasks.get(embed), tasks.get(head)
+    if not ((a is not None and a.touched) or (b is not None and b.touched)):
+        return
+    ta, tb = task_for(embed), task_for(head)
+    replacement = ta.replacement if ta.replacement is not None else tb.replacement
+    loras = ta.loras + tb.loras
+    dora = ta.dora or tb.dora
+    if dora is not None and (loras or (ta.dora is not None and tb.dora is not None)):
+        raise UnsupportedError(f"DoRA on a tied embedding ({embed} / {head}) together with another module is not supported")
+    for t in (ta, tb):
+        t.replacement, t.loras, t.dora = replacement, list(loras), dora
+    warnings.append(f"{embed} and {head} are tied (tie_word_embeddings) and both stored; both get the same merged tensor")
+
+
+def check_adapter_finite(adapter: Adapter) -> None:
+    """Refuse NaN or Inf anywhere in the adapter's tensors.
+
+    Raises:
+        InputError: names the first offending tensor.
+    """
+    for name, mod in adapter.modules.items():
+        for part, t in (("lora_A", mod.A), ("lora_B", mod.B), ("lora_B.bias", mod.bias), ("lora_magnitude_vector", mod.magnitude)):
+            if t is not None and not _finite(t.load()):
+                raise InputError(f"{name}: {part} holds NaN or Inf; refusing to merge a broken adapter")
+    for name, t in adapter.modules_to_save.items():
+        if not _finite(t.load()):
+            raise InputError(f"{name}: modules_to_save tensor holds NaN or Inf; refusing to merge a broken adapter")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if not t.dtype.is_floating_point:
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+class _PartWriter(SafetensorsStreamWriter):
+    """The stream writer, plus writing one declared tensor in several parts (row blocks)."""
+
+    _open: tuple[str, int] | None = None
+
+    def begin(self, name: str) -> None:
+        i = self._expect(name)
+        self._open = (name, self._sizes[i])
+
+    def part(self, tensor: torch.Tensor) -> None:
+        name, left = self._open
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        n = t.numel() * t.element_size()
+        if n > left:
+            raise RuntimeError(f"safetensors writer: {name} got more bytes than declared")
+        if n:
+            self._fh.write(memoryview(t.view(torch.uint8).numpy()))
+        self._open = (name, left - n)
+
+    def end(self, name: str) -> None:
+        if self._open is None or self._open[0] != name or self._open[1] != 0:
+            raise RuntimeError(f"safetensors writer: {name} is incomplete")
+        self._open = None
+        self._next += 1
+
+
+class _Reader:
+    """Row blocks of base tensors: pread straight from safetensors files, slices of pickles."""
+
+    def __init__(self, base: BaseModel):
+        self.store = base.store
+        self._fds: dict[Path, int] = {}
+
+    def rows(self, entry: TensorEntry, start: int, stop: int) -> tuple[torch.Tensor, bool]:
+        """(rows [start:stop], owned): ``owned`` is True when the tensor is a fresh buffer."""
+        if entry.begin is None:
+            t = self.store.get(entry.name)
+            return (t if t.dim() == 0 else t[start:stop]), False
+        shape = entry.shape
+        row_elems = math.prod(shape[1:]) if shape else 1
+        row_bytes = row_elems * entry.dtype.itemsize
+        nrows = (stop - start) if shape else 1
+        n = nrows * row_bytes
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            fd = self._fds.get(entry.path)
+            if fd is None:
+                fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
+            _pread_into(fd, buf.numpy(), entry.begin + start * row_bytes)
+        out = buf.view(entry.dtype)
+        return out.reshape((nrows, *shape[1:]) if shape else ()), True
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pread_into(fd: int, array, offset: int) -> None:
+    view = memoryview(array).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file reading {len(view)} bytes at offset {offset}")
+        done += n
+
+
+def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    if not shape:
+        return [(0, 1)]
+    rows = shape[0]
+    row_elems = max(1, math.prod(shape[1:]))
+    step = max(1, BLOCK_ELEMS // row_elems)
+    return [(i, min(rows, i + step)) for i in range(0, rows, step)] or [(0, 0)]
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` floats at |x| (float32 tensor in, float32 out)."""
+    bits, emin = _FLOAT_BITS[dtype]
+    _, e = torch.frexp(x)
+    e = torch.where(x == 0, torch.full_like(e, emin), e).clamp_(min=emin)
+    return torch.ldexp(torch.ones_like(x), (e - bits).to(torch.int32))
+
+
+@dataclass
+class _ModuleStats:
+    name: str
+    tensor: str
+    delta_sq: float = 0.0
+    weight_sq: float = 0.0
+    seconds: float = 0.0
+    rounding_bound: float = 0.0
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Producer:
+    """Reads, merges and hands row blocks to the writer through a bounded queue."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, hook, track_rounding: bool):
+        self.plan = plan
+        self.device = device
+        self.hook = hook
+        self.track_rounding = track_rounding
+        self.reader = _Reader(plan.base)
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.stop = threading.Event()
+        self.stats: dict[str, _ModuleStats] = {}
+        self.compute_s = 0.0
+        self.counts = Counter()
+
+    # -- queue --
+    def put(self, item) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stop
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            for task in self.plan.tasks():
+                t0 = time.perf_counter()
+                self._task(task)
+                self.compute_s += time.perf_counter() - t0
+            self.put(("done",))
+        except _Stop:
+            pass
+        except BaseException as exc:  # handed to the writer thread, which re-raises it
+            try:
+                self.put(("error", exc))
+            except _Stop:
+                pass
+        finally:
+            self.reader.close()
+
+    # -- tasks --
+    def _task(self, task: TensorTask) -> None:
+        if task.raw_copy:
+            self.counts["copied"] += 1
+            self.put(("raw", task.name, task.source))
+            return
+        t0 = time.perf_counter()
+        if not task.touched:
+            self.counts["converted"] += 1
+            blocks = self._convert(task)
+        elif task.dora is not None:
+            self.counts["merged"] += 1
+            blocks = self._dora(task)
+        elif task.biases:
+            self.counts["merged"] += 1
+            blocks = self._bias(task)
+        elif task.loras:
+            self.counts["merged"] += 1
+            blocks = self._lora(task)
+        else:
+            self.counts["added" if task.source is None else "replaced"] += 1
+            blocks = self._replace(task)
+        if task.hooked:
+            parts = list(blocks)
+            full = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(task.shape, dtype=task.dtype)
+            produced = self.hook(task.name, full.reshape(task.shape), task.touched)
+            del parts, full
+            if set(produced) != {n for n, _, _ in task.outputs}:
+                raise RuntimeError(f"tensor hook for {task.name} returned {sorted(produced)}, declared {[n for n, _, _ in task.outputs]}")
+            for name, dtype, shape in task.outputs:
+                t = produced[name]
+                if t.dtype != dtype or tuple(t.shape) != shape:
+                    raise RuntimeError(f"tensor hook: {name} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
+                self.put(("begin", name))
+                self.put(("part", t))
+                self.put(("end", name))
+        else:
+            self.put(("begin", task.name))
+            for block in blocks:
+                self.put(("part", block))
+            self.put(("end", task.name))
+        for mod in task.modules:
+            self.stats[mod.name].seconds += time.perf_counter() - t0
+
+    def _source_rows(self, task: TensorTask, start: int, stop: int, replacement: torch.Tensor | None) -> torch.Tensor:
+        """Rows as float32 on the device, in a buffer that may be modified in place."""
+        if replacement is not None:
+            src, owned = (replacement if replacement.dim() == 0 else replacement[start:stop]), False
+        else:
+            src, owned = self.reader.rows(task.source, start, stop)
+        if owned and src.dtype == F32 and self.device.type == "cpu":
+            return src
+        return src.to(device=self.device, dtype=F32, copy=True)
+
+    def _emit(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return block.to(dtype).cpu() if block.dtype != dtype or block.device.type != "cpu" else block
+
+    def _convert(self, task: TensorTask):
+        for start, stop in _blocks(task.shape):
+            src, _ = self.reader.rows(task.source, start, stop) if task.source is not None else (None, False)
+            yield src.to(task.dtype)
+
+    def _replace(self, task: TensorTask):
+        t = task.replacement.load()
+        for start, stop in _blocks(task.shape):
+            yield (t if t.dim() == 0 else t[start:stop]).to(task.dtype).contiguous()
+
+    def _stat(self, mod: LoraModule, task: TensorTask) -> _ModuleStats:
+        if mod.name not in self.stats:
+            self.stats[mod.name] = _ModuleStats(mod.name, task.name)
+        return self.stats[mod.name]
+
+    def _replacement(self, task: TensorTask) -> torch.Tensor | None:
+        if task.replacement is None or self.plan.sign < 0:
+            return None
+        return task.replacement.load()
+
+    def _lora(self, task: TensorTask):
+        sign = self.plan.sign
+        factors = [Factors.of(m, device=self.device) for m in task.loras]
+        stats = [self._stat(m, task) for m in task.loras]
+        for f, st in zip(factors, stats):
+            st.delta_sq = f.delta_norm_sq()
+        repl = self._replacement(task)
+        weight_sq = 0.0
+        bound = 0.0
+        in_half = task.source is not None and task.source.dtype in HALF and repl is None
+        for start, stop in _blocks(task.shape):
+            w = self._source_rows(task, start, stop, repl)
+            weight_sq += float(torch.linalg.vector_norm(w).double() ** 2)
+            if self.track_rounding and in_half:
+                bound_in = 0.5 * _ulp(w, task.source.dtype)
+            for f in factors:
+                f.add_delta_(w, start, sign=sign)
+            out = self._emit(w, task.dtype)
+            if self.track_rounding and (in_half or task.dtype in HALF):
+                b = bound_in if in_half else torch.zeros_like(w)
+                if task.dtype in HALF:
+                    b = b + 0.5 * _ulp(out.to(device=w.device, dtype=F32), task.dtype)
+                bound = max(bound, float(b.max()) if b.numel() else 0.0)
+            del w
+            yield out
+        for st in stats:
+            st.weight_sq = weight_sq
+            st.rounding_bound = bound
+
+    def _dora(self, task: TensorTask):
+        mod = task.dora
+        f = Factors.of(mod, device=self.device)
+        st = self._stat(mod, task)
+        repl = self._replacement(task)
+        blocks = _blocks(task.shape)
+        col_norm = None
+        if f.transposed:  # norm over the rows of the stored weight: a first pass
+            acc = torch.zeros(task.shape[1], dtype=torch.float64, device=self.device)
+            for start, stop in blocks:
+                v = self._source_rows(task, start, stop, repl)
+                f.add_delta_(v, start)
+                acc += (v.double() ** 2).sum(0)
+            col_norm = acc.sqrt().to(F32)
+        weight_sq = delta_sq = 0.0
+        for start, stop in blocks:
+            w = self._source_rows(task, start, stop, repl)
+            weight_sq += float(torch.linalg.vector_norm(w).double() ** 2)
+            v = w.clone()
+            f.add_delta_(v, start)
+            if f.transposed:
+                v.mul_((f.magnitude / col_norm).view(1, -1))
+            else:
+                v.mul_((f.magnitude[start:stop] / torch.linalg.vector_norm(v, dim=1)).view(-1, 1))
+            delta_sq += float(torch.linalg.vector_norm(v - w).double() ** 2)
+            yield self._emit(v, task.dtype)
+        st.weight_sq, st.delta_sq = weight_sq, delta_sq
+
+    def _bias(self, task: TensorTask):
+        repl = self._replacement(task)
+        b = self._source_rows(task, 0, task.shape[0] if task.shape else 1, repl)
+        for mod in task.biases:
+            f = Factors.of(mod, device=self.device)
+            b.add_(f.bias.reshape(b.shape), alpha=float(self.plan.sign) * f.scale)
+        yield self._emit(b, task.dtype)
+
+
+def execute_plan(
+    plan: MergePlan,
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: Callable[..., None] | None = None,
+    tensor_hook: Any = None,
+) -> dict:
+    """Write the planned model into ``folder`` (normally a temporary sibling of OUT).
+
+    Returns:
+        Statistics for the report (modules, counts, bytes, timings).
+    """
+    folder = Path(folder)
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    producer = _Producer(plan, device, tensor_hook, track_rounding=plan.sign < 0)
+    for task in plan.tasks():  # every module reports, even if a hook reorders work
+        for mod in task.modules:
+            producer._stat(mod, task)
+    thread = threading.Thread(target=producer.run, name="loratool-merge-producer", daemon=True)
+    t_start = time.perf_counter()
+    write_s = 0.0
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    total_params = 0
+    thread.start()
+    try:
+        for shard in plan.shards:
+            specs = shard.specs()
+            for name, dtype, shape in specs:
+                weight_map[name] = shard.filename
+                total_bytes += math.prod(shape) * dtype.itemsize
+                total_params += math.prod(shape)
+            with _PartWriter(folder / shard.filename, specs, shard.metadata) as writer:
+                while writer._next < len(specs):
+                    item = _get(producer.queue, thread)
+                    kind = item[0]
+                    t0 = time.perf_counter()
+                    if kind == "raw":
+                        writer.copy_raw(item[1], item[2])
+                        if progress:
+                            progress(item[2].end - item[2].begin, item[1])
+                    elif kind == "begin":
+                        writer.begin(item[1])
+                        current = item[1]
+                    elif kind == "part":
+                        writer.part(item[1])
+                        if progress:
+                            progress(item[1].numel() * item[1].element_size(), current)
+                    elif kind == "end":
+                        writer.end(item[1])
+                    elif kind == "error":
+                        raise item[1]
+                    else:
+                        raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
+                    write_s += time.perf_counter() - t0
+        tail = _get(producer.queue, thread)
+        if tail[0] == "error":
+            raise tail[1]
+    finally:
+        producer.stop.set()
+        thread.join()
+    stream_s = time.perf_counter() - t_start
+
+    if plan.write_index:
+        meta = dict(plan.index_metadata)
+        meta["total_size"] = total_bytes
+        if "total_parameters" in meta:
+            meta["total_parameters"] = total_params
+        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    _copy_side_files(plan, folder)
+    return {
+        "stats": producer.stats,
+        "counts": dict(producer.counts),
+        "bytes": total_bytes,
+        "tensors": len(weight_map),
+        "stream_s": stream_s,
+        "compute_s": producer.compute_s,
+        "write_s": write_s,
+    }
+
+
+def _get(q: queue.Queue, thread: threading.Thread):
+    while True:
+        try:
+            return q.get(timeout=0.5)
+        except queue.Empty:
+            if not thread.is_alive() and q.empty():
+                raise RuntimeError("merge: the compute thread stopped unexpectedly")
+
+
+def _copy_side_files(plan: MergePlan, folder: Path) -> None:
+    src = plan.base.path
+    for name in SIDE_FILES:
+        p = src / name
+        if not p.is_file():
+            continue
+        if name == "config.json" and plan.dtype is not None:
+            config = dict(plan.base.config)
+            dtype_name = str(plan.dtype).replace("torch.", "")
+            config["dtype"] = dtype_name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype_name
+            (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            continue
+        shutil.copyfile(p, folder / name)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def merge_model(
+    base: BaseModel | str | os.PathLike,
+    adapter: Adapter | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "auto",
+    force: bool = False,
+    strict: bool = False,
+    sign: int = 1,
+    keep_modules_to_save: bool = False,
+    report_path: str | os.PathLike | None = None,
+    progress: Callable[..., None] | None = None,
+    tensor_hook: Any = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict:
+    """Merge (``sign=+1``) or unmerge (``sign=-1``) an adapter into a base, streaming, into OUT.
+
+    Args:
+        base: base model folder or ``BaseModel`` (for unmerge: the merged model).
+        adapter: adapter path (any format ``read_adapter`` detects) or ``Adapter``.
+        out: the output folder; written to a temporary sibling and renamed when complete.
+        dtype: output dtype for floating tensors (default: each base tensor's own).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``: where the float32 merge math runs.
+        force: replace an existing OUT.
+        strict: refuse an adapter whose base_model_name_or_path names another model.
+        sign: +1 merges, -1 unmerges.
+        keep_modules_to_save: unmerge only: keep modules_to_save tensors as they are instead of refusing.
+        report_path: also write the report there as JSON.
+        progress: called as ``progress(nbytes, label)`` as output is written.
+        tensor_hook: per-tensor hook (see the module docstring).
+        warn: called with each warning as soon as it is known (they are also in the report).
+    Returns:
+        The report: per-module ||dW||, ||dW||/||W|| and seconds, counts, timings, warnings.
+    Raises:
+        ModuleMismatchError, UnsupportedError, InputError, OutputExistsError (all exit 2 in the CLI).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not isinstance(base, BaseModel):
+        base = BaseModel.open(base)
+    if not isinstance(adapter, Adapter):
+        from loratool.formats import read_adapter
+
+        adapter = read_adapter(adapter)
+    dev = resolve_device(device)
+    inputs = [base.path] + ([adapter.path] if adapter.path is not None else []) + [Path(f).parent for f in adapter.files]
+    check_output_path(out, force=force, inputs=inputs)
+    if report_path is not None:
+        check_output_path(Path(report_path), force=True, inputs=inputs)
+    plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
+    if warn is not None:
+        for w in plan.warnings:
+            warn(w)
+    t_plan = time.perf_counter()
+    check_adapter_finite(adapter)
+    t_check = time.perf_counter()
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook)
+        report = _report(plan, result, out, dev)
+        if tensor_hook is not None and hasattr(tensor_hook, "finalize"):
+            tensor_hook.finalize(tmp, report)
+        t_commit = time.perf_counter()
+    t_end = time.perf_counter()
+    report["timings"] = {
+        "plan_s": round(t_plan - t0, 4),
+        "check_s": round(t_check - t_plan, 4),
+        "stream_s": round(result["stream_s"], 4),
+        "compute_s": round(result["compute_s"], 4),
+        "write_s": round(result["write_s"], 4),
+        "commit_s": round(t_end - t_commit, 4),
+        "total_s": round(t_end - t0, 4),
+    }
+    if report_path is not None:
+        with atomic_output_file(Path(report_path), force=True, inputs=inputs) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _report(plan: MergePlan, result: dict, out: Path, device: torch.device) -> dict:
+    modules = []
+    for name, st in result["stats"].items():
+        mod = plan.adapter.modules.get(name)
+        d, w = math.sqrt(st.delta_sq), math.sqrt(st.weight_sq)
+        entry = {
+            "name": name,
+            "tensor": st.tensor,
+            "kind": mod.kind.value if mod else None,
+            "rank": mod.rank if mod else None,
+            "scale": mod.scale if mod else None,
+            "dora": bool(mod is not None and mod.magnitude is not None),
+            "delta_norm": d,
+            "weight_norm": w,
+            "relative_delta": d / w if w else None,
+            "seconds": round(st.seconds, 6),
+        }
+        if plan.sign < 0:
+            entry["rounding_bound"] = st.rounding_bound
+        modules.append(entry)
+    report: dict[str, Any] = {
+        "command": "merge" if plan.sign > 0 else "unmerge",
+        "base": str(plan.base.path),
+        "adapter": str(plan.adapter.path) if plan.adapter.path else None,
+        "out": str(out),
+        "device": str(device),
+        "dtype": str(plan.dtype).replace("torch.", "") if plan.dtype is not None else None,
+        "modules": modules,
+        "modules_to_save": plan.modules_to_save,
+        "tensors": {"total": result["tensors"], **{k: result["counts"].get(k, 0) for k in ("copied", "converted", "merged", "replaced", "added")}},
+        "shards": [s.filename for s in plan.shards],
+        "bytes_written": result["bytes"],
+        "warnings": plan.warnings,
+    }
+    if plan.sign < 0:
+        half = sorted({str(t.source.dtype if t.source is not None else t.dtype).replace("torch.", "") for t in plan.tasks() if t.loras and ((t.source is not None and t.source.dtype in HALF) or t.dtype in HALF)})
+        bound = max((m.get("rounding_bound", 0.0) for m in modules), default=0.0)
+        report["rounding"] = {
+            "half_precision": half,
+            "max_abs_bound": bound,
+            "note": (
+                "unmerge subtracts dW exactly in float32, but a merged half-precision weight was rounded once on the way in "
+                "and the result is rounded again on the way out: |unmerged - original| <= 0.5 ulp(merged) + 0.5 ulp(unmerged) "
+                "per element (ulp = 2^-7 relative for bfloat16, 2^-10 for float16); max_abs_bound is the largest such bound here"
+                if half
+                else "float32 throughout: the unmerged weights differ from the original by float32 rounding of the delta only"
+            ),
+        }
+    return report

@@ -1,0 +1,301 @@
+"""Module names shared by the formats: layers, embeddings, q/k row order, GGUF tensor names.
+
+Canonical module names are the transformers ones, relative to the task model PEFT wraps
+(``model.layers.0.self_attn.q_proj``, ``transformer.h.0.attn.c_attn``). This module holds
+what more than one format needs to rename or reorder them:
+
+* ``split_layer`` / ``layer_index``: the block index inside a module name.
+* ``is_embedding_name``: leaves that are token/position embeddings in transformers models.
+* ``permute_qk_rows`` / ``unpermute_qk_rows``: llama.cpp's ``LlamaModel.permute`` on the
+  output rows of q/k projections (HF "rotate-half" order -> the interleaved order of Meta's
+  original checkpoints and llama.cpp), and its inverse. Only the rows move, so for a LoRA
+  pair it applies to B alone, never to A.
+* ``head_counts``: attention / key-value head counts from a transformers config.
+* GGUF: ``gguf_arch_for_config`` (HF architecture -> llama.cpp architecture and whether its
+  converter permutes q/k), ``gguf_tensor_name`` (HF module -> ``blk.N.attn_q``, through the
+  ``gguf`` package's own ``TensorNameMap``), and ``hf_module_name`` (the reverse, from one
+  template per architecture, used when no base model is at hand).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping
+
+import torch
+
+from loratool.errors import UnsupportedError
+
+# -- layers and leaves --------------------------------------------------------------------
+
+# containers of transformer blocks in transformers models (llama/qwen: layers, bert: layer,
+# gpt2: h, others: blocks)
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+EMBEDDING_LEAVES = frozenset(
+    {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "tok_embeddings", "embed_in"}
+)
+
+Q_LEAVES = frozenset({"q_proj"})
+K_LEAVES = frozenset({"k_proj"})
+
+
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.self_attn.q_proj`` -> (``model.layers``, 3, ``self_attn.q_proj``); None outside blocks."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return None
+    return m.group("prefix"), int(m.group("index")), m.group("rest")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a module name, or None."""
+    parts = split_layer(name)
+    return None if parts is None else parts[1]
+
+
+def leaf(name: str) -> str:
+    """The last component of a dotted name."""
+    return name.rsplit(".", 1)[-1]
+
+
+def is_embedding_name(name: str) -> bool:
+    """Whether a module name ends in a transformers embedding leaf (``embed_tokens``, ``wte``...)."""
+    return leaf(name) in EMBEDDING_LEAVES
+
+
+def qk_projection(name: str) -> str | None:
+    """``"q"`` or ``"k"`` for llama-style q/k projections (the ones llama.cpp permutes), else None."""
+    lf = leaf(name)
+    if lf in Q_LEAVES:
+        return "q"
+    if lf in K_LEAVES:
+        return "k"
+    return None
+
+
+# -- attention heads and the q/k row permutation -----------------------------------------
+
+
+def head_counts(config: Mapping) -> tuple[int, int]:
+    """(attention heads, key-value heads) from a transformers config.
+
+    Raises:
+        UnsupportedError: the config names no head count.
+    """
+    cfg = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
+    n_head = next((cfg[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(cfg.get(k), int)), None)
+    if n_head is None:
+        raise UnsupportedError("the base config names no attention head count (num_attention_heads)")
+    n_kv = next((cfg[k] for k in ("num_key_value_heads", "n_kv_heads", "num_kv_heads") if isinstance(cfg.get(k), int)), None)
+    return int(n_head), int(n_kv if n_kv is not None else n_head)
+
+
+def _check_rows(t: torch.Tensor, n_heads: int) -> None:
+    if n_heads <= 0 or t.shape[0] % (2 * n_heads):
+        raise UnsupportedError(f"cannot permute {t.shape[0]} rows for {n_heads} heads (need a multiple of {2 * n_heads})")
+
+
+def permute_qk_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute``: HF row order -> interleaved (llama.cpp / Meta) order.
+
+    Within each head, HF keeps the rotary pairs as (first half, second half); llama.cpp wants
+    them interleaved. Row ``h*d + j*2 + i`` of the result is row ``h*d + i*d/2 + j`` of ``t``.
+
+    Args:
+        t: a tensor whose dim 0 is the projection's output rows (a weight, a bias, a LoRA B).
+        n_heads: heads of this projection (attention heads for q, key-value heads for k).
+    """
+    _check_rows(t, n_heads)
+    rest = t.shape[1:]
+    return t.reshape(n_heads, 2, t.shape[0] // n_heads // 2, *rest).swapaxes(1, 2).reshape(t.shape)
+
+
+def unpermute_qk_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``permute_qk_rows``: interleaved (llama.cpp / Meta) order -> HF order."""
+    _check_rows(t, n_heads)
+    rest = t.shape[1:]
+    return t.reshape(n_heads, t.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(t.shape)
+
+
+# -- GGUF ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """A llama.cpp architecture as its HF converter handles it."""
+
+    name: str  # gguf.MODEL_ARCH_NAMES value, e.g. "llama" (general.architecture)
+    permute_qk: bool  # the converter applies LlamaModel.permute to q_proj/k_proj rows
+    templates: str  # key into _HF_TEMPLATES: canonical HF module names for reading
+
+    @property
+    def model_arch(self):
+        import gguf
+
+        return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.name)
+
+
+# HF architecture class (config.json "architectures"[0]) -> how convert_hf_to_gguf.py handles it.
+# Only architectures whose LoRA targets map one module to one GGUF tensor are listed.
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "LlamaForCausalLM": GGUFArch("llama", True, "llama"),
+    "LLaMAForCausalLM": GGUFArch("llama", True, "llama"),
+    "MistralForCausalLM": GGUFArch("llama", True, "llama"),
+    "MixtralForCausalLM": GGUFArch("llama", True, "llama"),
+    "GraniteForCausalLM": GGUFArch("granite", True, "llama"),
+    "Qwen2ForCausalLM": GGUFArch("qwen2", False, "llama"),
+    "Qwen3ForCausalLM": GGUFArch("qwen3", False, "llama"),
+    "GemmaForCausalLM": GGUFArch("gemma", False, "llama"),
+    "Gemma2ForCausalLM": GGUFArch("gemma2", False, "llama"),
+    "Phi3ForCausalLM": GGUFArch("phi3", False, "phi3"),
+    "Starcoder2ForCausalLM": GGUFArch("starcoder2", False, "starcoder2"),
+    "GPT2LMHeadModel": GGUFArch("gpt2", False, "gpt2"),
+}
+
+# general.architecture -> the same description, for reading a GGUF without a base
+_GGUF_BY_NAME: dict[str, GGUFArch] = {}
+for _a in GGUF_ARCHITECTURES.values():
+    _GGUF_BY_NAME.setdefault(_a.name, _a)
+
+# model_type (config.json) -> HF architecture, for configs without "architectures"
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+# MODEL_TENSOR member name -> the HF module transformers uses for it (reading without a base)
+_LLAMA_BLOCK = {
+    "ATTN_Q": "model.layers.{bid}.self_attn.q_proj",
+    "ATTN_K": "model.layers.{bid}.self_attn.k_proj",
+    "ATTN_V": "model.layers.{bid}.self_attn.v_proj",
+    "ATTN_OUT": "model.layers.{bid}.self_attn.o_proj",
+}
+_HF_TEMPLATES: dict[str, dict[str, str]] = {
+    "llama": {
+        "TOKEN_EMBD": "model.embed_tokens",
+        "OUTPUT": "lm_head",
+        **_LLAMA_BLOCK,
+        "FFN_GATE": "model.layers.{bid}.mlp.gate_proj",
+        "FFN_UP": "model.layers.{bid}.mlp.up_proj",
+        "FFN_DOWN": "model.layers.{bid}.mlp.down_proj",
+    },
+    "phi3": {
+        "TOKEN_EMBD": "model.embed_tokens",
+        "OUTPUT": "lm_head",
+        "ATTN_QKV": "model.layers.{bid}.self_attn.qkv_proj",
+        "ATTN_OUT": "model.layers.{bid}.self_attn.o_proj",
+        "FFN_UP": "model.layers.{bid}.mlp.gate_up_proj",
+        "FFN_DOWN": "model.layers.{bid}.mlp.down_proj",
+    },
+    "starcoder2": {
+        "TOKEN_EMBD": "model.embed_tokens",
+        "OUTPUT": "lm_head",
+        **_LLAMA_BLOCK,
+        "FFN_UP": "model.layers.{bid}.mlp.c_fc",
+        "FFN_DOWN": "model.layers.{bid}.mlp.c_proj",
+    },
+    "gpt2": {
+        "TOKEN_EMBD": "transformer.wte",
+        "POS_EMBD": "transformer.wpe",
+        "OUTPUT": "lm_head",
+        "ATTN_QKV": "transformer.h.{bid}.attn.c_attn",
+        "ATTN_OUT": "transformer.h.{bid}.attn.c_proj",
+        "FFN_UP": "transformer.h.{bid}.mlp.c_fc",
+        "FFN_DOWN": "transformer.h.{bid}.mlp.c_proj",
+    },
+}
+
+
+def gguf_arch_for_config(config: Mapping) -> GGUFArch:
+    """The llama.cpp architecture of a transformers config.
+
+    Raises:
+        UnsupportedError: an architecture loratool cannot name in GGUF.
+    """
+    archs = list(config.get("architectures") or [])
+    for a in archs:
+        if a in GGUF_ARCHITECTURES:
+            return GGUF_ARCHITECTURES[a]
+    mt = config.get("model_type")
+    if not archs and mt in _MODEL_TYPES:
+        return GGUF_ARCHITECTURES[_MODEL_TYPES[mt]]
+    what = archs[0] if archs else (mt or "unknown")
+    raise UnsupportedError(
+        f"GGUF: architecture {what} is not supported (supported: {', '.join(sorted(set(GGUF_ARCHITECTURES)))})"
+    )
+
+
+def gguf_arch_by_name(name: str) -> GGUFArch:
+    """The description of a GGUF ``general.architecture`` value.
+
+    Raises:
+        UnsupportedError: an architecture without a known HF naming.
+    """
+    if name not in _GGUF_BY_NAME:
+        raise UnsupportedError(f"GGUF architecture {name!r} has no known transformers naming here; pass --base")
+    return _GGUF_BY_NAME[name]
+
+
+@lru_cache(maxsize=32)
+def _tensor_map(arch_name: str, n_blocks: int):
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    return gguf.get_tensor_name_map(arch, n_blocks)
+
+
+def gguf_tensor_name(module: str, arch: GGUFArch, n_blocks: int) -> str | None:
+    """The GGUF base name (``blk.0.attn_q``) of an HF module, as gguf's TensorNameMap gives it; None if unmapped."""
+    idx = layer_index(module)
+    blocks = max(n_blocks, (idx + 1) if idx is not None else 0)
+    return _tensor_map(arch.name, blocks).get_name(module)
+
+
+@lru_cache(maxsize=1)
+def _gguf_name_patterns() -> list[tuple[re.Pattern, str]]:
+    import gguf
+
+    out = []
+    for tensor, template in gguf.TENSOR_NAMES.items():
+        rx = re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
+        out.append((re.compile(rf"^{rx}$"), tensor.name))
+    return out
+
+
+def gguf_tensor_kind(gguf_name: str) -> tuple[str, int | None] | None:
+    """(MODEL_TENSOR member name, block index) of a GGUF base name like ``blk.3.attn_q``."""
+    for rx, tname in _gguf_name_patterns():
+        m = rx.match(gguf_name)
+        if m:
+            bid = m.groupdict().get("bid")
+            return tname, int(bid) if bid is not None else None
+    return None
+
+
+def hf_module_name(gguf_name: str, arch: GGUFArch) -> str | None:
+    """The transformers module name for a GGUF base name (``blk.0.attn_q`` -> ``model.layers.0.self_attn.q_proj``)."""
+    kind = gguf_tensor_kind(gguf_name)
+    if kind is None:
+        return None
+    tname, bid = kind
+    template = _HF_TEMPLATES[arch.templates].get(tname)
+    if template is None:
+        return None
+    return template.format(bid=bid) if "{bid}" in template else template
+
+
+def hf_templates(arch: GGUFArch) -> dict[str, str]:
+    """The MODEL_TENSOR name -> HF module template table used by ``hf_module_name`` (for tests)."""
+    return dict(_HF_TEMPLATES[arch.templates])

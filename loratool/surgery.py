@@ -1,0 +1,714 @@
+"""Rank and scale surgery on whole adapters: rescale, rerank, combine, extract.
+
+Each function returns ``(Adapter, report)``: a new adapter in canonical form (write it with
+``loratool.formats.write_adapter``) and a JSON-ready dict describing what was done per module.
+No function forms a module's (out, in) matrix except ``extract``, whose input is two dense models
+(read one tensor pair at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
+from loratool.base import BaseModel, is_conv1d
+from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
+from loratool.io.store import LazyTensor
+from loratool.ops.lowrank import (
+    LowRankSVD,
+    choose_rank,
+    dense_svd,
+    factored_svd,
+    factors_from_svd,
+    pad_factors,
+    rescale_factors,
+    stack_factors,
+    validate_rule,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"float16"`` -> ``torch.float16`` (None stays None).
+
+    Raises:
+        InputError: unknown name.
+    """
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
+def _check_alpha(alpha: float | None, what: str = "alpha") -> None:
+    if alpha is not None and (isinstance(alpha, bool) or not math.isfinite(alpha) or alpha == 0):
+        raise InputError(f"{what} must be a finite nonzero number, got {alpha}")
+
+
+def _out_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return lora_scale(alpha, rank, rslora=rslora)
+
+
+def _refuse_dora(adapter: Adapter, op: str, label: str = "") -> None:
+    if adapter.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
+        where = f" ({label})" if label else ""
+        raise UnsupportedError(
+            f"{op} refuses DoRA adapters{where}: DoRA normalizes W + dW per column, so changing dW's rank "
+            "or summing adapters does not give the same model; merge it or use a LoRA adapter"
+        )
+
+
+def _rescaled_bias(module: LoraModule, factor: float, dtype: torch.dtype) -> LazyTensor | None:
+    """PEFT adds ``scale * lora_B.bias``: keep that product when the scale changes by 1/factor."""
+    if module.bias is None:
+        return None
+    b = module.bias.load()
+    return LazyTensor.of((b.double() * factor).to(dtype if b.dtype.is_floating_point else b.dtype))
+
+
+def _histogram(ranks: Iterable[int]) -> dict[int, int]:
+    return dict(sorted(Counter(ranks).items()))
+
+
+# --------------------------------------------------------------------------- rescale
+
+
+def rescale(adapter: Adapter, *, alpha: float | None = None, rslora: bool | None = None, split: str = "b",
+            dtype: torch.dtype | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """Change lora_alpha and/or the scaling rule, keeping every module's ``dW`` (and bias term).
+
+    Args:
+        alpha: the new lora_alpha of every module (None keeps each module's alpha).
+        rslora: the new rule (True: alpha / sqrt(r), False: alpha / r, None: unchanged).
+        split: ``"b"`` rescales B only (A kept bit for bit) or ``"balanced"`` (both by sqrt).
+        dtype: storage dtype of the output factors (default: the input's).
+    Returns:
+        (adapter, report) with per-module alpha and scale before and after.
+    Raises:
+        InputError: nothing to change, alpha zero or not finite, unknown split, overflow.
+    """
+    if alpha is None and rslora is None:
+        raise InputError("nothing to change: give a new alpha and/or a scaling rule (rslora on or off)")
+    _check_alpha(alpha)
+    if split not in ("b", "balanced"):
+        raise InputError(f"unknown split {split!r} (use 'b' or 'balanced')")
+    new_rslora = adapter.use_rslora if rslora is None else bool(rslora)
+    modules: dict[str, LoraModule] = {}
+    rows = []
+    for name, m in adapter.modules.items():
+        new_alpha = m.alpha if alpha is None else float(alpha)
+        if new_alpha == 0:
+            raise InputError(f"{name}: alpha 0 cannot keep the module's update; give --alpha")
+        new_scale = _out_scale(new_alpha, m.rank, new_rslora)
+        factor = m.scale / new_scale
+        out_dtype = dtype or m.B.dtype
+        A, B = rescale_factors(m.A.load(), m.B.load(), factor, split=split, dtype=out_dtype)
+        new = m.with_factors(A, B, alpha=new_alpha, scale=new_scale)
+        new = replace(new, bias=_rescaled_bias(m, factor, out_dtype),
+                      magnitude=None if m.magnitude is None else LazyTensor.of(m.magnitude.load().to(out_dtype)))
+        modules[name] = new
+        rows.append({
+            "name": name, "rank": m.rank, "alpha_before": m.alpha, "alpha_after": new_alpha,
+            "scale_before": m.scale, "scale_after": new_scale, "factor": factor,
+        })
+    out = adapter.replace_modules(modules, use_rslora=new_rslora, variant="lora")
+    report = {
+        "operation": "rescale",
+        "source": str(adapter.path) if adapter.path else None,
+        "alpha": alpha,
+        "rslora_before": adapter.use_rslora,
+        "rslora_after": new_rslora,
+        "split": split,
+        "modules": rows,
+        "warnings": list(adapter.warnings),
+    }
+    return out, report
+
+
+# --------------------------------------------------------------------------- rerank
+
+
+def module_svd(module: LoraModule) -> LowRankSVD:
+    """The exact SVD of ``module.delta()`` from its factors (float64)."""
+    return factored_svd(module.B.load(), module.A.load(), module.scale)
+
+
+def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
+           fro_error: float | None = None, max_rank: int | None = None, pad: bool = False,
+           dtype: torch.dtype | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """The optimal low-rank approximation of every module's ``dW`` (truncated SVD, Eckart-Young).
+
+    Exactly one rule: ``rank`` (every module at that rank; a module already at or below it is
+    kept as it is, or zero-padded to it with ``pad``), ``energy`` (per module the smallest rank
+    keeping that fraction of ``||dW||_F^2``), ``sv_ratio`` (keep singular values within that
+    ratio of the largest) or ``fro_error`` (the smallest rank with at most that relative
+    Frobenius error). ``max_rank`` caps the rank any rule picks. Each module keeps its alpha
+    (its scale follows the new rank); the factors absorb the difference. lora_bias terms and
+    modules_to_save are carried over unchanged in effect.
+
+    Returns:
+        (adapter, report); the report lists per module the rank before and after, the kept
+        energy, the relative error and the singular values.
+    Raises:
+        InputError: bad rule values; UnsupportedError: a DoRA adapter.
+    """
+    validate_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, fro_error=fro_error, max_rank=max_rank)
+    if sum(x is not None for x in (rank, energy, sv_ratio, fro_error)) != 1:
+        raise InputError("give exactly one of --rank, --energy, --sv-ratio, --fro-error")
+    if pad and rank is None:
+        raise InputError("--pad needs --rank")
+    _refuse_dora(adapter, "rerank")
+    rslora = adapter.use_rslora
+    modules: dict[str, LoraModule] = {}
+    rows = []
+    for name, m in adapter.modules.items():
+        svd = module_svd(m)
+        out_dtype = dtype or m.B.dtype
+        if rank is not None and m.rank <= rank:
+            k = rank if pad else m.rank
+            action = "padded" if pad and rank > m.rank else "unchanged"
+        else:
+            k = choose_rank(svd, rank=rank, energy=energy, sv_ratio=sv_ratio, fro_error=fro_error, max_rank=max_rank)
+            k = min(k, m.rank) if rank is None else k
+            action = "truncated" if k < m.rank else "unchanged"
+        kept = min(k, m.rank)
+        if action == "unchanged":
+            new = m if dtype is None else _cast_module(m, out_dtype)
+        elif action == "padded":
+            new_scale = _out_scale(m.alpha, k, rslora) if m.alpha else m.scale
+            factor = m.scale / new_scale
+            A, B = rescale_factors(m.A.load(), m.B.load(), factor, dtype=out_dtype)
+            A, B = pad_factors(A, B, k)
+            new = m.with_factors(A, B, alpha=m.alpha, scale=new_scale)
+            new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
+        else:
+            alpha = m.alpha
+            new_scale = _out_scale(alpha, k, rslora) if alpha else 0.0
+            if new_scale == 0 or not math.isfinite(new_scale):
+                alpha = math.sqrt(k) if rslora else float(k)  # scale 1
+                new_scale = 1.0
+            A, B = factors_from_svd(svd, k, new_scale, dtype=out_dtype)
+            new = m.with_factors(A, B, alpha=alpha, scale=new_scale)
+            factor = (m.scale / new_scale) if m.scale else 0.0
+            new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
+        modules[name] = new
+        rows.append({
+            "name": name,
+            "rank_before": m.rank,
+            "rank": new.rank,
+            "action": action,
+            "kept_energy": svd.kept_energy(kept),
+            "relative_error": svd.relative_error(kept),
+            "alpha": new.alpha,
+            "scale": new.scale,
+            "singular_values": svd.S.tolist(),
+        })
+    out = adapter.replace_modules(modules, variant="lora")
+    criterion = {k: v for k, v in (("rank", rank), ("energy", energy), ("sv_ratio", sv_ratio), ("fro_error", fro_error)) if v is not None}
+    if max_rank is not None:
+        criterion["max_rank"] = max_rank
+    report = {
+        "operation": "rerank",
+        "source": str(adapter.path) if adapter.path else None,
+        "criterion": criterion,
+        "pad": pad,
+        "modules": rows,
+        "rank_histogram_before": _histogram(r["rank_before"] for r in rows),
+        "rank_histogram": _histogram(r["rank"] for r in rows),
+        "lora_params_before": adapter.lora_params,
+        "lora_params": out.lora_params,
+        "counts": dict(Counter(r["action"] for r in rows)),
+        "warnings": list(adapter.warnings),
+    }
+    return out, report
+
+
+def _cast_module(m: LoraModule, dtype: torch.dtype) -> LoraModule:
+    new = m.with_factors(m.A.load().to(dtype), m.B.load().to(dtype))
+    return replace(new, bias=None if m.bias is None else LazyTensor.of(m.bias.load().to(dtype)))
+
+
+# --------------------------------------------------------------------------- combine
+
+
+def _norm_base(name: str | None) -> str | None:
+    return name.rstrip("/") if isinstance(name, str) and name.strip() else None
+
+
+def check_same_base(adapters: Sequence[Adapter], *, labels: Sequence[str] | None = None, ignore_base_name: bool = False) -> None:
+    """Refuse adapters made for different bases: different base model names or module shapes.
+
+    Raises:
+        InputError: different ``base_model_name_or_path`` (unless ``ignore_base_name``).
+        ModuleMismatchError: a module with different shapes or kinds.
+    """
+    labels = list(labels or [str(a.path or i) for i, a in enumerate(adapters)])
+    first_name, first_label = None, None
+    for a, label in zip(adapters, labels):
+        n = _norm_base(a.base_model)
+        if n is None:
+            continue
+        if first_name is None:
+            first_name, first_label = n, label
+        elif n != first_name and not ignore_base_name:
+            raise InputError(
+                f"adapters for different bases: {first_label} is for {first_name!r}, {label} for {n!r} "
+                "(pass --ignore-base-name if they are the same model)"
+            )
+    seen: dict[str, tuple[LoraModule, str]] = {}
+    for a, label in zip(adapters, labels):
+        for name, m in a.modules.items():
+            if name not in seen:
+                seen[name] = (m, label)
+                continue
+            ref, ref_label = seen[name]
+            if (ref.out_features, ref.in_features) != (m.out_features, m.in_features):
+                raise ModuleMismatchError(
+                    name, f"adapters for different bases: {ref_label} has dW {ref.out_features}x{ref.in_features}, "
+                    f"{label} has {m.out_features}x{m.in_features}",
+                )
+            if (ref.kind is ModuleKind.EMBEDDING) != (m.kind is ModuleKind.EMBEDDING):
+                raise ModuleMismatchError(name, f"{ref_label} adapts it as {ref.kind.value}, {label} as {m.kind.value}")
+        for tname, t in a.modules_to_save.items():
+            other = next((b.modules_to_save[tname] for b in adapters if b is not a and tname in b.modules_to_save), None)
+            if other is not None and tuple(other.shape) != tuple(t.shape):
+                raise ModuleMismatchError(tname, f"adapters for different bases: modules_to_save shapes {tuple(other.shape)} and {tuple(t.shape)}")
+
+
+def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = None, method: str = "cat",
+            rank: int | None = None, alpha: float | None = None, dtype: torch.dtype | None = None,
+            ignore_base_name: bool = False, labels: Sequence[str] | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """The weighted sum ``sum_i w_i * dW_i`` of adapters for the same base, as one adapter.
+
+    ``cat`` stacks the factors (exact; ranks add). ``svd`` gives the optimal rank-``rank``
+    approximation of the sum (default: the largest input rank of the module), from the stacked
+    factors without forming any (out, in) matrix; a rank above the sum's rank pads with zeros.
+    Each input's own scale (alpha, rank, rsLoRA) is applied before summing. A module missing
+    from some inputs is summed over those that have it. lora_bias terms add the same way.
+    modules_to_save tensors are carried over; the same name with different contents is refused.
+
+    Args:
+        weights: one per adapter (default: all 1.0).
+        method: ``"cat"`` or ``"svd"``.
+        rank: the output rank for ``svd``.
+        alpha: lora_alpha of every output module (default: each module's alpha in the first input
+            that has it). The output follows the first input's rsLoRA setting.
+        dtype: output storage dtype (default: the first input's, float32 if inputs differ).
+    Returns:
+        (adapter, report).
+    Raises:
+        InputError, ModuleMismatchError: different bases, bad weights/rank/method.
+        UnsupportedError: DoRA inputs, conflicting modules_to_save.
+    """
+    adapters = list(adapters)
+    labels = list(labels or [str(a.path) if a.path else f"adapter {i + 1}" for i, a in enumerate(adapters)])
+    if not adapters:
+        raise InputError("combine needs at least one adapter")
+    if method not in ("cat", "svd"):
+        raise InputError(f"unknown method {method!r} (use cat or svd)")
+    if weights is None:
+        weights = [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise InputError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if any(not math.isfinite(w) for w in weights):
+        raise InputError(f"weights must be finite numbers, got {weights}")
+    if rank is not None:
+        validate_rule(rank=rank)
+        if method != "svd":
+            raise InputError("--rank applies to --method svd only (cat is exact: ranks add)")
+    _check_alpha(alpha)
+    for a, label in zip(adapters, labels):
+        _refuse_dora(a, "combine", label)
+    check_same_base(adapters, labels=labels, ignore_base_name=ignore_base_name)
+
+    first = adapters[0]
+    rslora = first.use_rslora
+    dtypes = {a.dtype for a in adapters if a.dtype is not None}
+    out_dtype = dtype or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
+    names: list[str] = []
+    for a in adapters:
+        names.extend(n for n in a.modules if n not in names)
+
+    modules: dict[str, LoraModule] = {}
+    rows = []
+    for name in names:
+        present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
+        ref = present[0][0]
+        m_alpha = float(alpha) if alpha is not None else ref.alpha
+        terms = [(m.A.load(), m.B.load(), w * m.scale) for m, w in present]
+        has_bias = any(m.bias is not None for m, _ in present)
+        if method == "cat":
+            k = sum(m.rank for m, _ in present)
+        else:
+            k = rank if rank is not None else max(m.rank for m, _ in present)
+        if not m_alpha:
+            m_alpha = math.sqrt(k) if rslora else float(k)
+        scale = _out_scale(m_alpha, k, rslora)
+        row: dict[str, Any] = {"name": name, "inputs": len(present), "rank": k, "alpha": m_alpha, "scale": scale}
+        if method == "cat":
+            A, B = stack_factors(terms, scale)
+            A, B = A.to(out_dtype), B.to(out_dtype)
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise InputError(f"{name}: combined factors overflow {_dtype_name(out_dtype)}; use --dtype float32")
+        else:
+            A64, B64 = stack_factors(terms, 1.0)
+            svd = factored_svd(B64, A64, 1.0)
+            A, B = factors_from_svd(svd, k, scale, dtype=out_dtype)
+            kept = min(k, svd.rank)
+            row.update(kept_energy=svd.kept_energy(kept), relative_error=svd.relative_error(kept),
+                       singular_values=svd.S.tolist())
+        new = LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale)
+        if has_bias:
+            total = torch.zeros(ref.out_features, dtype=torch.float64)
+            for m, w in present:
+                if m.bias is not None:
+                    total += m.bias.load().double() * (w * m.scale)
+            new.bias = LazyTensor.of((total / scale).to(out_dtype))
+        modules[name] = new
+        rows.append(row)
+
+    to_save: dict[str, LazyTensor] = {}
+    for a, label in zip(adapters, labels):
+        for tname, t in a.modules_to_save.items():
+            if tname not in to_save:
+                to_save[tname] = t
+            elif not torch.equal(to_save[tname].load(), t.load()):
+                raise UnsupportedError(
+                    f"{tname}: modules_to_save differs between inputs ({label}); a weighted sum of replacement "
+                    "tensors is not a LoRA combination, so combine refuses it"
+                )
+    extras = dict(first.extras)
+    if set(names) != set(first.modules):
+        extras.pop("peft_modules", None)
+    out = first.replace_modules(
+        modules,
+        modules_to_save=to_save,
+        use_dora=False,
+        lora_bias=any(m.bias is not None for m in modules.values()),
+        variant="lora",
+        extras=extras,
+        warnings=[w for a in adapters for w in a.warnings],
+    )
+    if set(names) != set(first.modules):
+        out.target_modules = None
+    report = {
+        "operation": "combine",
+        "method": method,
+        "inputs": labels,
+        "weights": weights,
+        "rank": rank,
+        "dtype": _dtype_name(out_dtype),
+        "rslora": rslora,
+        "modules": rows,
+        "modules_to_save": sorted(to_save),
+        "rank_histogram": _histogram(r["rank"] for r in rows),
+        "lora_params": out.lora_params,
+        "warnings": list(out.warnings),
+    }
+    return out, report
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _task_type(architecture: str | None) -> str | None:
+    if not architecture:
+        return None
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
+        if architecture.endswith(suffix):
+            return task
+    return None
+
+
+class ModelLayout:
+    """What each module of a base model is, from the model class on the meta device (no memory).
+
+    ``kinds`` maps module names (as PEFT sees them) to "linear", "conv1d", "embedding", "norm" or
+    "other"; ``heads`` are modules outside the base model (lm_head, classifiers). When the class
+    cannot be built, names and shapes are used instead and ``guessed`` is True.
+    """
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self.kinds: dict[str, str] = {}
+        self.heads: set[str] = set()
+        self.params: set[str] = set()
+        self.prefix: str | None = None
+        self.guessed = False
+        try:
+            self._from_class()
+        except Exception:  # any failure to build the class: fall back to names
+            self.guessed = True
+            self.kinds.clear()
+            self.heads.clear()
+            self.params.clear()
+
+    def _from_class(self) -> None:
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(self.base.path))
+        archs = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, archs[0]) if archs and hasattr(transformers, archs[0]) else transformers.AutoModel
+        with torch.device("meta"):
+            model = cls._from_config(config) if cls is not transformers.AutoModel else cls.from_config(config)
+        self.prefix = getattr(model, "base_model_prefix", None) or None
+        conv1d = None
+        try:
+            from transformers.pytorch_utils import Conv1D as conv1d
+        except ImportError:
+            pass
+        for name, mod in model.named_modules():
+            if not name:
+                continue
+            if isinstance(mod, torch.nn.Linear):
+                kind = "linear"
+            elif conv1d is not None and isinstance(mod, conv1d):
+                kind = "conv1d"
+            elif isinstance(mod, torch.nn.Embedding):
+                kind = "embedding"
+            elif "norm" in type(mod).__name__.lower():
+                kind = "norm"
+            else:
+                kind = "other"
+            self.kinds[name] = kind
+            if self.prefix and hasattr(model, self.prefix) and not (name == self.prefix or name.startswith(self.prefix + ".")):
+                self.heads.add(name)
+        self.params = set(model.state_dict().keys())
+
+    def param_name(self, key: str) -> str:
+        """The model's parameter name for a checkpoint key (adding or removing the base prefix)."""
+        if self.guessed or key in self.params:
+            return key
+        if self.prefix:
+            if f"{self.prefix}.{key}" in self.params:
+                return f"{self.prefix}.{key}"
+            if key.startswith(self.prefix + ".") and key[len(self.prefix) + 1:] in self.params:
+                return key[len(self.prefix) + 1:]
+        return key
+
+    def kind(self, module: str, shape: tuple[int, ...]) -> str:
+        if not self.guessed and module in self.kinds:
+            return self.kinds[module]
+        leaf = module.rsplit(".", 1)[-1].lower()
+        if len(shape) == 2:
+            if "embed" in leaf or leaf in ("wte", "wpe") or module.endswith("embeddings"):
+                return "embedding"
+            return "conv1d" if is_conv1d(self.base.model_type, module) else "linear"
+        if len(shape) == 1 and ("norm" in leaf or leaf.startswith("ln")):
+            return "norm"
+        return "other"
+
+    def is_head(self, module: str) -> bool:
+        if not self.guessed:
+            return module in self.heads or any(module.startswith(h + ".") for h in self.heads)
+        return module.split(".")[0] in ("lm_head", "classifier", "score", "qa_outputs", "pre_classifier")
+
+
+def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, energy: float | None = None,
+            modules: Sequence[str] | str | None = None, alpha: float | None = None, dtype: torch.dtype | None = None,
+            modules_to_save: bool = False, exact: bool | None = None, niter: int = 4, seed: int = 0,
+            base_name: str | None = None,
+            progress: Callable[[int, str], None] | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """A LoRA adapter approximating ``FINETUNED - BASE`` on every changed linear module.
+
+    Streams tensor pairs one at a time. Each changed linear (or GPT-2 Conv1D) weight difference is
+    factored by a truncated SVD: exact for small matrices, randomized with power iterations
+    (``torch.svd_lowrank``) for big ones. Unchanged tensors are skipped. Changed tensors that are
+    not linear modules (embeddings, norms, heads, biases, new tensors) are reported, or with
+    ``modules_to_save`` stored whole as PEFT modules_to_save.
+
+    Args:
+        rank: the rank of every module (capped by its smaller dimension).
+        energy: per module, the smallest rank keeping this fraction of ``||dW||_F^2``.
+        modules: PEFT target_modules (names or suffixes, a regex string, or "all-linear", the
+            default: every linear module outside the heads).
+        alpha: lora_alpha of every module (default: each module's rank, i.e. scale 1).
+        dtype: storage dtype of the factors (default: FINETUNED's).
+        exact: force (True) or forbid (False) the exact SVD (default: exact up to 1024 on the smaller side).
+        niter: power iterations of the randomized SVD.
+        base_name: base_model_name_or_path to record (default: BASE's path).
+        progress: called with (bytes read, tensor name) as tensors are processed.
+    Returns:
+        (adapter, report).
+    Raises:
+        InputError: bad rule, different architectures, nothing changed.
+    """
+    if (rank is None) == (energy is None):
+        raise InputError("give exactly one of --rank or --energy")
+    validate_rule(rank=rank, energy=energy)
+    _check_alpha(alpha)
+    if niter < 0:
+        raise InputError(f"niter must be >= 0, got {niter}")
+    if base.model_type and finetuned.model_type and base.model_type != finetuned.model_type:
+        raise InputError(f"BASE is a {base.model_type} model but FINETUNED is a {finetuned.model_type} model")
+    layout = ModelLayout(base)
+    targets = "all-linear" if modules is None or (not isinstance(modules, str) and len(modules) == 0) else modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    from loratool.formats.peft import target_matches
+
+    # group checkpoint tensors by module (as PEFT names them)
+    groups: dict[str, dict[str, str]] = {}
+    for key in finetuned.keys():
+        pname = layout.param_name(key)
+        module, _, leaf = pname.rpartition(".")
+        groups.setdefault(module, {})[leaf] = key
+
+    lora_modules: dict[str, LoraModule] = {}
+    rows: list[dict[str, Any]] = []
+    other: list[dict[str, Any]] = []
+    saved: dict[str, LazyTensor] = {}
+    unchanged = 0
+    ft_dtypes: Counter = Counter()
+    for module, leaves in groups.items():
+        changed_leaves: dict[str, str] = {}
+        module_is_new = False
+        for leaf, key in leaves.items():
+            ft_shape = tuple(finetuned.store.shape(key))
+            base_key = base.tensor_name(key)
+            if base_key is None:
+                changed_leaves[leaf] = "new"
+                module_is_new = True
+                continue
+            if tuple(base.store.shape(base_key)) != ft_shape:
+                changed_leaves[leaf] = "shape"
+                continue
+            if leaf == "weight" and len(ft_shape) == 2:
+                continue  # compared below, only once
+            if not torch.equal(finetuned.store.get(key), base.store.get(base_key)):
+                changed_leaves[leaf] = "changed"
+            else:
+                unchanged += 1
+        wkey = leaves.get("weight")
+        kind = layout.kind(module, tuple(finetuned.store.shape(wkey)) if wkey else ())
+        is_linear = (
+            wkey is not None and kind in ("linear", "conv1d") and "weight" not in changed_leaves
+            and len(finetuned.store.shape(wkey)) == 2
+        )
+        selected = is_linear and (
+            (targets == "all-linear" and not layout.is_head(module)) or (targets != "all-linear" and target_matches(targets, module))
+        )
+        lora_done = False
+        if wkey is not None and "weight" not in changed_leaves and len(finetuned.store.shape(wkey)) == 2:
+            ft_w = finetuned.store.get(wkey)
+            base_w = base.store.get(base.tensor_name(wkey))
+            if progress is not None:
+                progress(ft_w.numel() * ft_w.element_size(), wkey)
+            if torch.equal(ft_w, base_w):
+                unchanged += 1
+            elif selected:
+                ft_dtypes[ft_w.dtype] += 1
+                mod_dtype = dtype or (ft_w.dtype if ft_w.dtype.is_floating_point else torch.float32)
+                work = torch.float64 if torch.float64 in (ft_w.dtype, base_w.dtype) else torch.float32
+                D = ft_w.to(work) - base_w.to(work)
+                del ft_w, base_w
+                if kind == "conv1d":
+                    D = D.T  # Conv1D stores (in, out)
+                lora_modules[module], row = _extract_module(
+                    module, D, kind, rank=rank, energy=energy, alpha=alpha, dtype=mod_dtype, exact=exact, niter=niter, seed=seed,
+                )
+                rows.append(row)
+                lora_done = True
+            else:
+                changed_leaves["weight"] = "changed"
+        if changed_leaves:
+            what = _describe_kind(kind, layout.is_head(module), module_is_new)
+            for leaf, how in changed_leaves.items():
+                if lora_done and leaf == "bias":
+                    what_leaf = "bias"
+                elif leaf == "weight" and is_linear and not selected and how == "changed":
+                    what_leaf = "head" if layout.is_head(module) else "unselected linear"
+                else:
+                    what_leaf = what if leaf == "weight" else (what if what in ("norm", "embedding", "new") else leaf)
+                other.append({"tensor": f"{module}.{leaf}", "kind": what_leaf, "change": how,
+                              "shape": list(finetuned.store.shape(leaves[leaf]))})
+            if modules_to_save:
+                lora_modules.pop(module, None)
+                rows[:] = [r for r in rows if r["name"] != module]
+                for leaf, key in leaves.items():
+                    saved[f"{module}.{leaf}"] = finetuned.store.lazy(key)
+
+    if not lora_modules and not saved:
+        hint = f" ({len(other)} changed tensors are not selected linear modules; see --modules-to-save)" if other else ""
+        raise InputError(f"FINETUNED equals BASE on every selected linear module: nothing to extract{hint}")
+    arch = (base.architectures or [None])[0]
+    out_dtype = dtype or (ft_dtypes.most_common(1)[0][0] if ft_dtypes else torch.float32)
+    adapter = Adapter(
+        format="peft",
+        modules=lora_modules,
+        modules_to_save=saved,
+        base_model=base_name if base_name is not None else str(base.path),
+        target_modules=None,
+        task_type=_task_type(arch),
+        warnings=[],
+    )
+    warnings = []
+    if layout.guessed:
+        warnings.append("the model class could not be built on the meta device; module kinds were guessed from names")
+    if other and not modules_to_save:
+        warnings.append(
+            f"{len(other)} changed tensors are not represented by the adapter "
+            f"({', '.join(sorted({o['kind'] for o in other}))}); --modules-to-save keeps their modules whole"
+        )
+    report = {
+        "operation": "extract",
+        "base": str(base.path),
+        "finetuned": str(finetuned.path),
+        "criterion": {"rank": rank} if rank is not None else {"energy": energy},
+        "dtype": _dtype_name(out_dtype if dtype is None else dtype),
+        "modules": rows,
+        "unchanged_tensors": unchanged,
+        "other_changed": other,
+        "modules_to_save": sorted(saved),
+        "rank_histogram": _histogram(r["rank"] for r in rows),
+        "lora_params": adapter.lora_params,
+        "warnings": warnings,
+    }
+    return adapter, report
+
+
+def _describe_kind(kind: str, head: bool, new: bool) -> str:
+    if new:
+        return "new"
+    if head:
+        return "head"
+    return kind
+
+
+def _extract_module(name: str, D: torch.Tensor, kind: str, *, rank, energy, alpha, dtype, exact, niter, seed) -> tuple[LoraModule, dict]:
+    out_f, in_f = D.shape
+    mn = min(out_f, in_f)
+    want = min(rank, mn) if rank is not None else None
+    svd = dense_svd(D, rank=want, energy=energy, exact=exact, niter=niter, seed=seed)
+    method = "exact" if svd.rank == mn else "randomized"
+    k = want if want is not None else choose_rank(svd, energy=energy)
+    k = min(k, svd.rank)
+    m_alpha = float(alpha) if alpha is not None else float(k)
+    scale = lora_scale(m_alpha, k, rslora=False)
+    A, B = factors_from_svd(svd, k, scale, dtype=dtype)
+    if method == "exact":
+        rel = svd.relative_error(k)
+    else:
+        # measured directly: 1 - kept energy loses all digits when the error is tiny
+        approx = (B.double() @ A.double()) * scale
+        rel = float(torch.linalg.matrix_norm(D.double() - approx)) / math.sqrt(svd.total) if svd.total > 0 else 0.0
+    module = LoraModule(name, ModuleKind.CONV1D if kind == "conv1d" else ModuleKind.LINEAR,
+                        LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale)
+    row = {"name": name, "shape": [out_f, in_f], "rank": k, "kept_energy": svd.kept_energy(k),
+           "relative_error": rel, "method": method}
+    return module, row

@@ -1,0 +1,901 @@
+"""``verify``: prove that a merged model is base + adapter.
+
+Weight level (``verify_weights``) streams one tensor of each model at a time. For an adapted
+module with expected weight ``E = W + dW`` and merged weight ``M`` it measures the residual
+``R = M - E`` against ``||dW||`` and passes when ``||R||`` is within the bound that rounding to
+the merged dtype allows (see ``_lora_bound``). DoRA modules expect
+``W' = m / ||W + dW||_row * (W + dW)`` (rows of the (out, in) weight) and their delta is
+``W' - W``. Tensors the adapter does not touch must be bit-identical (or equal to a plain cast
+when the merged dtype differs). A bitsandbytes-quantized merged model is dequantized and
+each module reports the fraction of its delta that survived quantization.
+
+Output level (``verify_outputs``) runs the base with the adapter through PEFT (unmerged) and the
+merged model through transformers on the same inputs and compares their outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
+from loratool.errors import InputError, UnsupportedError
+from loratool.io.store import TensorEntry, TensorStore
+
+Progress = Callable[..., None]
+
+U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32, where every check computes
+
+# companions of a bitsandbytes-quantized weight in a transformers checkpoint
+_Q4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_Q4_STATE = ".quant_state.bitsandbytes__"
+_INT8_SUFFIXES = (".SCB", ".weight_format")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon of a floating dtype: the relative error of one rounding."""
+    return torch.finfo(dtype).eps / 2
+
+
+def _gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term dot product."""
+    nu = n * u
+    return nu / (1 - nu) if nu < 1 else float("inf")
+
+
+def _subnormal(dtype: torch.dtype) -> float:
+    """Absolute error of rounding a value into the subnormal range of ``dtype``."""
+    fi = torch.finfo(dtype)
+    return fi.smallest_normal * fi.eps / 2
+
+
+def _coarser(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest epsilon (non-floating ones are ignored)."""
+    floats = [d for d in dtypes if d is not None and d.is_floating_point]
+    return max(floats, key=lambda d: torch.finfo(d).eps) if floats else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float32)) if t.numel() else 0.0
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-friendly float (inf and nan become None)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _open_model(model: BaseModel | str | Path) -> BaseModel:
+    return model if isinstance(model, BaseModel) else BaseModel.open(model)
+
+
+def _open_adapter(adapter: Adapter | str | Path) -> Adapter:
+    if isinstance(adapter, Adapter):
+        return adapter
+    from loratool.formats import read_adapter
+
+    return read_adapter(adapter)
+
+
+def _entries_in_file_order(store: TensorStore) -> list[TensorEntry]:
+    order = {p: i for i, p in enumerate(store.files)}
+    return sorted(store.entries(), key=lambda e: (order.get(e.path, 0), e.begin or 0, e.name))
+
+
+def _bytes_equal(a: TensorEntry, b: TensorEntry, chunk: int = 16 << 20) -> bool:
+    """Compare the raw bytes of two safetensors entries without building tensors."""
+    import os
+
+    n = a.end - a.begin
+    if n != b.end - b.begin:
+        return False
+    fa = os.open(a.path, os.O_RDONLY)
+    try:
+        fb = os.open(b.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < n:
+                k = min(chunk, n - done)
+                if os.pread(fa, k, a.begin + done) != os.pread(fb, k, b.begin + done):
+                    return False
+                done += k
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+    return True
+
+
+def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaNs with the same payload count as equal)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if x.dtype == torch.bool or x.element_size() == 0:
+        return torch.equal(x, y)
+    return torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- quantized tensors
+
+
+def _quant_kind(merged: BaseModel, key: str) -> str | None:
+    """"4bit" / "int8" when the merged checkpoint stores ``key`` quantized by bitsandbytes."""
+    store = merged.store
+    if key not in store:
+        return None
+    if store.dtype(key).is_floating_point:
+        return None
+    if any(k.startswith(key + _Q4_STATE) for k in _quant_state_keys(merged)):
+        return "4bit"
+    module = key[: -len(".weight")] if key.endswith(".weight") else key
+    if f"{module}.SCB" in store:
+        return "int8"
+    return None
+
+
+def _quant_state_keys(merged: BaseModel) -> list[str]:
+    cached = getattr(merged, "_verify_qstate_keys", None)
+    if cached is None:
+        cached = [k for k in merged.store.keys() if _Q4_STATE in k]
+        merged._verify_qstate_keys = cached
+    return cached
+
+
+def _quant_companions(merged: BaseModel, key: str, kind: str) -> list[str]:
+    store = merged.store
+    if kind == "4bit":
+        return [k for k in store.keys() if k.startswith(key + ".") and (k.endswith(_Q4_SUFFIXES) or _Q4_STATE in k)]
+    module = key[: -len(".weight")]
+    return [f"{module}{s}" for s in _INT8_SUFFIXES if f"{module}{s}" in store]
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+    except Exception as exc:  # ImportError, or a broken native library
+        raise UnsupportedError(f"the merged model is quantized with bitsandbytes, which cannot be imported ({exc})") from None
+    return F
+
+
+@dataclass
+class _Dequant:
+    """A quantized merged weight dequantized, and a quantizer that reproduces its scheme."""
+
+    weight: torch.Tensor  # float32, the shape of the float weight
+    quantize: Callable[[torch.Tensor], torch.Tensor]  # W -> dequantize(quantize(W)) in float32
+    scheme: str
+
+
+def _dequantize(merged: BaseModel, key: str, kind: str, device) -> _Dequant:
+    F = _bnb()
+    store = merged.store
+    if kind == "4bit":
+        state = {k[len(key) + 1:]: store.get(k) for k in _quant_companions(merged, key, kind)}
+        qs = F.QuantState.from_dict(state, device=torch.device(device))
+        packed = store.get(key).to(device)
+        weight = F.dequantize_4bit(packed, qs).float()
+
+        def requant(w: torch.Tensor) -> torch.Tensor:
+            q, s = F.quantize_4bit(
+                w.to(device=device, dtype=qs.dtype).contiguous(), blocksize=qs.blocksize, quant_type=qs.quant_type,
+                compress_statistics=qs.nested, quant_storage=packed.dtype,
+            )
+            return F.dequantize_4bit(q, s).float()
+
+        return _Dequant(weight, requant, f"bnb-4bit-{qs.quant_type}")
+    module = key[: -len(".weight")]
+    cb = store.get(key).to(device)
+    scb = store.get(f"{module}.SCB").to(device).float()
+    weight = cb.float() * scb.reshape(-1, 1) / 127.0
+
+    def requant8(w: torch.Tensor) -> torch.Tensor:
+        # transformers quantizes the fp16 copy of the weight row-wise (LLM.int8, vectorwise absmax)
+        q, s, _ = F.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16).contiguous())
+        return q.float() * s.float().reshape(-1, 1) / 127.0
+
+    return _Dequant(weight, requant8, "bnb-int8")
+
+
+# ----------------------------------------------------------------------------- per-tensor checks
+
+
+@dataclass
+class _Check:
+    name: str
+    tensor: str
+    kind: str  # lora | dora | lora_bias | modules_to_save
+    dtype: str | None
+    shape: list[int]
+    delta_norm: float = 0.0
+    residual_norm: float = 0.0
+    bound_norm: float | None = None
+    passed: bool | None = None
+    status: str = "ok"
+    applied_fraction: float | None = None
+    retention: float | None = None
+    quantization: str | None = None
+    hint: str | None = None
+
+    @property
+    def residual(self) -> float:
+        return _ratio(self.residual_norm, self.delta_norm)
+
+    @property
+    def bound(self) -> float | None:
+        return None if self.bound_norm is None else _ratio(self.bound_norm, self.delta_norm)
+
+    def as_dict(self, tolerance: float | None) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "tensor": self.tensor,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "status": self.status,
+            "passed": self.passed,
+            "residual": _num(self.residual) if self.delta_norm > 0 or self.residual_norm == 0 else None,
+            "bound": _num(self.bound),
+            "tolerance": tolerance if tolerance is not None else _num(self.bound),
+            "delta_norm": _num(self.delta_norm),
+            "residual_norm": _num(self.residual_norm) if math.isfinite(self.residual_norm) else None,
+            "applied_fraction": _num(self.applied_fraction),
+            "hint": self.hint,
+        }
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+            d["retention"] = _num(self.retention)
+        return d
+
+    def sort_key(self) -> tuple:
+        # failures first, then by residual relative to what was allowed
+        order = {"missing": 0, "fail": 1, "quantized": 2, "ok": 3}.get(self.status, 3)
+        if self.status == "quantized":
+            score = -abs(1 - (self.retention if self.retention is not None else 0.0))
+        else:
+            allowed = self.bound_norm if self.bound_norm else 0.0
+            score = -_ratio(self.residual_norm, allowed) if math.isfinite(self.residual_norm) else -math.inf
+        return (order, score, self.name)
+
+
+def _judge(check: _Check, tolerance: float | None) -> None:
+    """Set passed/status from the residual and the bound (or the user's tolerance)."""
+    if not math.isfinite(check.residual_norm):
+        check.passed, check.status = False, "fail"
+        check.hint = check.hint or "merged tensor holds NaN or Inf"
+        return
+    if tolerance is not None:
+        ok = check.residual <= tolerance
+    else:
+        ok = check.residual_norm <= check.bound_norm
+    check.passed = bool(ok)
+    check.status = "ok" if ok else "fail"
+
+
+def _hint(k: float, residual_rel: float, delta_rel_perp: float, module: LoraModule | None) -> str | None:
+    """Describe a failed module's residual: a scaled delta, or something else."""
+    if not math.isfinite(k):
+        return None
+    if delta_rel_perp < max(abs(k - 1) / 2, 1e-12):
+        text = f"merged delta is {k:.3g} x the expected one"
+        if abs(k) < 0.05:
+            return "delta not applied (the tensor equals the base)"
+        if abs(k - 2) < 0.05:
+            return text + " (applied twice?)"
+        if module is not None and module.rank > 1:
+            root = math.sqrt(module.rank)
+            if abs(k - root) < 0.05 * root or abs(k - 1 / root) < 0.05 / root:
+                return text + " (alpha/r vs alpha/sqrt(r) scale mix-up?)"
+        return text
+    return None
+
+
+def _row_hint(row_res: torch.Tensor, what: str = "rows") -> str | None:
+    """When the residual sits in a contiguous block of rows, name the block."""
+    sq = row_res.double() ** 2
+    total = float(sq.sum())
+    if total <= 0 or sq.numel() < 2:
+        return None
+    order = torch.argsort(sq, descending=True)
+    cum = torch.cumsum(sq[order], 0)
+    n = int(torch.searchsorted(cum, 0.99 * total).item()) + 1
+    rows = torch.sort(order[:n]).values
+    lo, hi = int(rows[0]), int(rows[-1])
+    if n == sq.numel() or hi - lo + 1 > max(n, 1) * 1.05 + 1:
+        return None
+    return f"residual sits in {what} {lo}-{hi} of {sq.numel()} (a block missing or wrong)"
+
+
+def _lora_bound(*, Enorm: float, dnorm: float, rnorm: float, fac: float, rank: int, numel: int,
+                merged_dtype: torch.dtype, store_dtype: torch.dtype, factor_dtype: torch.dtype) -> float:
+    """Largest ||M - (W + dW)|| (Frobenius) a correct merge can show.
+
+    A correct merger may store W + dW, and intermediates (dW, scale * B @ A) in the coarser of the
+    base and merged dtypes (``us`` per rounding), may have cast the factors to that dtype when it
+    is coarser than theirs (``uf``), accumulates in float32 (gamma_r), and the check itself adds
+    float32 roundings. Elementwise bounds |err| <= u |x| sum in quadrature to u ||x||_F, and
+    || |s| |B||A| ||_F <= |s| ||B||_F ||A||_F (``fac``).
+    """
+    us = unit_roundoff(store_dtype)
+    um = unit_roundoff(merged_dtype)
+    uf = us if torch.finfo(store_dtype).eps > torch.finfo(factor_dtype).eps else 0.0
+    theirs = max(us, um) * Enorm + 2 * us * dnorm + 2 * uf * fac + U32 * (Enorm + dnorm) + _gamma(rank, U32) * fac
+    ours = U32 * (dnorm + rnorm) + _gamma(rank + 1, U32) * (dnorm + rnorm + fac)
+    return theirs + ours + math.sqrt(numel) * _subnormal(merged_dtype)
+
+
+def _factors(module: LoraModule, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return module.A.load().to(device=device, dtype=torch.float32), module.B.load().to(device=device, dtype=torch.float32)
+
+
+def _delta_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
+    """||scale * B @ A||_F from the r x r Gram matrices, without forming B @ A."""
+    a, b = A.double(), B.double()
+    return abs(scale) * math.sqrt(max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0))
+
+
+def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
+                merged_dtype: torch.dtype, base_dtype: torch.dtype, device) -> tuple:
+    """Plain LoRA: R = M - W - dW, computed in the weight's own layout without forming dW."""
+    A, B = _factors(module, device)
+    s = float(module.scale)
+    transposed = module.kind.transposed
+    check = _Check(name, key, "lora", _dtype_name(merged_dtype), list(M.shape))
+    mnorm = _norm(M)
+    if M.dtype == torch.float32:
+        R = torch.sub(M, W.to(torch.float32))
+    else:
+        R = M.to(torch.float32)
+        R.sub_(W)
+    # R -= s * B @ A   (in the weight layout: (B @ A).T = A.T @ B.T for Conv1D and embeddings)
+    if transposed:
+        R.addmm_(A.T, B.T, alpha=-s)
+    else:
+        R.addmm_(B, A, alpha=-s)
+    check.residual_norm = _norm(R)
+    check.delta_norm = _delta_norm(A, B, s)
+    fac = abs(s) * float(torch.linalg.vector_norm(B)) * float(torch.linalg.vector_norm(A))
+    check.bound_norm = _lora_bound(
+        Enorm=mnorm + check.residual_norm, dnorm=check.delta_norm, rnorm=check.residual_norm, fac=fac,
+        rank=module.rank, numel=M.numel(), merged_dtype=merged_dtype, store_dtype=_coarser(merged_dtype, base_dtype),
+        factor_dtype=module.A.dtype if module.A.dtype.is_floating_point else torch.float32,
+    )
+    return check, R, A, B
+
+
+def _diagnose_lora(check: _Check, module: LoraModule, R: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, M: torch.Tensor) -> None:
+    """On failure: how much of the delta is there, and where the residual sits."""
+    s = float(module.scale)
+    dn = check.delta_norm
+    if dn > 0 and math.isfinite(check.residual_norm):
+        # <R, dW> = s * sum(B * (R_oi @ A.T)) with R_oi the (out, in) view
+        Roi = R.T if module.kind.transposed else R
+        dot = s * float((B.double() * (Roi @ A.T).double()).sum())
+        k = 1 + dot / dn**2
+        check.applied_fraction = k
+        perp = math.sqrt(max(check.residual_norm**2 - (k - 1) ** 2 * dn**2, 0.0)) / dn
+        check.hint = _hint(k, check.residual, perp, module)
+        if check.hint is None and R.shape[0] == R.shape[1]:
+            dW = module.delta(device=R.device)
+            dW = dW.T if module.kind.transposed else dW
+            alt = _norm(R + dW - dW.T)
+            if alt <= check.bound_norm:
+                check.hint = "delta transposed"
+    if check.hint is None and R.dim() == 2:
+        check.hint = _row_hint(torch.linalg.vector_norm(R, dim=1))
+    if check.hint is None:
+        check.hint = "residual is not along the delta (another module's delta, or a different adapter?)"
+
+
+def _check_dora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
+                merged_dtype: torch.dtype, base_dtype: torch.dtype, device) -> tuple:
+    """DoRA: W' = m / ||W + dW||_row * (W + dW), rows of the (out, in) weight (PEFT's merge)."""
+    A, B = _factors(module, device)
+    s = float(module.scale)
+    t = module.kind.transposed
+    Wo = W.to(torch.float32)
+    Wo = Wo.T if t else Wo
+    Mo = M.to(torch.float32)
+    Mo = Mo.T if t else Mo
+    E = torch.addmm(Wo, B, A, alpha=s)  # (out, in)
+    n = torch.linalg.vector_norm(E, dim=1)
+    mag = module.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
+    if mag.numel() != E.shape[0]:
+        raise InputError(f"{name}: DoRA magnitude has {mag.numel()} entries, the weight has {E.shape[0]} output rows")
+    Wp = E * (mag / n).unsqueeze(1)
+    R = Mo - Wp
+    D = Wp - Wo
+    check = _Check(name, key, "dora", _dtype_name(merged_dtype), list(M.shape))
+    check.residual_norm = _norm(R)
+    check.delta_norm = _norm(D)
+    # per-row error bound (see docs/verify.md): a row of W' has norm |m|, and its error comes from
+    # the error e of the merger's W + dW row, the row norm (float32 accumulation over `in` terms)
+    # and three roundings (norm, factor, product) at the storage precision, plus the final store.
+    store = _coarser(merged_dtype, base_dtype)
+    us, um = unit_roundoff(store), unit_roundoff(merged_dtype)
+    factor_dtype = module.A.dtype if module.A.dtype.is_floating_point else torch.float32
+    uf = us if torch.finfo(store).eps > torch.finfo(factor_dtype).eps else 0.0
+    n_in = E.shape[1]
+    row_B = torch.linalg.vector_norm(B, dim=1).double()
+    normA = float(torch.linalg.vector_norm(A))
+    dW_rows = torch.linalg.vector_norm(E - Wo, dim=1).double()
+    En = n.double().clamp_min(torch.finfo(torch.float32).tiny)
+    e_theirs = us * (En + 2 * dW_rows) + U32 * En + (2 * uf + _gamma(module.rank, U32)) * abs(s) * row_B * normA
+    e_ours = U32 * En + _gamma(module.rank, U32) * abs(s) * row_B * normA
+    m_abs = mag.double().abs()
+    rel = (2 * (e_theirs + e_ours) / En) + 2 * _gamma(n_in, U32) + 3 * us + 3 * U32 + max(um, uf)
+    rows = m_abs * rel + U32 * torch.linalg.vector_norm(R, dim=1).double()
+    check.bound_norm = float(torch.linalg.vector_norm(rows)) + math.sqrt(M.numel()) * _subnormal(merged_dtype)
+    return check, R, D
+
+
+def _diagnose_dora(check: _Check, R: torch.Tensor, D: torch.Tensor) -> None:
+    dn = check.delta_norm
+    if dn > 0 and math.isfinite(check.residual_norm):
+        k = 1 + float((R.double() * D.double()).sum()) / dn**2
+        check.applied_fraction = k
+        perp = math.sqrt(max(check.residual_norm**2 - (k - 1) ** 2 * dn**2, 0.0)) / dn
+        check.hint = _hint(k, check.residual, perp, None)
+    if check.hint is None:
+        check.hint = _row_hint(torch.linalg.vector_norm(R, dim=1), "output rows")
+    if check.hint is None:
+        check.hint = "residual is not along the DoRA update"
+
+
+def _check_plain(name: str, key: str, kind: str, expected: torch.Tensor, M: torch.Tensor, reference: torch.Tensor | None,
+                 *, merged_dtype: torch.dtype, extra_u: float = 0.0, extra_norm: float = 0.0) -> _Check:
+    """A tensor that must equal ``expected`` up to storage rounding; the delta is expected - reference."""
+    check = _Check(name, key, kind, _dtype_name(merged_dtype), list(M.shape))
+    E = expected.to(torch.float32)
+    R = M.to(torch.float32) - E
+    check.residual_norm = _norm(R)
+    if reference is not None and tuple(reference.shape) == tuple(E.shape):
+        check.delta_norm = _norm(E - reference.to(torch.float32))
+    else:
+        check.delta_norm = _norm(E)
+    En = _norm(E)
+    check.bound_norm = (unit_roundoff(merged_dtype) + 2 * U32) * En + extra_u * extra_norm + math.sqrt(max(M.numel(), 1)) * _subnormal(merged_dtype)
+    if check.delta_norm > 0 and math.isfinite(check.residual_norm) and reference is not None and tuple(reference.shape) == tuple(E.shape):
+        D = (E - reference.to(torch.float32)).double()
+        k = 1 + float((R.double() * D).sum()) / check.delta_norm**2
+        check.applied_fraction = k
+    return check
+
+
+# ----------------------------------------------------------------------------- the weight check
+
+
+def verify_weights(
+    base: BaseModel | str | Path,
+    adapter: Adapter | str | Path,
+    merged: BaseModel | str | Path,
+    *,
+    tolerance: float | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Check, tensor by tensor, that MERGED = BASE + ADAPTER.
+
+    Reads one tensor of each model at a time (the adapter's small factors are read per module).
+
+    Args:
+        base: the base model (folder or ``BaseModel``).
+        adapter: the adapter (path or ``Adapter``), in any format loratool reads.
+        merged: the merged model (folder or ``BaseModel``), possibly bitsandbytes-quantized.
+        tolerance: a fixed limit on residual / ||delta|| replacing the bound derived from the dtypes
+            (for a quantized MERGED: a limit on |1 - retention|).
+        device: where to compute ("cpu", "cuda", ...).
+        progress: called as ``progress(nbytes, label)`` after each base tensor.
+    Returns:
+        A JSON-ready report: ``passed``, ``modules`` (worst first), ``untouched``, ``missing``,
+        ``extra``, ``notes`` and ``summary``.
+    Raises:
+        InputError (ModuleMismatchError, FormatError): the adapter does not fit the base, files are unreadable.
+        UnsupportedError: a quantized MERGED without bitsandbytes.
+    """
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
+    base_m = _open_model(base)
+    merged_m = _open_model(merged)
+    ad = _open_adapter(adapter)
+    device = torch.device(device)
+    mapping = bind_adapter(ad, base_m)  # module -> base weight key
+    by_key = {key: ad.modules[name] for name, key in mapping.items()}
+    bias_of: dict[str, LoraModule] = {}
+    for name, key in mapping.items():
+        mod = ad.modules[name]
+        if mod.bias is not None:
+            bias_of[key[: -len("weight")] + "bias"] = mod
+    to_save: dict[str, tuple[str, Any]] = {}  # base-or-merged key -> (adapter name, lazy tensor)
+    save_pending: dict[str, Any] = {}
+    for tname, lazy in ad.modules_to_save.items():
+        bkey = base_m.tensor_name(tname)
+        if bkey is not None:
+            to_save[bkey] = (tname, lazy)
+        else:
+            save_pending[tname] = lazy
+
+    mstore = merged_m.store
+    consumed: set[str] = set()
+    checks: list[_Check] = []
+    untouched = {"checked": 0, "identical": 0, "cast": 0, "quantized": 0, "differ": []}
+    missing: list[str] = []
+    notes: list[str] = list(ad.warnings)
+    quantized = False
+
+    def merged_key(bkey: str) -> str | None:
+        if bkey in mstore:
+            return bkey
+        return merged_m.tensor_name(bkey)
+
+    for entry in _entries_in_file_order(base_m.store):
+        bkey = entry.name
+        mkey = merged_key(bkey)
+        label = bkey
+        try:
+            if mkey is None:
+                if bkey.endswith(_BUFFER_SUFFIXES):
+                    notes.append(f"{bkey}: buffer of the base not stored in the merged model")
+                elif _tied_alias(base_m, merged_m, bkey):
+                    notes.append(f"{bkey}: tied to the input embedding in the merged model (not stored)")
+                else:
+                    missing.append(bkey)
+                    if bkey in by_key:
+                        mod = by_key[bkey]
+                        c = _Check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", None, list(entry.shape))
+                        c.passed, c.status, c.residual_norm = False, "missing", math.inf
+                        c.hint = "the merged model lacks this tensor"
+                        checks.append(c)
+                continue
+            consumed.add(mkey)
+            qkind = _quant_kind(merged_m, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
+            if qkind is not None:
+                quantized = True
+                consumed.update(_quant_companions(merged_m, mkey, qkind))
+            if bkey in by_key:
+                checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device))
+            elif bkey in bias_of:
+                checks.append(_bias_check(bias_of[bkey], base_m, merged_m, bkey, mkey, tolerance, device))
+            elif bkey in to_save:
+                tname, lazy = to_save[bkey]
+                checks.append(_save_check(tname, lazy, base_m, merged_m, bkey, mkey, tolerance, device))
+            else:
+                _untouched_check(base_m, merged_m, entry, mkey, qkind, untouched, device)
+        finally:
+            if progress is not None:
+                progress(int(math.prod(entry.shape)) * entry.dtype.itemsize, label)
+
+    # modules_to_save tensors the base lacks (a new head): the merged model must carry them
+    for tname, lazy in save_pending.items():
+        mkey = merged_m.tensor_name(tname)
+        if mkey is None:
+            missing.append(tname)
+            c = _Check(tname, tname, "modules_to_save", None, list(lazy.shape))
+            c.passed, c.status, c.residual_norm, c.hint = False, "missing", math.inf, "the merged model lacks this tensor"
+            checks.append(c)
+            continue
+        consumed.add(mkey)
+        checks.append(_save_check(tname, lazy, None, merged_m, None, mkey, tolerance, device))
+
+    # bias of a lora_bias module whose base layer has no bias
+    for bkey, mod in bias_of.items():
+        if bkey not in base_m.store:
+            c = _Check(mod.name, bkey, "lora_bias", None, [mod.out_features])
+            c.passed, c.status, c.residual_norm = False, "fail", math.inf
+            c.hint = "the adapter has a lora_B bias but the base layer has no bias"
+            checks.append(c)
+
+    extra = []
+    for k in mstore.keys():
+        if k in consumed:
+            continue
+        if k.endswith(_BUFFER_SUFFIXES):
+            notes.append(f"{k}: buffer stored in the merged model only")
+        elif _tied_copy(merged_m, k):
+            notes.append(f"{k}: a copy of the tied input embedding")
+        else:
+            extra.append(k)
+
+    return _report(base_m, ad, merged_m, checks, untouched, missing, extra, notes, tolerance, quantized)
+
+
+def _tied_alias(base: BaseModel, merged: BaseModel, key: str) -> bool:
+    """An output embedding the merged model ties to its input embedding instead of storing."""
+    if not key.endswith("lm_head.weight"):
+        return False
+    if not merged.config.get("tie_word_embeddings", True):
+        return False
+    emb = [k for k in base.store.keys() if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    if not emb or base.store.shape(emb[0]) != base.store.shape(key):
+        return False
+    return _bits_equal(base.store.get(emb[0]), base.store.get(key))
+
+
+def _tied_copy(merged: BaseModel, key: str) -> bool:
+    if not key.endswith("lm_head.weight") or not merged.config.get("tie_word_embeddings", True):
+        return False
+    emb = [k for k in merged.store.keys() if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    if not emb or merged.store.shape(emb[0]) != merged.store.shape(key):
+        return False
+    return _bits_equal(merged.store.get(emb[0]), merged.store.get(key))
+
+
+def _shape_fail(name: str, key: str, kind: str, M_shape, expected_shape, dtype) -> _Check:
+    c = _Check(name, key, kind, _dtype_name(dtype), list(M_shape))
+    c.passed, c.status, c.residual_norm = False, "fail", math.inf
+    c.hint = f"merged tensor has shape {tuple(M_shape)}, expected {tuple(expected_shape)}"
+    return c
+
+
+def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, qkind: str | None,
+                  tolerance: float | None, device) -> _Check:
+    W = base.store.get(bkey).to(device)
+    mdtype = merged.store.dtype(mkey)
+    if qkind is not None:
+        return _quantized_check(mod, W, merged, bkey, mkey, qkind, tolerance, device)
+    M = merged.store.get(mkey).to(device)
+    kind = "dora" if mod.magnitude is not None else "lora"
+    if tuple(M.shape) != tuple(W.shape):
+        return _shape_fail(mod.name, mkey, kind, M.shape, W.shape, mdtype)
+    if not mdtype.is_floating_point:
+        c = _Check(mod.name, mkey, kind, _dtype_name(mdtype), list(M.shape))
+        c.passed, c.status, c.residual_norm = False, "fail", math.inf
+        c.hint = f"merged tensor is {_dtype_name(mdtype)} but not a recognised bitsandbytes layout"
+        return c
+    if mod.magnitude is not None:
+        check, R, D = _check_dora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
+        _judge(check, tolerance)
+        if not check.passed:
+            _diagnose_dora(check, R, D)
+        return check
+    check, R, A, B = _check_lora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
+    _judge(check, tolerance)
+    if not check.passed:
+        _diagnose_lora(check, mod, R, A, B, W, M)
+    return check
+
+
+def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: str, mkey: str, qkind: str,
+                     tolerance: float | None, device) -> _Check:
+    """retention = <deq(M) - Q(W), dW> / ||dW||^2: the part of the delta that survived quantization."""
+    dq = _dequantize(merged, mkey, qkind, device)
+    kind = "dora" if mod.magnitude is not None else "lora"
+    Mq = dq.weight
+    if Mq.numel() != W.numel():
+        return _shape_fail(mod.name, mkey, kind, Mq.shape, W.shape, torch.uint8)
+    Mq = Mq.reshape(W.shape) if tuple(Mq.shape) == tuple(W.shape) else Mq.reshape(W.shape[::-1]).T
+    Wf = W.to(torch.float32)
+    if mod.magnitude is not None:
+        A, B = _factors(mod, device)
+        E = torch.addmm(Wf.T if mod.kind.transposed else Wf, B, A, alpha=float(mod.scale))
+        mag = mod.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
+        Wp = E * (mag / torch.linalg.vector_norm(E, dim=1)).unsqueeze(1)
+        dW = (Wp - (Wf.T if mod.kind.transposed else Wf))
+        dW = dW.T if mod.kind.transposed else dW
+    else:
+        dW = mod.delta(device=device)
+        dW = dW.T if mod.kind.transposed else dW
+    QW = dq.quantize(W)
+    QW = QW.reshape(Mq.shape)
+    got = Mq - QW
+    c = _Check(mod.name, mkey, kind, qkind, list(W.shape))
+    c.quantization = dq.scheme
+    c.delta_norm = _norm(dW)
+    R = got - dW
+    c.residual_norm = _norm(R)
+    dot = float((got.double() * dW.double()).sum())
+    c.retention = _ratio(dot, c.delta_norm**2) if c.delta_norm > 0 else None
+    c.applied_fraction = c.retention
+    c.status = "quantized"
+    c.passed = None
+    if tolerance is not None and c.retention is not None:
+        c.passed = abs(1 - c.retention) <= tolerance
+        c.status = "ok" if c.passed else "fail"
+    c.hint = f"{100 * c.retention:.1f}% of the delta survived quantization" if c.retention is not None else None
+    return c
+
+
+def _bias_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, tolerance, device) -> _Check:
+    b = base.store.get(bkey).to(device)
+    M = merged.store.get(mkey).to(device)
+    mdtype = M.dtype
+    if tuple(M.shape) != tuple(b.shape):
+        return _shape_fail(mod.name, mkey, "lora_bias", M.shape, b.shape, mdtype)
+    db = mod.bias.load().to(device=device, dtype=torch.float32) * float(mod.scale)
+    expected = b.to(torch.float32) + db
+    store = _coarser(mdtype, b.dtype)
+    c = _check_plain(mod.name, mkey, "lora_bias", expected, M, b, merged_dtype=mdtype,
+                     extra_u=unit_roundoff(store) * 3, extra_norm=_norm(expected) + _norm(db))
+    _judge(c, tolerance)
+    if not c.passed and c.applied_fraction is not None:
+        c.hint = _hint(c.applied_fraction, c.residual, math.sqrt(max(c.residual**2 - (c.applied_fraction - 1) ** 2, 0.0)), mod) or "bias differs from base bias + scale * lora_B.bias"
+    return c
+
+
+def _save_check(tname: str, lazy, base: BaseModel | None, merged: BaseModel, bkey: str | None, mkey: str, tolerance, device) -> _Check:
+    T = lazy.load().to(device)
+    M = merged.store.get(mkey).to(device)
+    ref = base.store.get(bkey).to(device) if base is not None and bkey is not None else None
+    if tuple(M.shape) != tuple(T.shape):
+        return _shape_fail(tname, mkey, "modules_to_save", M.shape, T.shape, M.dtype)
+    c = _check_plain(tname, mkey, "modules_to_save", T, M, ref, merged_dtype=M.dtype)
+    _judge(c, tolerance)
+    if not c.passed:
+        k = c.applied_fraction
+        if k is not None and abs(k) < 0.05:
+            c.hint = "the base tensor was kept instead of the adapter's modules_to_save copy"
+        else:
+            c.hint = "differs from the adapter's modules_to_save tensor"
+    return c
+
+
+def _untouched_check(base: BaseModel, merged: BaseModel, entry: TensorEntry, mkey: str, qkind: str | None, acc: dict, device) -> None:
+    acc["checked"] += 1
+    ment = merged.store.entry(mkey)
+    if qkind is not None:
+        dq = _dequantize(merged, mkey, qkind, device)
+        W = base.store.get(entry.name).to(device)
+        QW = dq.quantize(W).reshape(dq.weight.shape)
+        if _bits_equal(QW, dq.weight):
+            acc["quantized"] += 1
+        else:
+            err = _ratio(_norm(dq.weight - QW), _norm(W))
+            acc["differ"].append({"tensor": mkey, "reason": f"quantized tensor differs from the quantized base ({err:.3g} of its norm)", "max_abs_diff": None})
+        return
+    if ment.dtype == entry.dtype and tuple(ment.shape) == tuple(entry.shape):
+        if entry.begin is not None and ment.begin is not None:
+            same = _bytes_equal(entry, ment)
+        else:
+            same = _bits_equal(base.store.get(entry.name), merged.store.get(mkey))
+        if same:
+            acc["identical"] += 1
+            return
+    elif tuple(ment.shape) == tuple(entry.shape):
+        W = base.store.get(entry.name)
+        M = merged.store.get(mkey)
+        if M.dtype.is_floating_point == W.dtype.is_floating_point and _bits_equal(W.to(M.dtype), M):
+            acc["cast"] += 1
+            return
+    else:
+        acc["differ"].append({"tensor": mkey, "reason": f"shape {tuple(ment.shape)} differs from the base's {tuple(entry.shape)}", "max_abs_diff": None})
+        return
+    W = base.store.get(entry.name).to(device)
+    M = merged.store.get(mkey).to(device)
+    if W.dtype.is_floating_point or M.dtype.is_floating_point:
+        diff = (M.to(torch.float64) - W.to(torch.float64)).abs()
+        mad = float(diff.max()) if diff.numel() else 0.0
+        rel = _ratio(_norm(M.to(torch.float32) - W.to(torch.float32)), _norm(W))
+        reason = f"untouched by the adapter but differs from the base (max |diff| {mad:.3g}, {rel:.3g} of its norm)"
+    else:
+        mad = None
+        reason = "untouched by the adapter but differs from the base"
+    acc["differ"].append({"tensor": mkey, "reason": reason, "max_abs_diff": _num(mad) if mad is not None else None})
+
+
+def _report(base: BaseModel, ad: Adapter, merged: BaseModel, checks: list[_Check], untouched: dict, missing: list[str],
+            extra: list[str], notes: list[str], tolerance: float | None, quantized: bool) -> dict[str, Any]:
+    checks.sort(key=_Check.sort_key)
+    modules = [c.as_dict(tolerance) for c in checks]
+    failed = [c for c in checks if c.passed is False]
+    q = [c for c in checks if c.quantization is not None]
+    judged = [c for c in checks if c.passed is not None and math.isfinite(c.residual_norm) and c.delta_norm > 0]
+    passed = not failed and not untouched["differ"] and not missing and not extra
+    dtypes = sorted({c.dtype for c in checks if c.dtype})
+    summary: dict[str, Any] = {
+        "modules": len(checks),
+        "passed": sum(1 for c in checks if c.passed is True),
+        "failed": len(failed),
+        "quantized": len(q),
+        "untouched": untouched["checked"],
+        "untouched_identical": untouched["identical"],
+        "untouched_cast": untouched["cast"],
+        "untouched_quantized": untouched["quantized"],
+        "untouched_differ": len(untouched["differ"]),
+        "missing": len(missing),
+        "extra": len(extra),
+        "worst": checks[0].name if checks else None,
+        "max_residual": _num(max((c.residual for c in judged), default=0.0)),
+    }
+    if q:
+        rets = [c.retention for c in q if c.retention is not None]
+        summary["min_retention"] = _num(min(rets)) if rets else None
+        summary["mean_retention"] = _num(sum(rets) / len(rets)) if rets else None
+    failures = [f"{c.name}: {_failure_text(c)}" for c in failed]
+    failures += [f"{d['tensor']}: {d['reason']}" for d in untouched["differ"]]
+    failures += [f"{k}: missing from the merged model" for k in missing if not any(c.tensor == k or c.name == k for c in failed)]
+    failures += [f"{k}: in the merged model but not in the base or the adapter" for k in extra]
+    return {
+        "check": "weights",
+        "passed": passed,
+        "base": str(base.path),
+        "adapter": str(ad.path) if ad.path else None,
+        "merged": str(merged.path),
+        "merged_dtypes": dtypes,
+        "quantized": quantized,
+        "tolerance": tolerance,
+        "modules": modules,
+        "untouched": untouched,
+        "missing": missing,
+        "extra": extra,
+        "notes": notes,
+        "failures": failures,
+        "summary": summary,
+    }
+
+
+def _failure_text(c: _Check) -> str:
+    if c.status == "missing":
+        return "missing from the merged model"
+    if not math.isfinite(c.residual_norm):
+        return c.hint or "failed"
+    if c.quantization is not None:
+        return f"retention {c.retention:.3g} of the delta (outside the tolerance on |1 - retention|)"
+    allowed = c.bound
+    text = f"residual {c.residual:.3g} of the delta"
+    if allowed is not None:
+        text += f" (allowed {allowed:.2g})"
+    if c.hint:
+        text += f"; {c.hint}"
+    return text
+
+
+# ----------------------------------------------------------------------------- human output
+
+
+def format_weights_report(report: dict[str, Any], *, limit: int = 12) -> str:
+    """The short table printed by ``verify`` without ``--json``: worst modules first."""
+    s = report["summary"]
+    verdict = "PASS" if report["passed"] else "FAIL"
+    lines = [
+        f"verify weights: {verdict}  ({s['modules']} checked, {s['failed']} failed"
+        + (f", {s['quantized']} quantized" if s["quantized"] else "")
+        + f"; untouched: {s['untouched_identical']} identical"
+        + (f", {s['untouched_cast']} cast" if s["untouched_cast"] else "")
+        + (f", {s['untouched_quantized']} re-quantized" if s["untouched_quantized"] else "")
+        + (f", {s['untouched_differ']} differ" if s["untouched_differ"] else "")
+        + f"; {s['missing']} missing, {s['extra']} extra)"
+    ]
+    mods = report["modules"]
+    if mods:
+        quant = any(m.get("quantization") for m in mods)
+        head = f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9} {'retained':>9}  status" if quant else \
+            f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9}  status"
+        lines.append(head)
+        for m in mods[:limit]:
+            res = "-" if m["residual"] is None else f"{m['residual']:.2e}"
+            allowed = m["tolerance"] if report.get("tolerance") is not None else m["bound"]
+            allowed = "-" if allowed is None else f"{allowed:.2e}"
+            name = m["name"] if len(m["name"]) <= 48 else "..." + m["name"][-45:]
+            row = f"{name:<48} {m['kind']:<15} {str(m['dtype']):<9} {res:>9} {allowed:>9}"
+            if quant:
+                ret = m.get("retention")
+                row += f" {'-' if ret is None else f'{ret:.3f}':>9}"
+            lines.append(row + f"  {m['status'].upper() if m['status'] != 'ok' else 'ok'}")
+        if len(mods) > limit:
+            rest = mods[limit:]
+            lines.append(f"... {len(rest)} more ({sum(1 for m in rest if m['passed'] is True)} ok)")
+    if report["failures"]:
+        lines.append("failures:")
+        lines.extend(f"  {f}" for f in report["failures"])
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Oracles for the surgery tests: what PEFT itself loads from an adapter folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import BASES
+
+
+def load_base_model(base_name_or_path):
+    """The transformers model of a fixture base (name) or folder, in float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = Path(base_name_or_path)
+    if not folder.is_dir():
+        folder = BASES / str(base_name_or_path)
+    arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+    cls = AutoModelForSequenceClassification if "SequenceClassification" in arch else AutoModelForCausalLM
+    return cls.from_pretrained(folder, dtype=torch.float32)
+
+
+def peft_view(base_name, adapter_path):
+    """Everything PEFT loads from ``adapter_path`` onto the fixture base, in float64.
+
+    Returns:
+        (modules, to_save, model): ``modules`` maps module names to dicts with ``delta``
+        (scaling * B @ A, (out, in)), ``r``, ``scaling``, ``bias_term`` (scaling * lora_B.bias
+        or None) and ``magnitude``; ``to_save`` maps modules_to_save module names to their
+        state dicts; ``model`` is the PeftModel.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    pm = PeftModel.from_pretrained(load_base_model(base_name), str(adapter_path))
+    modules, to_save = {}, {}
+    for name, mod in pm.named_modules():
+        short = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+        if isinstance(mod, LoraLayer) and "default" in mod.r:
+            s = mod.scaling["default"]
+            if "default" in mod.lora_A:
+                A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                bias = mod.lora_B["default"].bias
+            else:
+                A, B = mod.lora_embedding_A["default"], mod.lora_embedding_B["default"]
+                bias = None
+            mag = mod.lora_magnitude_vector["default"].weight if "default" in getattr(mod, "lora_magnitude_vector", {}) else None
+            modules[short] = {
+                "delta": (B.detach().double() @ A.detach().double()) * s,
+                "r": mod.r["default"],
+                "scaling": s,
+                "alpha": mod.lora_alpha["default"],
+                "bias_term": None if bias is None else bias.detach().double() * s,
+                "magnitude": None if mag is None else mag.detach().double(),
+            }
+        elif isinstance(mod, ModulesToSaveWrapper):
+            to_save[short] = {k: v.detach().clone() for k, v in mod.modules_to_save["default"].state_dict().items()}
+    return modules, to_save, pm
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F / ||b||_F (0 when both are zero)."""
+    a, b = a.double(), b.double()
+    nb = float(b.norm())
+    return float((a - b).norm()) / nb if nb > 0 else float(a.norm())
+
+
+def full_svd_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """The oracle: best rank-k approximation from torch.linalg.svd of the full matrix, float64."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
