@@ -113,7 +113,7 @@ class BaseModel:
             cand = f"{prefix}.{name}"
             if cand in self.store:
                 return cand
-            if rest and f"{prefix}.{rest}" in self.store:
+            if "." in rest and f"{prefix}.{rest}" in self.store:  # swap a task prefix, never a module name
                 return f"{prefix}.{rest}"
         return None
 

@@ -488,6 +488,8 @@ def check_adapter_finite(adapter: Adapter) -> None:
 def _finite(t: torch.Tensor) -> bool:
     if not t.dtype.is_floating_point:
         return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):  # fast path: NaN and Inf both propagate into the sum
+        return True
     return bool(torch.isfinite(t).all())
 
 
@@ -518,6 +520,28 @@ class _PartWriter(SafetensorsStreamWriter):
             raise RuntimeError(f"safetensors writer: {name} is incomplete")
         self._open = None
         self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # no fsync here: the engine fsyncs each finished shard in the background while the
+        # next one is written (and the atomic commit fsyncs the whole folder again)
+        try:
+            if exc_type is None:
+                if self._next != len(self.specs):
+                    raise RuntimeError(f"safetensors writer: {len(self.specs) - self._next} declared tensors were not written")
+                self._fh.flush()
+        finally:
+            self._fh.close()
+
+
+def _fsync_file(path: Path, errors: list) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # reported by the writer thread
+        errors.append(exc)
 
 
 class _Reader:
@@ -804,6 +828,8 @@ def execute_plan(
     weight_map: dict[str, str] = {}
     total_bytes = 0
     total_params = 0
+    syncers: list[threading.Thread] = []
+    sync_errors: list[OSError] = []
     thread.start()
     try:
         for shard in plan.shards:
@@ -835,12 +861,19 @@ def execute_plan(
                     else:
                         raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
                     write_s += time.perf_counter() - t0
+            syncer = threading.Thread(target=_fsync_file, args=(folder / shard.filename, sync_errors), daemon=True)
+            syncer.start()
+            syncers.append(syncer)
         tail = _get(producer.queue, thread)
         if tail[0] == "error":
             raise tail[1]
     finally:
         producer.stop.set()
         thread.join()
+        for syncer in syncers:
+            syncer.join()
+    if sync_errors:
+        raise sync_errors[0]
     stream_s = time.perf_counter() - t_start
 
     if plan.write_index:
@@ -906,6 +939,7 @@ def merge_model(
     progress: Callable[..., None] | None = None,
     tensor_hook: Any = None,
     warn: Callable[[str], None] | None = None,
+    quantization: Any = None,  # quantization (loratool.quantized)
 ) -> dict:
     """Merge (``sign=+1``) or unmerge (``sign=-1``) an adapter into a base, streaming, into OUT.
 
@@ -923,6 +957,8 @@ def merge_model(
         progress: called as ``progress(nbytes, label)`` as output is written.
         tensor_hook: per-tensor hook (see the module docstring).
         warn: called with each warning as soon as it is known (they are also in the report).
+        quantization: a ``loratool.quantized.QuantOptions`` (--qlora / --quantize); a base saved
+            quantized by bitsandbytes is dequantized whatever this says (see docs/quantization.md).
     Returns:
         The report: per-module ||dW||, ||dW||/||W|| and seconds, counts, timings, warnings.
     Raises:
@@ -941,20 +977,32 @@ def merge_model(
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
         check_output_path(Path(report_path), force=True, inputs=inputs)
+    # --- quantization (loratool.quantized): a view of the base and a per-tensor hook ---
+    from loratool.quantized import setup_quantization
+
+    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=dtype, sign=sign, tensor_hook=tensor_hook, warn=warn)
+    # --- end quantization ---
     plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
     if warn is not None:
         for w in plan.warnings:
             warn(w)
     t_plan = time.perf_counter()
-    check_adapter_finite(adapter)
-    t_check = time.perf_counter()
-    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook)
-        report = _report(plan, result, out, dev)
-        if tensor_hook is not None and hasattr(tensor_hook, "finalize"):
-            tensor_hook.finalize(tmp, report)
-        t_commit = time.perf_counter()
-    t_end = time.perf_counter()
+    threads = torch.get_num_threads()
+    # the calling thread writes while the compute thread merges: leave it a core (on a small
+    # machine, two torch threads fighting the writer cost more than they give)
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        check_adapter_finite(adapter)
+        t_check = time.perf_counter()
+        with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+            result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook)
+            report = _report(plan, result, out, dev)
+            if tensor_hook is not None and hasattr(tensor_hook, "finalize"):
+                tensor_hook.finalize(tmp, report)
+            t_commit = time.perf_counter()
+        t_end = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
     report["timings"] = {
         "plan_s": round(t_plan - t0, 4),
         "check_s": round(t_check - t_plan, 4),

@@ -386,6 +386,7 @@ class _Merger:
         self.zeros_dtype = zeros_dtype
         first = next(iter(quant.values()), None)
         self.dtype = dtype or (self.store.dtype(first.key("scales")) if first else torch.float16)
+        self.convert_floats = to == "dense" and dtype is not None  # --dtype: every floating tensor, as a plain merge
 
     def _compute_dtype(self, out_dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -400,12 +401,12 @@ class _Merger:
             w += Q.expand_blocks(blocks.to(cdt), plan.pool_size)
         return w.to(self.dtype)
 
-    def _dense_float(self, plan: ModulePlan, key: str) -> torch.Tensor:
+    def _dense_float(self, plan: ModulePlan, key: str, out_dtype: torch.dtype) -> torch.Tensor:
         w0 = self.store.get(key)
-        cdt = self._compute_dtype(w0.dtype)
+        cdt = self._compute_dtype(out_dtype)
         blocks = plan.blocks(torch.float64)
         plan.stats["max_abs_delta"] = float(blocks.abs().max()) if blocks.numel() else 0.0
-        return (w0.to(cdt) + Q.expand_blocks(blocks.to(cdt), plan.pool_size)).to(w0.dtype)
+        return (w0.to(cdt) + Q.expand_blocks(blocks.to(cdt), plan.pool_size)).to(out_dtype)
 
     def _folded(self, plan: ModulePlan) -> torch.Tensor:
         ql = plan.quant
@@ -454,11 +455,15 @@ class _Merger:
                 continue
             plan = self.plans.get(prefix) if leaf == "weight" else None
             shape, dtype = tuple(entry.shape), entry.dtype
+            if self.convert_floats and dtype.is_floating_point:
+                dtype = self.dtype
             if plan is not None:
-                files[entry.path].append(_Out(key, dtype, shape, lambda p=plan, k=key: self._dense_float(p, k)))
+                files[entry.path].append(_Out(key, dtype, shape, lambda p=plan, k=key, d=dtype: self._dense_float(p, k, d)))
             elif key in self.to_save:
                 lazy = self.to_save[key]
                 files[entry.path].append(_Out(key, dtype, shape, lambda t=lazy, d=dtype: t.load().to(d)))
+            elif dtype != entry.dtype:
+                files[entry.path].append(_Out(key, dtype, shape, lambda k=key, d=dtype: self.store.get(k).to(d)))
             else:
                 files[entry.path].append(_Out(key, dtype, shape, source=key))
             handled.add(key)

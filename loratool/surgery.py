@@ -423,6 +423,9 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
 # --------------------------------------------------------------------------- extract
 
 
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
 def _task_type(architecture: str | None) -> str | None:
     if not architecture:
         return None
@@ -574,6 +577,7 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
     other: list[dict[str, Any]] = []
     saved: dict[str, LazyTensor] = {}
     unchanged = 0
+    head_roots: set[str] = set()
     ft_dtypes: Counter = Counter()
     for module, leaves in groups.items():
         changed_leaves: dict[str, str] = {}
@@ -642,19 +646,33 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
                 rows[:] = [r for r in rows if r["name"] != module]
                 for leaf, key in leaves.items():
                     saved[f"{module}.{leaf}"] = finetuned.store.lazy(key)
+                if layout.is_head(module):
+                    head_roots.add(module.split(".")[0])
 
+    # PEFT keeps a head whole (its task types add e.g. "classifier" to modules_to_save): save it at its root
+    for root in sorted(head_roots):
+        for module, leaves in groups.items():
+            if module == root or module.startswith(root + "."):
+                lora_modules.pop(module, None)
+                rows[:] = [r for r in rows if r["name"] != module]
+                for leaf, key in leaves.items():
+                    saved[f"{module}.{leaf}"] = finetuned.store.lazy(key)
     if not lora_modules and not saved:
         hint = f" ({len(other)} changed tensors are not selected linear modules; see --modules-to-save)" if other else ""
         raise InputError(f"FINETUNED equals BASE on every selected linear module: nothing to extract{hint}")
     arch = (base.architectures or [None])[0]
     out_dtype = dtype or (ft_dtypes.most_common(1)[0][0] if ft_dtypes else torch.float32)
+    task_type = _task_type(arch)
+    if task_type in _HEAD_TASKS and not head_roots:
+        task_type = None  # PEFT would demand the task head in modules_to_save
     adapter = Adapter(
         format="peft",
         modules=lora_modules,
         modules_to_save=saved,
         base_model=base_name if base_name is not None else str(base.path),
         target_modules=None,
-        task_type=_task_type(arch),
+        task_type=task_type,
+        config={"modules_to_save": sorted(head_roots)} if head_roots else {},
         warnings=[],
     )
     warnings = []

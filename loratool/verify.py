@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,28 +105,40 @@ def _entries_in_file_order(store: TensorStore) -> list[TensorEntry]:
     return sorted(store.entries(), key=lambda e: (order.get(e.path, 0), e.begin or 0, e.name))
 
 
-def _bytes_equal(a: TensorEntry, b: TensorEntry, chunk: int = 16 << 20) -> bool:
-    """Compare the raw bytes of two safetensors entries without building tensors."""
-    import os
+class _Views:
+    """Zero-copy, read-only views of safetensors tensors (memory-mapped files, page cache shared).
 
-    n = a.end - a.begin
-    if n != b.end - b.begin:
-        return False
-    fa = os.open(a.path, os.O_RDONLY)
-    try:
-        fb = os.open(b.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < n:
-                k = min(chunk, n - done)
-                if os.pread(fa, k, a.begin + done) != os.pread(fb, k, b.begin + done):
-                    return False
-                done += k
-        finally:
-            os.close(fb)
-    finally:
-        os.close(fa)
-    return True
+    Falls back to ``TensorStore.get`` for pickles. Views must not be written to.
+    """
+
+    def __init__(self):
+        self._maps: dict[Path, Any] = {}
+
+    def get(self, store: TensorStore, name: str) -> torch.Tensor:
+        e = store.entry(name)
+        if e.begin is None:
+            return store.get(name)
+        mm = self._maps.get(e.path)
+        if mm is None:
+            import mmap
+
+            with open(e.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    return store.get(name)
+                # a private (copy-on-write) map gives torch a writable buffer; nothing writes to it
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[e.path] = mm
+        n = int(math.prod(e.shape))
+        if n == 0 or e.begin % e.dtype.itemsize:
+            return store.get(name)
+        return torch.frombuffer(mm, dtype=e.dtype, count=n, offset=e.begin).reshape(e.shape)
+
+    def close(self) -> None:
+        maps, self._maps = self._maps, {}
+        for mm in maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive keeps its map until collected
+                mm.close()
 
 
 def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -355,25 +368,58 @@ def _delta_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
     return abs(scale) * math.sqrt(max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0))
 
 
+BLOCK_ELEMS = 1 << 18  # float32 elements per row block (1 MiB): the block stays in cache across the passes
+
+
+def _residual(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """R = M - W - dW as one float32 tensor in the weight layout (for diagnosis)."""
+    s = float(module.scale)
+    R = M.to(device=A.device, dtype=torch.float32, copy=True)
+    R.sub_(W.to(A.device))
+    if module.kind.transposed:
+        R.addmm_(A.T, B.T, alpha=-s)
+    else:
+        R.addmm_(B, A, alpha=-s)
+    return R
+
+
+def _residual_norms(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float]:
+    """(||M||, ||M - W - dW||) without forming dW or a float32 copy of the tensor.
+
+    On the CPU the rows are processed in blocks that stay in cache: each block is converted to
+    float32 once, then W is subtracted and s * B[rows] @ A (s * A.T[rows] @ B.T for the
+    transposed layouts) is subtracted in place. Sums of squares accumulate in float64.
+    """
+    s = float(module.scale)
+    if A.device.type != "cpu":
+        R = _residual(module, W, M, A, B)
+        return _norm(M), _norm(R)
+    if M.dim() != 2:
+        raise InputError(f"{module.name}: expected a 2-D weight, got shape {tuple(M.shape)}")
+    rows, cols = M.shape
+    step = max(1, BLOCK_ELEMS // max(cols, 1))
+    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
+    left, right = (A.T, B.T) if module.kind.transposed else (B, A)  # dW rows = s * left[rows] @ right
+    msq = rsq = 0.0
+    for i in range(0, rows, step):
+        h = min(step, rows - i)
+        flat = buf[: h * cols]
+        blk = flat.view(h, cols)
+        blk.copy_(M[i : i + h])
+        msq += float(torch.dot(flat, flat))
+        blk.sub_(W[i : i + h])
+        blk.addmm_(left[i : i + h], right, alpha=-s)
+        rsq += float(torch.dot(flat, flat))
+    return math.sqrt(msq), math.sqrt(rsq)
+
+
 def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
                 merged_dtype: torch.dtype, base_dtype: torch.dtype, device) -> tuple:
     """Plain LoRA: R = M - W - dW, computed in the weight's own layout without forming dW."""
     A, B = _factors(module, device)
     s = float(module.scale)
-    transposed = module.kind.transposed
     check = _Check(name, key, "lora", _dtype_name(merged_dtype), list(M.shape))
-    mnorm = _norm(M)
-    if M.dtype == torch.float32:
-        R = torch.sub(M, W.to(torch.float32))
-    else:
-        R = M.to(torch.float32)
-        R.sub_(W)
-    # R -= s * B @ A   (in the weight layout: (B @ A).T = A.T @ B.T for Conv1D and embeddings)
-    if transposed:
-        R.addmm_(A.T, B.T, alpha=-s)
-    else:
-        R.addmm_(B, A, alpha=-s)
-    check.residual_norm = _norm(R)
+    mnorm, check.residual_norm = _residual_norms(module, W, M, A, B)
     check.delta_norm = _delta_norm(A, B, s)
     fac = abs(s) * float(torch.linalg.vector_norm(B)) * float(torch.linalg.vector_norm(A))
     check.bound_norm = _lora_bound(
@@ -381,12 +427,13 @@ def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
         rank=module.rank, numel=M.numel(), merged_dtype=merged_dtype, store_dtype=_coarser(merged_dtype, base_dtype),
         factor_dtype=module.A.dtype if module.A.dtype.is_floating_point else torch.float32,
     )
-    return check, R, A, B
+    return check, A, B
 
 
-def _diagnose_lora(check: _Check, module: LoraModule, R: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, M: torch.Tensor) -> None:
+def _diagnose_lora(check: _Check, module: LoraModule, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, M: torch.Tensor) -> None:
     """On failure: how much of the delta is there, and where the residual sits."""
     s = float(module.scale)
+    R = _residual(module, W, M, A, B)
     dn = check.delta_norm
     if dn > 0 and math.isfinite(check.residual_norm):
         # <R, dW> = s * sum(B * (R_oi @ A.T)) with R_oi the (out, in) view
@@ -544,59 +591,64 @@ def verify_weights(
     notes: list[str] = list(ad.warnings)
     quantized = False
 
+    views = _Views()
+
     def merged_key(bkey: str) -> str | None:
         if bkey in mstore:
             return bkey
         return merged_m.tensor_name(bkey)
 
-    for entry in _entries_in_file_order(base_m.store):
-        bkey = entry.name
-        mkey = merged_key(bkey)
-        label = bkey
-        try:
-            if mkey is None:
-                if bkey.endswith(_BUFFER_SUFFIXES):
-                    notes.append(f"{bkey}: buffer of the base not stored in the merged model")
-                elif _tied_alias(base_m, merged_m, bkey):
-                    notes.append(f"{bkey}: tied to the input embedding in the merged model (not stored)")
+    try:
+        for entry in _entries_in_file_order(base_m.store):
+            bkey = entry.name
+            mkey = merged_key(bkey)
+            label = bkey
+            try:
+                if mkey is None:
+                    if bkey.endswith(_BUFFER_SUFFIXES):
+                        notes.append(f"{bkey}: buffer of the base not stored in the merged model")
+                    elif _tied_alias(base_m, merged_m, bkey):
+                        notes.append(f"{bkey}: tied to the input embedding in the merged model (not stored)")
+                    else:
+                        missing.append(bkey)
+                        if bkey in by_key:
+                            mod = by_key[bkey]
+                            c = _Check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", None, list(entry.shape))
+                            c.passed, c.status, c.residual_norm = False, "missing", math.inf
+                            c.hint = "the merged model lacks this tensor"
+                            checks.append(c)
+                    continue
+                consumed.add(mkey)
+                qkind = _quant_kind(merged_m, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
+                if qkind is not None:
+                    quantized = True
+                    consumed.update(_quant_companions(merged_m, mkey, qkind))
+                if bkey in by_key:
+                    checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device, views))
+                elif bkey in bias_of:
+                    checks.append(_bias_check(bias_of[bkey], base_m, merged_m, bkey, mkey, tolerance, device))
+                elif bkey in to_save:
+                    tname, lazy = to_save[bkey]
+                    checks.append(_save_check(tname, lazy, base_m, merged_m, bkey, mkey, tolerance, device))
                 else:
-                    missing.append(bkey)
-                    if bkey in by_key:
-                        mod = by_key[bkey]
-                        c = _Check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", None, list(entry.shape))
-                        c.passed, c.status, c.residual_norm = False, "missing", math.inf
-                        c.hint = "the merged model lacks this tensor"
-                        checks.append(c)
+                    _untouched_check(base_m, merged_m, entry, mkey, qkind, untouched, device, views)
+            finally:
+                if progress is not None:
+                    progress(int(math.prod(entry.shape)) * entry.dtype.itemsize, label)
+
+        # modules_to_save tensors the base lacks (a new head): the merged model must carry them
+        for tname, lazy in save_pending.items():
+            mkey = merged_m.tensor_name(tname)
+            if mkey is None:
+                missing.append(tname)
+                c = _Check(tname, tname, "modules_to_save", None, list(lazy.shape))
+                c.passed, c.status, c.residual_norm, c.hint = False, "missing", math.inf, "the merged model lacks this tensor"
+                checks.append(c)
                 continue
             consumed.add(mkey)
-            qkind = _quant_kind(merged_m, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
-            if qkind is not None:
-                quantized = True
-                consumed.update(_quant_companions(merged_m, mkey, qkind))
-            if bkey in by_key:
-                checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device))
-            elif bkey in bias_of:
-                checks.append(_bias_check(bias_of[bkey], base_m, merged_m, bkey, mkey, tolerance, device))
-            elif bkey in to_save:
-                tname, lazy = to_save[bkey]
-                checks.append(_save_check(tname, lazy, base_m, merged_m, bkey, mkey, tolerance, device))
-            else:
-                _untouched_check(base_m, merged_m, entry, mkey, qkind, untouched, device)
-        finally:
-            if progress is not None:
-                progress(int(math.prod(entry.shape)) * entry.dtype.itemsize, label)
-
-    # modules_to_save tensors the base lacks (a new head): the merged model must carry them
-    for tname, lazy in save_pending.items():
-        mkey = merged_m.tensor_name(tname)
-        if mkey is None:
-            missing.append(tname)
-            c = _Check(tname, tname, "modules_to_save", None, list(lazy.shape))
-            c.passed, c.status, c.residual_norm, c.hint = False, "missing", math.inf, "the merged model lacks this tensor"
-            checks.append(c)
-            continue
-        consumed.add(mkey)
-        checks.append(_save_check(tname, lazy, None, merged_m, None, mkey, tolerance, device))
+            checks.append(_save_check(tname, lazy, None, merged_m, None, mkey, tolerance, device))
+    finally:
+        views.close()
 
     # bias of a lora_bias module whose base layer has no bias
     for bkey, mod in bias_of.items():
@@ -649,12 +701,12 @@ def _shape_fail(name: str, key: str, kind: str, M_shape, expected_shape, dtype) 
 
 
 def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, qkind: str | None,
-                  tolerance: float | None, device) -> _Check:
-    W = base.store.get(bkey).to(device)
+                  tolerance: float | None, device, views: _Views) -> _Check:
+    W = views.get(base.store, bkey)
     mdtype = merged.store.dtype(mkey)
     if qkind is not None:
-        return _quantized_check(mod, W, merged, bkey, mkey, qkind, tolerance, device)
-    M = merged.store.get(mkey).to(device)
+        return _quantized_check(mod, W.to(device), merged, bkey, mkey, qkind, tolerance, device)
+    M = views.get(merged.store, mkey)
     kind = "dora" if mod.magnitude is not None else "lora"
     if tuple(M.shape) != tuple(W.shape):
         return _shape_fail(mod.name, mkey, kind, M.shape, W.shape, mdtype)
@@ -664,15 +716,15 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
         c.hint = f"merged tensor is {_dtype_name(mdtype)} but not a recognised bitsandbytes layout"
         return c
     if mod.magnitude is not None:
-        check, R, D = _check_dora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
+        check, R, D = _check_dora(mod, W.to(device), M.to(device), name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
         _judge(check, tolerance)
         if not check.passed:
             _diagnose_dora(check, R, D)
         return check
-    check, R, A, B = _check_lora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
+    check, A, B = _check_lora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
     _judge(check, tolerance)
     if not check.passed:
-        _diagnose_lora(check, mod, R, A, B, W, M)
+        _diagnose_lora(check, mod, A, B, W, M)
     return check
 
 
@@ -750,7 +802,7 @@ def _save_check(tname: str, lazy, base: BaseModel | None, merged: BaseModel, bke
     return c
 
 
-def _untouched_check(base: BaseModel, merged: BaseModel, entry: TensorEntry, mkey: str, qkind: str | None, acc: dict, device) -> None:
+def _untouched_check(base: BaseModel, merged: BaseModel, entry: TensorEntry, mkey: str, qkind: str | None, acc: dict, device, views: _Views) -> None:
     acc["checked"] += 1
     ment = merged.store.entry(mkey)
     if qkind is not None:
@@ -764,16 +816,13 @@ def _untouched_check(base: BaseModel, merged: BaseModel, entry: TensorEntry, mke
             acc["differ"].append({"tensor": mkey, "reason": f"quantized tensor differs from the quantized base ({err:.3g} of its norm)", "max_abs_diff": None})
         return
     if ment.dtype == entry.dtype and tuple(ment.shape) == tuple(entry.shape):
-        if entry.begin is not None and ment.begin is not None:
-            same = _bytes_equal(entry, ment)
-        else:
-            same = _bits_equal(base.store.get(entry.name), merged.store.get(mkey))
+        same = _bits_equal(views.get(base.store, entry.name), views.get(merged.store, mkey))
         if same:
             acc["identical"] += 1
             return
     elif tuple(ment.shape) == tuple(entry.shape):
-        W = base.store.get(entry.name)
-        M = merged.store.get(mkey)
+        W = views.get(base.store, entry.name)
+        M = views.get(merged.store, mkey)
         if M.dtype.is_floating_point == W.dtype.is_floating_point and _bits_equal(W.to(M.dtype), M):
             acc["cast"] += 1
             return
@@ -898,4 +947,233 @@ def format_weights_report(report: dict[str, Any], *, limit: int = 12) -> str:
     if report["failures"]:
         lines.append("failures:")
         lines.extend(f"  {f}" for f in report["failures"])
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the output check
+
+
+def _task(architectures: list[str]) -> tuple[str, Any]:
+    """("causal" | "seqcls" | "base", the transformers Auto class) from config.architectures."""
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    causal = set(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    seqcls = set(ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
+    for arch in architectures:
+        if arch in causal or arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal", transformers.AutoModelForCausalLM
+        if arch in seqcls or arch.endswith("ForSequenceClassification"):
+            return "seqcls", transformers.AutoModelForSequenceClassification
+    return "base", transformers.AutoModel
+
+
+@contextlib.contextmanager
+def _peft_folder(ad: Adapter, base: BaseModel):
+    """A folder PEFT can load: the adapter's own when it is PEFT, else a converted copy."""
+    if ad.format == "peft" and ad.path is not None:
+        from loratool.formats.peft import locate
+
+        config, _ = locate(ad.path)
+        yield config.parent
+        return
+    from loratool.formats import write_adapter
+
+    bind_adapter(ad, base)
+    with tempfile.TemporaryDirectory(prefix="loratool-verify-") as tmp:
+        out = Path(tmp) / "adapter"
+        write_adapter(ad, out, format="peft")
+        yield out
+
+
+def _inputs(base: BaseModel, prompts: list[str] | None, samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    cfg = base.config
+    if prompts:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(base.path))
+        except Exception as exc:
+            raise InputError(f"{base.path}: --prompt needs the base's tokenizer, which cannot be loaded ({type(exc).__name__})") from None
+        out = []
+        for p in prompts:
+            enc = tok(p, return_tensors="pt")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask", torch.ones_like(enc["input_ids"]))})
+        return out
+    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise InputError(f"{base.path}: config.json has no vocab_size; pass --prompt")
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or seq_len
+    if cfg.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    n = max(1, min(seq_len, int(limit)))
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, vocab, (1, n), generator=gen)), "attention_mask": torch.ones_like(ids)} for _ in range(samples)]
+
+
+@torch.no_grad()
+def _run(model, inputs, task: str, device) -> torch.Tensor:
+    outs = []
+    for batch in inputs:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        res = model(**batch)
+        y = res.last_hidden_state if task == "base" else res.logits
+        outs.append(y.float().reshape(-1, y.shape[-1]).cpu())
+    return torch.cat(outs)
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor, task: str) -> dict[str, Any]:
+    diff = (got - ref).abs()
+    rel = _ratio(_norm(got - ref), _norm(ref))
+    d: dict[str, Any] = {
+        "max_abs_diff": _num(float(diff.max())) if diff.numel() else 0.0,
+        "mean_abs_diff": _num(float(diff.mean())) if diff.numel() else 0.0,
+        "relative_diff": _num(rel),
+        "kl_divergence": None,
+        "top1_agreement": None,
+    }
+    if task != "base":
+        lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+        d["kl_divergence"] = _num(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+        d["top1_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+    return d
+
+
+def _main_float_dtype(model: BaseModel) -> torch.dtype:
+    sizes: dict[torch.dtype, int] = {}
+    for e in model.store.entries():
+        if e.dtype.is_floating_point and not e.name.endswith(_BUFFER_SUFFIXES):
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + int(math.prod(e.shape))
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _is_quantized(model: BaseModel) -> bool:
+    q = model.config.get("quantization_config")
+    return bool(q) or any(_Q4_STATE in k or k.endswith(".SCB") for k in model.store.keys())
+
+
+def verify_outputs(
+    base: BaseModel | str | Path,
+    adapter: Adapter | str | Path,
+    merged: BaseModel | str | Path,
+    *,
+    prompts: list[str] | None = None,
+    samples: int = 4,
+    seq_len: int = 32,
+    tolerance: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) on the same inputs and compare.
+
+    Both run in float32, so the only differences a correct merge shows come from the merged file's
+    storage precision. That noise floor is measured, not guessed: PEFT's own in-memory merge of
+    the same model (float32, then rounded to the merged dtype) is run on the same inputs, and a
+    merged file passes when its relative output difference is within twice the floor (the file's
+    rounding and PEFT's are independent and of the same size) plus float32 rounding.
+
+    Args:
+        base, adapter, merged: as for ``verify_weights``.
+        prompts: texts to encode with the base's tokenizer; random token ids when None.
+        samples: how many random sequences (without ``prompts``).
+        seq_len: tokens per random sequence (capped by the model's positions).
+        tolerance: a fixed limit on the relative difference instead of the measured one.
+        device: where to run the models.
+        seed: for the random token ids.
+        progress: called as ``progress(1, label)`` after each model run.
+    Returns:
+        A JSON-ready report: ``passed``, ``task``, the metrics (``max_abs_diff``, ``mean_abs_diff``,
+        ``relative_diff``, ``kl_divergence``, ``top1_agreement``), ``allowed_relative_diff`` and the floors.
+    Raises:
+        InputError: unreadable inputs, or ``prompts`` without a tokenizer.
+    """
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
+    if samples < 1:
+        raise InputError(f"samples must be at least 1, got {samples}")
+    base_m = _open_model(base)
+    merged_m = _open_model(merged)
+    ad = _open_adapter(adapter)
+    bind_adapter(ad, base_m)  # a clear error before any model is built
+    task, auto = _task(merged_m.architectures or base_m.architectures)
+    inputs = _inputs(base_m, prompts, samples, seq_len, seed)
+    device = torch.device(device)
+    quantized = _is_quantized(merged_m)
+    mdtype = _main_float_dtype(merged_m)
+    step = progress or (lambda *a, **k: None)
+
+    from peft import PeftModel
+
+    with _peft_folder(ad, base_m) as folder:
+        model = auto.from_pretrained(str(base_m.path), dtype=torch.float32).to(device).eval()
+        pm = PeftModel.from_pretrained(model, str(folder)).eval()
+        ref = _run(pm, inputs, task, device)
+        step(1, "base + adapter (PEFT)")
+        merged_mem = pm.merge_and_unload().eval()
+        floor32 = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+        floor_d = floor32
+        if not quantized and torch.finfo(mdtype).eps > torch.finfo(torch.float32).eps:
+            with torch.no_grad():
+                for p in merged_mem.parameters():
+                    if p.dtype.is_floating_point:
+                        p.copy_(p.to(mdtype).to(p.dtype))
+            floor_d = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+        step(1, "PEFT's merge (noise floor)")
+        del model, pm, merged_mem
+        gc.collect()
+    kwargs: dict[str, Any] = {"device_map": str(device)} if quantized else {"dtype": torch.float32}
+    mm = auto.from_pretrained(str(merged_m.path), **kwargs)
+    if not quantized:
+        mm = mm.to(device)
+    got = _run(mm.eval(), inputs, task, device)
+    step(1, "merged")
+    del mm
+    gc.collect()
+    if got.shape != ref.shape:
+        raise InputError(f"{merged_m.path}: outputs have shape {tuple(got.shape)}, the base + adapter gives {tuple(ref.shape)}")
+    metrics = _compare(ref, got, task)
+    floor = max(floor_d, floor32)
+    # twice the measured floor (two independent roundings of the same size), and never below
+    # the float32 rounding of the outputs themselves
+    allowed = tolerance if tolerance is not None else 2 * floor + 2 * U32 * math.sqrt(ref.shape[-1])
+    rel = metrics["relative_diff"]
+    judged = tolerance is not None or not quantized
+    passed = (rel is not None and rel <= allowed) if judged else None
+    return {
+        "check": "outputs",
+        "passed": passed if passed is not None else True,
+        "judged": judged,
+        "task": task,
+        "base": str(base_m.path),
+        "adapter": str(ad.path) if ad.path else None,
+        "merged": str(merged_m.path),
+        "merged_dtype": "quantized" if quantized else _dtype_name(mdtype),
+        "samples": len(inputs),
+        "tokens": int(sum(b["input_ids"].numel() for b in inputs)),
+        "inputs": "prompts" if prompts else "random token ids",
+        **metrics,
+        "allowed_relative_diff": _num(allowed),
+        "tolerance": tolerance,
+        "floor_float32": _num(floor32),
+        "floor_merged_dtype": _num(floor_d),
+        "notes": ["quantized merged model: outputs are reported, not judged (give --tolerance to judge them)"] if not judged else [],
+    }
+
+
+def format_outputs_report(report: dict[str, Any]) -> str:
+    """The human summary of the output check."""
+    verdict = "PASS" if report["passed"] and report.get("judged", True) else ("REPORTED" if report["passed"] else "FAIL")
+
+    def f(x, fmt=".3g"):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"verify outputs: {verdict}  ({report['task']}, {report['samples']} samples, {report['tokens']} tokens, {report['inputs']}; merged {report['merged_dtype']})",
+        f"  relative diff {f(report['relative_diff'])} (allowed {f(report['allowed_relative_diff'])}; PEFT's own merge: "
+        f"{f(report['floor_float32'])} in float32, {f(report['floor_merged_dtype'])} at {report['merged_dtype']})",
+        f"  max |diff| {f(report['max_abs_diff'])}  mean |diff| {f(report['mean_abs_diff'])}"
+        + (f"  KL {f(report['kl_divergence'])}  top-1 agreement {f(report['top1_agreement'], '.4f')}" if report["kl_divergence"] is not None else ""),
+    ]
+    lines.extend(f"  note: {n}" for n in report.get("notes", []))
     return "\n".join(lines)

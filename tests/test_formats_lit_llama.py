@@ -265,3 +265,40 @@ def test_detection_does_not_misfire(tmp_path):
     # a flat c_attn dict whose lora_B is not (2C, r) is not Lit-LLaMA
     torch.save({"transformer.h.0.attn.c_attn.lora_A": torch.randn(4, 64), "transformer.h.0.attn.c_attn.lora_B": torch.randn(192, 4)}, tmp_path / "g.pth")
     assert not lit_llama.detect(tmp_path / "g.pth")
+
+
+# ---- through `loratool convert` ----
+
+
+def test_cli_convert_round_trip(mha, tmp_path):
+    import json
+
+    lit = tmp_path / "lit-llama-lora-finetuned.pth"
+    code, out, err = invoke("convert", mha["peft"], lit, "--to", "lit-llama", "--base", mha["base"], "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert any("baked into lora_B" in b for b in report["baked"]) and any("rank zero-padded to 4" in b for b in report["baked"])
+    assert any("load this one with alpha 16" in n for n in report["notes"])
+    back = tmp_path / "peft"
+    code, out, err = invoke("convert", lit, back, "--to", "peft", "--base", mha["base"], "--alpha", "16")
+    assert code == 0, err
+    theirs, ours = _peft_deltas(mha["base"], mha["peft"]), _peft_deltas(mha["base"], back)
+    assert set(ours) == set(theirs)
+    for name, d in theirs.items():
+        torch.testing.assert_close(ours[name], d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fixture, base, expect",
+    [
+        ("llama-lora", None, "would lose down_proj, gate_proj, up_proj, k_proj, o_proj (10 modules"),
+        ("llama-dora", None, "DoRA"),
+        ("llama-bf16", BASES / "llama", "no grouped-query attention"),
+    ],
+)
+def test_cli_convert_refusals(tmp_path, fixture, base, expect):
+    args = ["convert", ADAPTERS / fixture, tmp_path / "x.pth", "--to", "lit-llama"] + (["--base", base] if base else [])
+    code, out, err = invoke(*args)
+    assert code == 2
+    assert expect in assert_one_line_error(err)
+    assert not (tmp_path / "x.pth").exists()

@@ -183,7 +183,7 @@ def test_quantize_equals_transformers(name, spec, tmp_path):
     assert written == set(serialized_suffixes(spec))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("nf4", double_quant=True), QuantSpec("fp4"), QuantSpec("int8")], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", double_quant=True), QuantSpec("fp4"), QuantSpec("int8")], ids=QuantSpec.describe)
 def test_dequantize_matches_bitsandbytes(spec, tmp_path):
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
@@ -198,7 +198,7 @@ def test_dequantize_matches_bitsandbytes(spec, tmp_path):
     assert all(is_quantized_aux_key(f"model.layers.1.mlp.down_proj.{s}") for s in entries if s != "weight")
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True, compute_dtype=torch.bfloat16), QuantSpec("int8")], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True, compute_dtype=torch.bfloat16), QuantSpec("int8")], ids=QuantSpec.describe)
 def test_fake_quantize_is_what_the_layer_multiplies_with(spec):
     model = load_model(BASES / "llama", spec)
     layer = model.model.layers[0].self_attn.o_proj
@@ -274,8 +274,7 @@ def test_4bit_codes_unpack():
     assert torch.equal(blocks, fake_quantize(w, spec))
 
 
-@pytest.mark.parametrize("ratio", [None, 0.01])
-@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("int8")], ids=str)
+@pytest.mark.parametrize("spec,ratio", [(QuantSpec("nf4"), 0.01), (QuantSpec("int8"), None)], ids=["nf4-1pct", "int8-fixture"])
 def test_retention_matches_direct_computation(spec, ratio, tmp_path):
     """Quantize the base and the plain merge with transformers, dequantize with bitsandbytes,
     and compute <Q(W+dW) - Q(W), dW> / ||dW||^2 directly."""
@@ -308,50 +307,195 @@ def test_retention_matches_direct_computation(spec, ratio, tmp_path):
             assert 0.7 < ours.retained < 1.3 and ours.rel_error > 2
 
 
-@pytest.mark.parametrize("ratio", [None, 0.01])
-def test_peft_merge_into_4bit_is_requantized_qlora_merge(ratio, tmp_path):
-    """PEFT's merge_and_unload on a 4-bit base is Q(deq(Q(W)) + dW), bit for bit; and a delta of
-    1% of the weight's norm mostly vanishes there (the issue's "about 2%")."""
+# -- merge --qlora / --quantize, end to end ------------------------------------------------------
+
+from conftest import assert_one_line_error, invoke  # noqa: E402
+
+
+def merge(*args):
+    code, out, err = invoke("merge", *map(str, args))
+    assert code == 0, err
+    return out, err
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    sd = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+@pytest.fixture(scope="module")
+def scaled_lora(tmp_path_factory):
+    """llama-lora with every delta at 1% of its weight's norm (a realistic fine-tune)."""
+    _, ad, _ = scaled_adapter("llama-lora", 0.01)
+    folder = tmp_path_factory.mktemp("scaled") / "llama-lora-1pct"
+    loratool.write_adapter(ad, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "base,adapter,spec",
+    [
+        ("llama", "llama-lora", QuantSpec("nf4")),
+        ("llama", "llama-lora", QuantSpec("nf4", double_quant=True)),
+        ("llama", "llama-layers", QuantSpec("fp4")),
+        ("llama", "llama-lora", QuantSpec("int8")),
+        ("llama-sharded", "llama-sharded-lora", QuantSpec("nf4", double_quant=True)),  # bf16, 7 shards
+        ("gpt2", "gpt2-lora", QuantSpec("nf4")),  # Conv1D
+    ],
+    ids=lambda v: v.describe() if isinstance(v, QuantSpec) else v,
+)
+def test_quantized_merge_equals_transformers_quantizing_the_16bit_merge(base, adapter, spec, tmp_path):
+    plain, quant = tmp_path / "plain", tmp_path / "quant"
+    merge(BASES / base, ADAPTERS / adapter, plain)
+    flags = ["--quantize", spec.method] + (["--double-quant"] if spec.double_quant else [])
+    merge(BASES / base, ADAPTERS / adapter, quant, *flags, "--report", tmp_path / "r.json")
+    theirs, config = transformers_quantized_state(plain, spec, tmp_path)
+    ours = state(quant)
+    assert {strip_to(ours, k) for k in theirs} == set(ours)
+    for k, t in theirs.items():
+        mine = ours[strip_to(ours, k)]
+        assert mine.dtype == t.dtype and torch.equal(mine, t), k
+    ours_config = json.loads((quant / "config.json").read_text())
+    assert ours_config["quantization_config"] == config["quantization_config"]
+    index = quant / "model.safetensors.index.json"
+    if index.exists():  # the index matches the (trimmed) shards
+        data = json.loads(index.read_text())
+        assert set(data["weight_map"]) == set(ours)
+        assert data["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    # transformers loads it as quantized layers, and computes what its own quantization computes
+    model = load_model(quant)
+    layer_cls = bnb.nn.Linear8bitLt if spec.method == "int8" else bnb.nn.Linear4bit
+    assert sum(isinstance(m, layer_cls) for m in model.modules()) == len(quantized_weight_keys(BaseModel.open(BASES / base), spec))
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, load_model(plain, spec)(X).logits)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all("retention" in m for m in report["modules"])
+    assert report["quantization"]["output"]["method"] == spec.method
+
+
+def test_qlora_merge_reproduces_peft_on_the_4bit_base(tmp_path):
     from peft import PeftModel
 
-    spec = QuantSpec("nf4")
-    base, ad, mapping = scaled_adapter("llama-lora", ratio)
-    folder = tmp_path / "adapter"
-    loratool.write_adapter(ad, folder) if ratio is not None else None
-    pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), folder if ratio is not None else ADAPTERS / "llama-lora")
-    sd = pm.merge_and_unload().state_dict()
-    kept = []
-    for n, k in mapping.items():
-        eff = fake_quantize(base.store.get(k), spec).float()
-        d = weight_delta(ad.modules[n])
-        ours = quantize_weight(eff + d, spec)
-        assert torch.equal(ours["weight"], sd[k]) and torch.equal(ours["weight.absmax"], sd[f"{k}.absmax"]), n
-        kept.append(measure_retention(eff, d, spec, dtype=torch.float32))
-    if ratio is not None:
-        assert max(r.retained for r in kept) < 0.25 and min(r.unchanged for r in kept) > 0.85
-
-
-def test_qlora_effective_weights_reproduce_peft_on_4bit_base():
-    """deq(Q(W)) + dW on every quantized weight gives the logits of PEFT on the 4-bit base."""
-    from peft import PeftModel
-
-    spec = QuantSpec("nf4", double_quant=True)
-    base, ad, mapping = scaled_adapter("llama-lora", None)
+    spec = QuantSpec("nf4", double_quant=True, compute_dtype=torch.float32)
+    qlora, plain = tmp_path / "qlora", tmp_path / "plain"
+    out, _ = merge(BASES / "llama", ADAPTERS / "llama-lora", qlora, "--qlora", "nf4", "--double-quant")
+    assert "trained on" in out
+    merge(BASES / "llama", ADAPTERS / "llama-lora", plain)
     pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), ADAPTERS / "llama-lora").eval()
     with torch.no_grad():
         ref = pm(X).logits
-    qkeys = quantized_weight_keys(base, spec)
-    model = load_model(BASES / "llama")
-    plain = {k: v.clone() for k, v in model.state_dict().items()}
-    qlora = {k: (fake_quantize(v, spec).float() if k in qkeys else v.clone()) for k, v in plain.items()}
-    for n, k in mapping.items():
-        plain[k] += weight_delta(ad.modules[n])
-        qlora[k] += weight_delta(ad.modules[n])
-    model.load_state_dict(qlora)
-    with torch.no_grad():
-        got = model(X).logits
-    model.load_state_dict(plain)
-    with torch.no_grad():
-        naive = model(X).logits
+        got = load_model(qlora)(X).logits
+        naive = load_model(plain)(X).logits
     assert (got - ref).abs().max() < 1e-4
     assert (naive - ref).abs().max() > 100 * (got - ref).abs().max()
+    config = json.loads((qlora / "config.json").read_text())
+    assert "quantization_config" not in config
+    # untouched non-linear tensors are byte copies of the base
+    base_sd, ours = state(BASES / "llama"), state(qlora)
+    for k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(base_sd[k], ours[k])
+
+
+def test_qlora_then_quantize_is_peft_merge_into_4bit_and_warns(scaled_lora, tmp_path):
+    """--qlora nf4 --quantize nf4 = PEFT's merge_and_unload on the 4-bit model; a 1% delta keeps ~2%."""
+    from peft import PeftModel
+
+    spec = QuantSpec("nf4")
+    out = tmp_path / "q"
+    code, stdout, err = invoke("merge", BASES / "llama", scaled_lora, out, "--qlora", "nf4", "--quantize", "nf4", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "keep less than 50% of their delta" in err and "--quantize int8" in err
+    pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), scaled_lora)
+    theirs = pm.merge_and_unload().state_dict()
+    ours = state(out)
+    assert set(theirs) == set(ours)
+    for k, t in theirs.items():
+        assert ours[k].dtype == t.dtype and torch.equal(ours[k], t), k
+    report = json.loads((tmp_path / "r.json").read_text())
+    kept = [m["retention"]["retained"] for m in report["modules"]]
+    assert max(kept) < 0.25 and all(m["retention"]["low"] for m in report["modules"])
+    assert report["quantization"]["reference"]["method"] == "nf4"
+    # retention figures are the direct computation
+    base, ad, mapping = scaled_adapter("llama-lora", 0.01)
+    for m in report["modules"]:
+        k = mapping[m["name"]]
+        eff = fake_quantize(base.store.get(k), spec).float()
+        direct = measure_retention(eff, weight_delta(ad.modules[m["name"]]), spec, dtype=torch.float32)
+        assert m["retention"]["retained"] == pytest.approx(direct.retained, rel=1e-6, abs=1e-9)
+        assert m["retention"]["rel_error"] == pytest.approx(direct.rel_error, rel=1e-6)
+    # int8 keeps it
+    code, stdout, err = invoke("merge", BASES / "llama", scaled_lora, tmp_path / "q8", "--qlora", "nf4", "--quantize", "int8", "--json")
+    assert code == 0 and "keep less than" not in err
+    assert min(m["retention"]["retained"] for m in json.loads(stdout)["modules"]) > 0.5
+
+
+@pytest.fixture(scope="module")
+def prequantized(tmp_path_factory):
+    """The llama fixture saved by transformers in nf4 (double quant) and in int8."""
+    root = tmp_path_factory.mktemp("prequantized")
+    out = {}
+    for spec in (QuantSpec("nf4", double_quant=True), QuantSpec("int8")):
+        load_model(BASES / "llama", spec).save_pretrained(root / spec.method)
+        out[spec.method] = root / spec.method
+    return out
+
+
+def test_prequantized_4bit_base_dequantizes_exactly(prequantized, tmp_path):
+    a, b = tmp_path / "from-4bit", tmp_path / "qlora"
+    merge(prequantized["nf4"], ADAPTERS / "llama-layers", a)
+    merge(BASES / "llama", ADAPTERS / "llama-layers", b, "--qlora", "nf4", "--double-quant")
+    sa, sb = state(a), state(b)
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert "quantization_config" not in json.loads((a / "config.json").read_text())
+    # dequantized exactly as bitsandbytes does
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    layer = load_model(prequantized["nf4"]).model.layers[1].mlp.up_proj
+    assert torch.equal(sa["model.layers.1.mlp.up_proj.weight"], dequantize_bnb_weight(layer.weight))
+
+
+def test_prequantized_4bit_base_requantized_keeps_untouched_weights(prequantized, tmp_path):
+    out = tmp_path / "q"
+    merge(prequantized["nf4"], ADAPTERS / "llama-layers", out, "--quantize", "nf4", "--double-quant")
+    src, ours = state(prequantized["nf4"]), state(out)
+    assert set(src) == set(ours)
+    adapted = {m.removesuffix(".weight") for m in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj")}
+    for k in src:
+        if not any(k.startswith(a + ".") for a in adapted):
+            assert torch.equal(src[k], ours[k]), k  # copied as they were, not requantized
+    model = load_model(out)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+def test_prequantized_8bit_base(prequantized, tmp_path):
+    out = tmp_path / "from-8bit"
+    merge(prequantized["int8"], ADAPTERS / "llama-lora", out, "--report", tmp_path / "r.json")
+    ours = state(out)
+    raw = state(prequantized["int8"])
+    ad = loratool.read_adapter(ADAPTERS / "llama-lora")
+    k = "model.layers.0.self_attn.q_proj"
+    deq = bnb.functional.int8_vectorwise_dequant(raw[f"{k}.weight"], raw[f"{k}.SCB"])
+    assert torch.allclose(ours[f"{k}.weight"], deq + weight_delta(ad.modules[k]), atol=1e-6)
+    assert not any(key.endswith((".SCB", ".weight_format")) for key in ours)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["quantization"]["base_quantized"]["method"] == "int8"
+
+
+def test_settings_recorded_in_base_win_over_flags(prequantized, tmp_path):
+    code, _, err = invoke("merge", prequantized["nf4"], ADAPTERS / "llama-layers", tmp_path / "o", "--qlora", "fp4")
+    assert code == 0
+    assert "records nf4" in err and "fp4" in err
+
+
+def test_quantize_refusals(tmp_path):
+    code, _, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-lora", tmp_path / "o", "--qlora", "nf3")
+    assert code == 2
+    base = tmp_path / "weird"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "not-a-model", "architectures": ["NotAModel"]}))
+    (base / "model.safetensors").write_bytes((BASES / "llama" / "model.safetensors").read_bytes())
+    code, _, err = invoke("merge", base, ADAPTERS / "llama-lora", tmp_path / "o2", "--quantize", "nf4")
+    assert code == 2 and "cannot tell which modules" in assert_one_line_error(err)
+    assert not (tmp_path / "o2").exists()

@@ -89,6 +89,9 @@ def describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         where = f" while writing {exc.filename}" if exc.filename else ""
         return f"no space left on device{where}; the partial output was removed"
+    if exc.errno == errno.EFBIG:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"no space left for the output (file size limit reached{where}); the partial output was removed"
     if exc.errno == errno.EDQUOT:
         return "disk quota exceeded; the partial output was removed"
     name = exc.filename or ""
@@ -96,8 +99,18 @@ def describe_os_error(exc: OSError) -> str:
     return f"{name}: {reason}" if name else reason
 
 
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click (which would print an extra empty line)."""
+
+
 class LoratoolGroup(click.Group):
     """A click group whose ``main`` turns every failure into one line and an exit code."""
+
+    def invoke(self, ctx):  # noqa: D102
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
         debug = "--debug" in (sys.argv[1:] if args is None else list(args))
@@ -122,7 +135,7 @@ class LoratoolGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {_one_line(str(exc))}", err=True)
             code = exc.exit_code
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Interrupted):
             click.echo("error: interrupted; partial output removed", err=True)
             code = EXIT_INTERRUPTED
         except MemoryError:

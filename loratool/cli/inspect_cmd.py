@@ -23,8 +23,8 @@ def command(adapter, base, as_json, quiet, **adapter_opts):
       loratool inspect fixtures/adapters/llama-lora --base fixtures/bases/llama --json
     """
     out = Output(json_mode=as_json, quiet=quiet)
-    ad = open_adapter(adapter, **adapter_opts)
     base_model = open_base(base, **adapter_opts) if base else None
+    ad = open_adapter(adapter, base=base_model, **adapter_opts)
     report = inspect_adapter(ad, base=base_model)
     if as_json:
         out.json(report)

@@ -14,6 +14,7 @@ from types import ModuleType
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, InputError
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
+from loratool.io.store import refuse_special_file
 
 # detection order matters: the most specific layouts first
 _FORMAT_MODULES = {
@@ -65,6 +66,7 @@ def detect_format(path: Path | str) -> str:
     path = Path(path)
     if not path.exists():
         raise FormatError(path, "adapter not found")
+    refuse_special_file(path)
     for mod in available_formats():
         if mod.detect(path):
             return mod.NAME

@@ -23,6 +23,7 @@ into B. DoRA, a LoRA bias and modules_to_save have no GGUF form and are refused.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def read(path: Path, *, base=None, **_options) -> Adapter:
             raise InputError(f"{path}: a GGUF for architecture {arch_name}, but the base {base.path} is {arch.name}")
         n_head, n_kv = head_counts(base.config) if arch.permute_qk else (None, None)
         n_blocks = _n_blocks(base.config) or 0
-        name_map = _base_name_map(base, arch, n_blocks)
+        # a config-only base (no weights) gives head counts but no names
+        name_map = _base_name_map(base, arch, n_blocks) if len(base.store) else None
     else:
         arch = gguf_arch_by_name(arch_name)
         n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
@@ -340,9 +342,10 @@ def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", re
         if A.dtype != B.dtype:
             A, B = A.float(), B.float()
         llama_scale = alpha / m.rank if alpha else 1.0
-        if m.scale != llama_scale:
+        if not math.isclose(m.scale, llama_scale, rel_tol=1e-9, abs_tol=0.0):
             B = (B.double() * (m.scale / llama_scale)).to(B.dtype)
-            rescaled.append(m.name)
+            if not math.isclose(m.scale, llama_scale, rel_tol=1e-6, abs_tol=0.0):
+                rescaled.append(m.name)  # below that, only alpha's float32 rounding
         role = qk_projection(m.name) if arch.permute_qk else None
         if role is not None:
             heads = n_head if role == "q" else n_kv

@@ -25,7 +25,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
-from loratool.formats.litgpt import describe_modules, out_dtype, padded_factors, pickle_head, refuse_unrepresentable, strip_wrapper
+from loratool.formats.litgpt import describe_modules, out_dtype, padded_factors, pickle_head, refuse_unrepresentable, report_packing, strip_wrapper
 from loratool.io.store import LazyTensor, TensorStore, load_pickle
 
 NAME = "lit-llama"
@@ -186,7 +186,7 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
     )
 
 
-def build_state_dict(adapter: Adapter, *, base=None, alpha: float | None = None) -> dict[str, torch.Tensor]:
+def build_state_dict(adapter: Adapter, *, base=None, alpha: float | None = None, report: dict | None = None) -> dict[str, torch.Tensor]:
     """The flat Lit-LLaMA dict for an adapter with LoRA on q_proj/v_proj only.
 
     Ranks are zero-padded to the largest and per-module scales multiplied into B so that the
@@ -233,21 +233,27 @@ def build_state_dict(adapter: Adapter, *, base=None, alpha: float | None = None)
         n_layers = base.config["num_hidden_layers"]
     sd: dict[str, torch.Tensor] = {}
     zeros = (torch.zeros(rank, hidden, dtype=dtype), torch.zeros(hidden, rank, dtype=dtype))
+    zero_filled = 0
     for layer in range(n_layers):
         d = plan.get(layer, {})
+        zero_filled += ("q_proj" not in d) + ("v_proj" not in d)
         qa, qb = padded_factors(d["q_proj"], rank, file_scale, dtype) if "q_proj" in d else zeros
         va, vb = padded_factors(d["v_proj"], rank, file_scale, dtype) if "v_proj" in d else zeros
         sd[f"transformer.h.{layer}.attn.c_attn.lora_A"] = torch.cat([qa, va]).contiguous()
         sd[f"transformer.h.{layer}.attn.c_attn.lora_B"] = torch.cat([hf_to_meta(qb, n_head), vb]).contiguous()
+    report_packing(report, "Lit-LLaMA", mods, rank=rank, file_scale=file_scale, held=f"alpha / r = {file_alpha:g}/{rank}",
+                   zero_filled=zero_filled, dtype=dtype)
+    if report is not None:
+        report.setdefault("notes", []).append(f"Lit-LLaMA files do not store alpha: load this one with alpha {file_alpha:g} (r = {rank}, {n_head} heads)")
     return sd
 
 
-def write(adapter: Adapter, target: Path, *, base=None, alpha: float | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, alpha: float | None = None, report: dict | None = None, **_options) -> list[Path]:
     """Write a Lit-LLaMA LoRA file (alpha is not stored: load it with ``alpha``, default 16).
 
     Raises:
         UnsupportedError, InputError: see ``build_state_dict``.
     """
-    sd = build_state_dict(adapter, base=base, alpha=alpha)
+    sd = build_state_dict(adapter, base=base, alpha=alpha, report=report)
     torch.save(sd, Path(target))
     return [Path(target)]

@@ -14,7 +14,7 @@ The fused layer (``LoRAQKVLinear``) gives each enabled projection its own ``r`` 
 ``lora_A`` and its own row block of ``lora_B``: projection ``j``'s delta is ``B_j @ A_j``.
 LitGPT keeps Hugging Face row order (no rotary permutation).
 
-LitGPT before v0.5.4 (December 2024) named the fused layer ``attn.attn`` and stored the base
+LitGPT before v0.5.5 (January 2025) named the fused layer ``attn.attn`` and stored the base
 QKV weight interleaved per query group (``[q.. k v | q.. k v | ...]``). Its LoRA factors were
 the same blocks, but where the delta landed depended on the version (see ``LEGACY_MODES``).
 """
@@ -65,11 +65,11 @@ _STRIP_PREFIXES = ("model.", "state_dict.", "_forward_module.", "module.")
 
 # How the legacy ``attn.attn`` delta was placed on the interleaved base weight:
 #   "scattered":  each projection's rows went to that projection's rows (LitGPT from February
-#                 2024 (#900) on; with q, k and v all enabled only until September 2024, #1726);
+#                 2024 (#900, v0.3.1) on; with q, k and v all enabled only up to v0.4.12);
 #                 the factors then mean exactly what the current layout's do.
 #   "contiguous": the delta rows [B_q A_q; B_k A_k; B_v A_v] were added to the interleaved
-#                 weight's rows in order (LitGPT before February 2024, and September to
-#                 December 2024 when q, k and v were all enabled).
+#                 weight's rows in order (lit-gpt before February 2024, and LitGPT v0.4.13 to
+#                 v0.5.4 when q, k and v were all enabled: #1726 skipped the scatter then).
 LEGACY_MODES = ("scattered", "contiguous")
 
 
@@ -192,13 +192,34 @@ def padded_factors(mod: LoraModule, rank: int, file_scale: float, dtype: torch.d
     return A.contiguous(), B.contiguous()
 
 
+def report_packing(report: dict | None, fmt: str, mods: Sequence[LoraModule], *, rank: int, file_scale: float,
+                   held: str, zero_filled: int, dtype: torch.dtype) -> None:
+    """Record in convert's report what a single-rank, single-scale format changed (exactly)."""
+    if report is None:
+        return
+    baked = [m for m in mods if m.scale != file_scale]
+    padded = [m for m in mods if m.rank < rank]
+    if baked:
+        report.setdefault("baked", []).append(f"per-module scale baked into lora_B for {len(baked)} module(s) ({fmt} holds one {held})")
+    if padded:
+        report.setdefault("baked", []).append(f"rank zero-padded to {rank} for {len(padded)} module(s) ({fmt} holds one rank)")
+    if zero_filled:
+        report.setdefault("notes", []).append(
+            f"{zero_filled} projection(s) the adapter lacks written as zeros ({fmt} adapts the same projections in every layer)"
+        )
+    src = {t.dtype for m in mods for t in (m.A, m.B)}
+    if baked and dtype not in src:
+        report.setdefault("notes", []).append(f"factors stored as {str(dtype).replace('torch.', '')} so that the baked scales stay exact")
+
+
 def file_alpha(modules: Sequence[LoraModule], rank: int) -> float | int:
-    """The single alpha a file stores: the most common module scale times the file rank.
+    """The single alpha a file stores: the most common scale of full-rank modules times the rank.
 
     Integral values are returned as int (LitGPT types lora_alpha as int); otherwise rounded,
     and the modules' factors absorb the difference.
     """
-    scales = Counter(m.scale for m in modules)
+    # prefer a scale of full-rank modules: those are then written unchanged
+    scales = Counter(m.scale for m in modules if m.rank == rank) or Counter(m.scale for m in modules)
     scale = scales.most_common(1)[0][0] if scales else 1.0
     alpha = scale * rank
     if abs(alpha - round(alpha)) < 1e-9 * max(1.0, abs(alpha)) and round(alpha) != 0:
@@ -369,7 +390,7 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         base: optional ``BaseModel``: head sizes when no model_config.yaml is beside the file.
         alpha: overrides ``lora_alpha`` (needed when no hyperparameters are beside the file).
         scale: an absolute scale for every module (overrides alpha / r).
-        legacy_qkv: for the pre-December-2024 ``attn.attn`` layout, "scattered" or
+        legacy_qkv: for the pre-v0.5.5 ``attn.attn`` layout, "scattered" or
             "contiguous" (see ``LEGACY_MODES``); guessed from the file name when None.
     Raises:
         FormatError, UnsupportedError, InputError.
@@ -649,7 +670,7 @@ def _plan(adapter: Adapter) -> dict[str, tuple[int, str]]:
     return plan
 
 
-def build_state_dict(adapter: Adapter, *, base=None) -> tuple[dict[str, torch.Tensor], dict]:
+def build_state_dict(adapter: Adapter, *, base=None, report: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The ``lit_model.pth.lora`` tensors and the lora_* hyperparameters for an adapter.
 
     Raises:
@@ -687,9 +708,13 @@ def build_state_dict(adapter: Adapter, *, base=None) -> tuple[dict[str, torch.Te
                 raise UnsupportedError(f"the adapter has layer {n_layers - 1} but the base {base.path} has {n_base} layers")
             n_layers = n_base
 
+    zero_filled = 0
+
     def factors(mod: LoraModule | None, suffix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal zero_filled
         if mod is not None:
             return padded_factors(mod, rank, file_scale, dtype)
+        zero_filled += 1
         out_f, in_f = shapes[suffix]
         return torch.zeros(rank, in_f, dtype=dtype), torch.zeros(out_f, rank, dtype=dtype)
 
@@ -711,6 +736,8 @@ def build_state_dict(adapter: Adapter, *, base=None) -> tuple[dict[str, torch.Te
             for hf in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
                 lit = HF_TO_LIT[hf]
                 sd[pre + lit + ".lora_A"], sd[pre + lit + ".lora_B"] = factors(d.get(hf), hf)
+    report_packing(report, "LitGPT", mods, rank=rank, file_scale=file_scale, held=f"lora_alpha / lora_r = {alpha}/{rank}",
+                   zero_filled=zero_filled, dtype=dtype)
     hparams = {"lora_r": rank, "lora_alpha": alpha, **flags}
     return sd, hparams
 
@@ -751,7 +778,7 @@ def _slot_shapes(adapter: Adapter, plan, base) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def write(adapter: Adapter, target: Path, *, base=None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, report: dict | None = None, **_options) -> list[Path]:
     """Write a LitGPT LoRA checkpoint folder: lit_model.pth.lora + hyperparameters.yaml.
 
     Ranks are zero-padded to the largest, per-module scales are multiplied into B (one
@@ -763,7 +790,7 @@ def write(adapter: Adapter, target: Path, *, base=None, **_options) -> list[Path
     import yaml
 
     target = Path(target)
-    sd, lora_hp = build_state_dict(adapter, base=base)
+    sd, lora_hp = build_state_dict(adapter, base=base, report=report)
     target.mkdir(parents=True, exist_ok=True)
     hparams: dict = {}
     if adapter.format == NAME and isinstance(adapter.config, dict):

@@ -135,11 +135,18 @@ def target_matches(targets, name: str, *, layers_to_transform=None, layers_patte
     return found
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _number(config: dict, key: str, default, path: Path, *, kind=float):
     value = config.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise FormatError(path, f"{key} must be a number, got {value!r}")
     return kind(value)
 
@@ -161,6 +168,9 @@ def read_config(path: Path) -> dict:
     targets = config.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
         raise FormatError(path, f"target_modules must be a list or a string, got {type(targets).__name__}")
+    name = config.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise FormatError(path, f"base_model_name_or_path must be a string, got {type(name).__name__}")
     mts = config.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         raise FormatError(path, "modules_to_save must be a list of names")
@@ -177,9 +187,9 @@ def _module_rank_alpha(config: dict, module: str, path: Path) -> tuple[int | Non
     else:
         rank = config.get("r", 8)
     alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or (isinstance(rank, float) and not rank.is_integer()) or rank <= 0:
         raise FormatError(path, f"{module}: rank must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite(alpha):
         raise FormatError(path, f"{module}: lora_alpha must be a number, got {alpha!r}")
     return int(rank), float(alpha)
 

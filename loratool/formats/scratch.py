@@ -9,8 +9,9 @@ Two key styles, both with ``dW = scale * B @ A`` in ``F.linear`` orientation (ou
 
 No alpha is stored: the scale is 1 unless the reader is told ``scale`` (absolute) or
 ``alpha`` (scale = alpha / r). Other tensors (classifier head, biases, LayerNorm) and
-non-tensor entries may sit in the same file: with a base model, tensors the base also has
-(same shape, outside the adapted modules) become modules_to_save, as do the tensors a
+non-tensor entries may sit in the same file: with a base model, the tensors of a module the
+file holds completely (every tensor the base has for it, same shapes, outside the adapted
+modules: a LayerNorm, a head) become modules_to_save, as do the tensors a
 ``modules_to_save`` entry (a list of names, written by loratool) names; the rest is reported
 and carried along only when writing scratch again.
 
@@ -190,6 +191,7 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
     adapted_base = set(modules)
     marked = extras_entries.pop(MTS_ENTRY, None)
     marked = set(marked) if isinstance(marked, list) and all(isinstance(x, str) for x in marked) else set()
+    candidates: dict[str, dict[str, tuple[str, str, LazyTensor]]] = {}  # base module -> leaf -> (key, target, t)
     for key in others:
         t = store.lazy(key)
         owner = key.rsplit(".", 1)[0] if "." in key else ""
@@ -205,13 +207,29 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
             reasons.setdefault("not in the base model", []).append(key)
             kept[key] = t
         elif owner in adapted_files or target.rsplit(".", 1)[0] in adapted_base:
-            reasons.setdefault("belong to a LoRA-adapted module (PEFT cannot also replace it)", []).append(key)
+            reasons.setdefault("they belong to a LoRA-adapted module, which PEFT cannot also replace", []).append(key)
             kept[key] = t
         elif tuple(base.store.shape(target)) != tuple(t.shape):
             reasons.setdefault("shape differs from the base", []).append(key)
             kept[key] = t
         else:
-            to_save[target] = t
+            mod, _, lf = target.rpartition(".")
+            candidates.setdefault(mod, {})[lf] = (key, target, t)
+    if candidates:
+        # PEFT's modules_to_save replaces whole modules: take a module only when the file holds
+        # every tensor the base has for it (a LayerNorm's weight and bias, a head...)
+        base_leaves: dict[str, set[str]] = {}
+        for k in base.keys():
+            mod, _, lf = k.rpartition(".")
+            base_leaves.setdefault(mod, set()).add(lf)
+        for mod, leaves in candidates.items():
+            if set(leaves) == base_leaves.get(mod, set()):
+                for key, target, t in leaves.values():
+                    to_save[target] = t
+            else:
+                for key, _, t in leaves.values():
+                    reasons.setdefault("only part of their module is in the file (PEFT's modules_to_save replaces whole modules)", []).append(key)
+                    kept[key] = t
     for why, keys in reasons.items():
         shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
         warnings.append(f"{path.name}: {len(keys)} non-LoRA tensor(s) not carried as modules_to_save ({why}): {shown}")

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,6 +19,24 @@ from loratool.errors import InputError, OutputExistsError
 
 _TMP_TAG = ".loratool-tmp-"
 _OLD_TAG = ".loratool-old-"
+
+_kill_steps = 0
+
+
+def crash_point() -> None:
+    """Testing hook for crash-safety tests; does nothing unless ``LORATOOL_TEST_KILL_AFTER`` is set.
+
+    Called at each step of writing an output (tmp created, each tensor started, file fsynced,
+    before and after the rename). With ``LORATOOL_TEST_KILL_AFTER=N`` the process sends itself
+    ``LORATOOL_TEST_KILL_SIGNAL`` (``KILL`` by default, or ``INT``) at the N-th step.
+    """
+    spec = os.environ.get("LORATOOL_TEST_KILL_AFTER")
+    if not spec:
+        return
+    global _kill_steps
+    _kill_steps += 1
+    if spec.isdigit() and _kill_steps == int(spec):
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LORATOOL_TEST_KILL_SIGNAL", "KILL")))
 
 
 def check_output_path(out: Path, *, force: bool, inputs: Iterable[Path] = ()) -> Path:
@@ -29,14 +48,12 @@ def check_output_path(out: Path, *, force: bool, inputs: Iterable[Path] = ()) ->
         OutputExistsError, InputError.
     """
     out = Path(out).absolute()
-    resolved_out = out.resolve()
-    for src in inputs:
-        if src is None:
-            continue
+    resolved_out = Path(os.path.realpath(out))  # no error on a symlink loop, unlike Path.resolve
+    for src in _with_link_targets(inputs):
         src = Path(src)
         if not src.exists():
             continue
-        src_res = src.resolve()
+        src_res = Path(os.path.realpath(src))
         src_dir = src_res if src_res.is_dir() else src_res.parent
         if resolved_out == src_res or (src_res.is_dir() and _is_within(resolved_out, src_dir)):
             raise InputError(f"{out}: OUT must not be an input or lie inside an input folder ({src})")
@@ -48,6 +65,21 @@ def check_output_path(out: Path, *, force: bool, inputs: Iterable[Path] = ()) ->
     if not out.parent.exists():
         raise InputError(f"{out}: parent folder {out.parent} does not exist")
     return out
+
+
+def _with_link_targets(inputs: Iterable[Path]) -> list[Path]:
+    """The inputs, plus the targets of symlinks directly inside input folders (a Hub cache
+    snapshot links to blobs elsewhere; replacing that folder would destroy the input)."""
+    found: list[Path] = []
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        found.append(src)
+        if src.is_dir():
+            with contextlib.suppress(OSError):
+                found.extend(Path(os.path.realpath(p)) for p in src.iterdir() if p.is_symlink())
+    return found
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -125,6 +157,7 @@ def _fsync_dir(p: Path) -> None:
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:
     fsync_tree(tmp)
+    crash_point()
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputExistsError(f"{out}: was created by another run meanwhile; this run's result is discarded")
@@ -144,6 +177,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise OutputExistsError(f"{out}: was created by another run meanwhile; this run's result is discarded") from None
             raise
+    crash_point()
     _fsync_dir(out.parent)
 
 
@@ -160,6 +194,7 @@ def atomic_output_dir(out: Path, *, force: bool = False, inputs: Iterable[Path] 
     tmp = _sibling(out, _TMP_TAG)
     tmp.mkdir()
     try:
+        crash_point()
         yield tmp
         _commit(tmp, out, force)
     except BaseException:
@@ -174,6 +209,7 @@ def atomic_output_file(out: Path, *, force: bool = False, inputs: Iterable[Path]
     clean_stale_siblings(out)
     tmp = _sibling(out, _TMP_TAG)
     try:
+        crash_point()
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"{out}: nothing was written")

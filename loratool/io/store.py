@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
         FormatError: the header is truncated, oversized, inconsistent or names unknown dtypes.
     """
     path = Path(path)
+    refuse_special_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -122,7 +124,7 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
         raise FormatError(path, "permission denied") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise FormatError(path, "not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FormatError(path, "not a safetensors file (header is not a JSON object)")
@@ -269,6 +271,7 @@ def load_pickle(path: Path) -> object:
     import pickle
     import zipfile
 
+    refuse_special_file(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -276,7 +279,12 @@ def load_pickle(path: Path) -> object:
             # mmap works only for the zip format; legacy pickles load without it.
             if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                 raise
+            claimed, size = _legacy_storage_bytes(path), path.stat().st_size
+            if claimed is not None and claimed > size:
+                raise FormatError(path, f"not a loadable PyTorch checkpoint (its tensors claim {claimed} bytes, the file has {size})")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except FormatError:
+        raise
     except IsADirectoryError:
         raise FormatError(path, "is a directory, expected a PyTorch checkpoint") from None
     except pickle.UnpicklingError as exc:
@@ -287,6 +295,69 @@ def load_pickle(path: Path) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError, AttributeError, TypeError, IndexError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(path, f"not a loadable PyTorch checkpoint ({msg[:200]})") from None
+
+
+class _Inert:
+    """Stands in for every global a scanned pickle names: calling or building it does nothing."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def __call__(self, *_args, **_kwargs) -> "_Inert":
+        return _Inert()
+
+    def __setstate__(self, _state) -> None:
+        pass
+
+
+class _Clamped:
+    """A file reader whose reads never ask for more than the file holds (no huge buffers)."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.size = fh, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.fh.tell())
+        return self.fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.fh.readline(max(0, self.size - self.fh.tell()))
+
+
+def _legacy_storage_bytes(path: Path) -> int | None:
+    """Bytes of tensor data a legacy (non-zip) PyTorch pickle claims, counted without running it.
+
+    torch allocates every storage at the size the pickle states before reading its data; this
+    lets ``load_pickle`` refuse a file that claims more than it holds. None when the scan fails
+    (torch.load then reports the problem).
+    """
+    import pickle
+
+    itemsize = {"Double": 8, "Long": 8, "Float": 4, "Int": 4, "Half": 2, "BFloat16": 2, "Short": 2}
+    claimed = 0
+
+    class Scanner(pickle.Unpickler):
+        def find_class(self, module, name):
+            stub = _Inert()
+            stub.name = name
+            return stub
+
+        def persistent_load(self, pid):
+            nonlocal claimed
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+                kind = getattr(pid[1], "name", "")
+                claimed += max(0, pid[4]) * next((v for k, v in itemsize.items() if k in kind), 1)
+            return _Inert()
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            reader = _Clamped(fh, size)
+            for _ in range(4):  # magic number, protocol, sys info, then the state dict
+                Scanner(reader).load()
+    except Exception:
+        return None
+    return claimed
 
 
 def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -349,6 +420,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def read_json(path: Path) -> object:
     """Read a JSON file, with a one-line FormatError for any problem."""
     path = Path(path)
+    refuse_special_file(path)
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -358,8 +430,24 @@ def read_json(path: Path) -> object:
         raise FormatError(path, "is a directory, expected a JSON file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(path, f"malformed JSON ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise FormatError(path, "malformed JSON (nested too deeply)") from None
     except OSError as exc:
         raise FormatError(path, exc.strerror or str(exc)) from None
+
+
+def refuse_special_file(path: Path) -> None:
+    """Refuse a pipe, socket or device where a file is expected (opening a FIFO would block).
+
+    Raises:
+        FormatError: ``path`` exists and is neither a regular file nor a folder.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's open() reports it
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise FormatError(path, "is not a regular file (a pipe, socket or device); refusing to read it")
 
 
 def open_store(path: Path) -> TensorStore:

@@ -17,6 +17,7 @@ from typing import Iterable, Mapping
 import torch
 
 from loratool.errors import InputError
+from loratool.io.atomic import crash_point
 from loratool.io.store import TORCH_TO_SAFETENSORS, TensorEntry
 
 _ALIGN = 8  # tensor data starts 8-byte aligned, like the reference writer
@@ -58,6 +59,7 @@ class SafetensorsStreamWriter:
         return self
 
     def _expect(self, name: str) -> int:
+        crash_point()
         if self._next >= len(self.specs) or self.specs[self._next][0] != name:
             expected = self.specs[self._next][0] if self._next < len(self.specs) else "nothing"
             raise RuntimeError(f"safetensors writer: got {name!r}, expected {expected!r}")
@@ -91,6 +93,7 @@ class SafetensorsStreamWriter:
                     raise RuntimeError(f"safetensors writer: {len(self.specs) - self._next} declared tensors were not written")
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
+                crash_point()
         finally:
             self._fh.close()
 

@@ -80,26 +80,31 @@ def pack(values: torch.Tensor, bits: int, *, dim: int = 0) -> torch.Tensor:
     _check_bits(bits)
     if values.is_floating_point():
         raise ValueError("pack expects integer values")
-    v = values.to(torch.int64).movedim(dim, 0)
-    n, rest = v.shape[0], v.shape[1:]
+    v = values.to(torch.int64).movedim(dim, -1)  # the packed axis last: each run is contiguous
+    lead, n = v.shape[:-1], v.shape[-1]
     n_words = packed_length(n, bits)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
         raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] to pack in {bits} bits, got [{int(v.min())}, {int(v.max())}]")
     wpc, vpc = _chunk(bits)
-    v = v.reshape(n // vpc, vpc, -1)
-    words = torch.zeros((v.shape[0], wpc, v.shape[2]), dtype=torch.int64)
-    for k in range(vpc):
-        w, off = divmod(bits * k, _WORD)
-        words[:, w] |= (v[:, k] << off) & _MASK32
-        if off + bits > _WORD:  # the value straddles into the next word
-            words[:, w + 1] |= v[:, k] >> (_WORD - off)
-    words = words.reshape(n_words, *rest)
+    v = v.reshape(-1, n // vpc, vpc)
+    if wpc == 1:  # whole values per word: fields never overlap, so the sum is the bitwise or
+        words = (v << torch.arange(0, _WORD, bits, dtype=torch.int64)).sum(dim=-1, keepdim=True)
+    else:
+        words = torch.zeros((v.shape[0], v.shape[1], wpc), dtype=torch.int64)
+        for k in range(vpc):
+            w, off = divmod(bits * k, _WORD)
+            words[..., w] |= (v[..., k] << off) & _MASK32
+            if off + bits > _WORD:  # the value straddles into the next word
+                words[..., w + 1] |= v[..., k] >> (_WORD - off)
+    words = words.reshape(*lead, n_words)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return words.movedim(0, dim).contiguous()
+    return words.movedim(-1, dim).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, *, dim: int = 0) -> torch.Tensor:
-    """Unpack int32 words along ``dim`` into values in ``[0, 2**bits)`` (int64).
+    """Unpack int32 words along ``dim`` into values in ``[0, 2**bits)`` (int32).
+
+    Unpacking along the last dimension needs no transpose (``dequantize`` uses it that way).
 
     Raises:
         ValueError: unsupported bits, a non-int32 tensor, or a partial 3-bit run.
@@ -107,20 +112,24 @@ def unpack(packed: torch.Tensor, bits: int, *, dim: int = 0) -> torch.Tensor:
     _check_bits(bits)
     if packed.dtype != torch.int32:
         raise ValueError(f"GPTQ tensors are packed in int32 words, got {packed.dtype}")
-    u = packed.movedim(dim, 0).to(torch.int64) & _MASK32
-    n_words, rest = u.shape[0], u.shape[1:]
+    p = packed.movedim(dim, -1)
+    lead, n_words = p.shape[:-1], p.shape[-1]
     n = unpacked_length(n_words, bits)
     wpc, vpc = _chunk(bits)
-    u = u.reshape(n_words // wpc, wpc, -1)
     mask = (1 << bits) - 1
-    out = torch.empty((u.shape[0], vpc, u.shape[2]), dtype=torch.int64)
-    for k in range(vpc):
-        w, off = divmod(bits * k, _WORD)
-        val = u[:, w] >> off
-        if off + bits > _WORD:
-            val = val | (u[:, w + 1] << (_WORD - off))
-        out[:, k] = val & mask
-    return out.reshape(n, *rest).movedim(0, dim).contiguous()
+    if wpc == 1:
+        # one shift per field, in int32: an arithmetic shift fills the top with sign bits, the mask drops them
+        out = (p.unsqueeze(-1) >> torch.arange(0, _WORD, bits, dtype=torch.int32)) & mask
+    else:
+        u = (p.to(torch.int64) & _MASK32).reshape(-1, n_words // wpc, wpc)
+        out = torch.empty((u.shape[0], u.shape[1], vpc), dtype=torch.int32)
+        for k in range(vpc):
+            w, off = divmod(bits * k, _WORD)
+            val = u[..., w] >> off
+            if off + bits > _WORD:
+                val = val | (u[..., w + 1] << (_WORD - off))
+            out[..., k] = val & mask
+    return out.reshape(*lead, n).movedim(-1, dim).contiguous()
 
 
 def pack_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -129,7 +138,7 @@ def pack_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """qweight int32 (in * bits / 32, out) -> codes (in, out), int64."""
+    """qweight int32 (in * bits / 32, out) -> codes (in, out), int32."""
     return unpack(qweight, bits, dim=0)
 
 
@@ -170,7 +179,7 @@ def pack_qzeros(zeros: torch.Tensor, bits: int, zero_format: str) -> torch.Tenso
 
 
 def unpack_qzeros(qzeros: torch.Tensor, bits: int, zero_format: str) -> torch.Tensor:
-    """qzeros int32 (groups, out * bits / 32) -> integer zero points (groups, out), int64."""
+    """qzeros int32 (groups, out * bits / 32) -> integer zero points (groups, out), int32."""
     _check_zero_format(zero_format)
     stored = unpack(qzeros, bits, dim=1)
     return stored + 1 if zero_format == "v1" else stored
@@ -235,17 +244,24 @@ def dequantize(
         (out, in) tensor: ``scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o])`` transposed.
     """
     in_features, out = unpacked_length(qweight.shape[0], bits), qweight.shape[1]
+    groups = zeros.shape[0]
     g = g_idx.to(torch.int64)
-    z, s = zeros.to(dtype), scales.to(dtype)
+    zt, st = zeros.to(dtype).T.contiguous(), scales.to(dtype).T.contiguous()  # (out, groups)
+    packed_t = qweight.T.contiguous()  # (out, in * bits / 32): transposing the packed words is cheap
     result = torch.empty((out, in_features), dtype=dtype)
-    wpc, vpc = _chunk(bits)
-    # unpack a slab of rows at a time so that the int64 codes never cover the whole layer
-    step = wpc * max(1, (1 << 22) // max(1, vpc * out))
-    for r0 in range(0, qweight.shape[0], step):
-        q = unpack(qweight[r0:r0 + step], bits, dim=0).to(dtype)  # (rows, out)
-        i0 = r0 // wpc * vpc
-        gi = g[i0:i0 + q.shape[0]]
-        result[:, i0:i0 + q.shape[0]] = (s.index_select(0, gi) * (q - z.index_select(0, gi))).T
+    # contiguous equal groups (no act-order): broadcast scales and zeros instead of gathering them
+    size = in_features // groups if groups and in_features % groups == 0 else 0
+    contiguous = size > 0 and torch.equal(g, torch.arange(in_features) // size)
+    # a slab of output rows at a time, so that codes and temporaries never cover the whole layer
+    rows = max(1, (1 << 22) // max(1, in_features))
+    for o0 in range(0, out, rows):
+        o1 = min(out, o0 + rows)
+        q = unpack(packed_t[o0:o1], bits, dim=1).to(dtype)  # (o1 - o0, in)
+        if contiguous:
+            w = (q.view(o1 - o0, groups, size) - zt[o0:o1, :, None]) * st[o0:o1, :, None]
+            result[o0:o1] = w.view(o1 - o0, in_features)
+        else:
+            result[o0:o1] = st[o0:o1].index_select(1, g) * (q - zt[o0:o1].index_select(1, g))
     return result
 
 

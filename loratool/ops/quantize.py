@@ -585,11 +585,15 @@ def is_quantized_aux_key(key: str) -> bool:
     return bool(sep) and tail in _FOUR_BIT_SUFFIXES
 
 
-def aux_keys(weight_key: str, keys: Iterable[str]) -> list[str]:
-    """The bookkeeping keys that belong to quantized ``weight_key`` (``M.weight``)."""
+def aux_keys(weight_key: str, keys) -> list[str]:
+    """The bookkeeping keys that belong to quantized ``weight_key`` (``M.weight``).
+
+    Args:
+        keys: the checkpoint's keys (a set, for speed).
+    """
     module = weight_key.removesuffix(".weight")
-    wanted = {f"{weight_key}.{s}" for s in _FOUR_BIT_SUFFIXES} | {f"{module}.SCB", f"{module}.weight_format"}
-    return [k for k in keys if k in wanted]
+    wanted = [f"{weight_key}.{s}" for s in _FOUR_BIT_SUFFIXES] + [f"{module}.SCB", f"{module}.weight_format"]
+    return [k for k in wanted if k in keys]
 
 
 def relative_entries(weight_key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
