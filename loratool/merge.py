@@ -302,7 +302,8 @@ def plan_merge(
         raise ValueError("sign must be +1 or -1")
     out_dtype = resolve_dtype(dtype)
     warnings = list(adapter.warnings)
-    mismatch = base_mismatch(adapter, base)
+    # unmerge reads a merged model, which is not the model the adapter names by construction
+    mismatch = base_mismatch(adapter, base) if sign > 0 else None
     if mismatch:
         if strict:
             raise InputError(mismatch.replace("; merging anyway (use --strict to refuse)", "; refused (--strict)"))

@@ -17,10 +17,9 @@ Three things plug into ``loratool.merge.merge_model`` through ``setup_quantizati
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -113,8 +112,6 @@ class QuantizedView:
         return self.entry(name).dtype
 
     def entries(self) -> Iterator[TensorEntry]:
-        # computed weights sort first among their file's tensors in the engine (no offset);
-        # keep them in checkpoint order anyway by giving the engine the original order
         return (self.entry(e.name) for e in self.inner.entries() if e.name not in self.hidden)
 
     @property
@@ -520,6 +517,12 @@ def setup_quantization(
         InputError, UnsupportedError: conflicting options, or a base transformers cannot build.
     """
     options = options or QuantOptions()
+    qc = base.config.get("quantization_config")
+    if options.active and isinstance(qc, dict) and str(qc.get("quant_method", "bitsandbytes")).lower() != "bitsandbytes":
+        raise UnsupportedError(
+            f"BASE is quantized with {qc.get('quant_method')}; --qlora / --quantize handle bitsandbytes only "
+            "(a GPTQ base with a QA-LoRA adapter: merge --qalora)"
+        )
     prequantized = find_prequantized(base)
     if not options.active and not prequantized:
         return base, tensor_hook
@@ -533,7 +536,6 @@ def setup_quantization(
     warnings: list[str] = []
     base_spec = None
     if prequantized:
-        qc = base.config.get("quantization_config")
         base_spec = q.QuantSpec.from_config(qc, source="base config.json") if isinstance(qc, dict) else None
         if base_spec is None:
             methods = {w.method for w in prequantized}

@@ -140,8 +140,15 @@ def rescale(adapter: Adapter, *, alpha: float | None = None, rslora: bool | None
 
 
 def module_svd(module: LoraModule) -> LowRankSVD:
-    """The exact SVD of ``module.delta()`` from its factors (float64)."""
-    return factored_svd(module.B.load(), module.A.load(), module.scale)
+    """The exact SVD of ``module.delta()`` from its factors (float64).
+
+    Raises:
+        InputError: a factor holds NaN or infinity.
+    """
+    B, A = module.B.load(), module.A.load()
+    if not (torch.isfinite(A.double()).all() and torch.isfinite(B.double()).all()):
+        raise InputError(f"{module.name}: lora_A or lora_B holds NaN or infinite values")
+    return factored_svd(B, A, module.scale)
 
 
 def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
@@ -364,6 +371,8 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
                 raise InputError(f"{name}: combined factors overflow {_dtype_name(out_dtype)}; use --dtype float32")
         else:
             A64, B64 = stack_factors(terms, 1.0)
+            if not (torch.isfinite(A64).all() and torch.isfinite(B64).all()):
+                raise InputError(f"{name}: lora_A or lora_B holds NaN or infinite values (or the weighted sum overflows)")
             svd = factored_svd(B64, A64, 1.0)
             A, B = factors_from_svd(svd, k, scale, dtype=out_dtype)
             kept = min(k, svd.rank)
@@ -594,7 +603,7 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
                 continue
             if leaf == "weight" and len(ft_shape) == 2:
                 continue  # compared below, only once
-            if not torch.equal(finetuned.store.get(key), base.store.get(base_key)):
+            if not _same(finetuned.store.get(key), base.store.get(base_key)):
                 changed_leaves[leaf] = "changed"
             else:
                 unchanged += 1
@@ -611,9 +620,7 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
         if wkey is not None and "weight" not in changed_leaves and len(finetuned.store.shape(wkey)) == 2:
             ft_w = finetuned.store.get(wkey)
             base_w = base.store.get(base.tensor_name(wkey))
-            if progress is not None:
-                progress(ft_w.numel() * ft_w.element_size(), wkey)
-            if torch.equal(ft_w, base_w):
+            if _same(ft_w, base_w):
                 unchanged += 1
             elif selected:
                 ft_dtypes[ft_w.dtype] += 1
@@ -630,6 +637,8 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
                 lora_done = True
             else:
                 changed_leaves["weight"] = "changed"
+        if progress is not None:
+            progress(sum(_nbytes(finetuned.store.entry(k)) for k in leaves.values()), module)
         if changed_leaves:
             what = _describe_kind(kind, layout.is_head(module), module_is_new)
             for leaf, how in changed_leaves.items():
@@ -641,7 +650,8 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
                     what_leaf = what if leaf == "weight" else (what if what in ("norm", "embedding", "new") else leaf)
                 other.append({"tensor": f"{module}.{leaf}", "kind": what_leaf, "change": how,
                               "shape": list(finetuned.store.shape(leaves[leaf]))})
-            if modules_to_save:
+            deselected = is_linear and not selected and not layout.is_head(module)
+            if modules_to_save and not deselected:
                 lora_modules.pop(module, None)
                 rows[:] = [r for r in rows if r["name"] != module]
                 for leaf, key in leaves.items():
@@ -678,10 +688,14 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
     warnings = []
     if layout.guessed:
         warnings.append("the model class could not be built on the meta device; module kinds were guessed from names")
-    if other and not modules_to_save:
+    deselected_n = sum(o["kind"] == "unselected linear" for o in other)
+    rest = [o for o in other if o["kind"] != "unselected linear"]
+    if deselected_n:
+        warnings.append(f"{deselected_n} changed linear modules are not represented by the adapter (not selected by --modules)")
+    if rest and not modules_to_save:
         warnings.append(
-            f"{len(other)} changed tensors are not represented by the adapter "
-            f"({', '.join(sorted({o['kind'] for o in other}))}); --modules-to-save keeps their modules whole"
+            f"{len(rest)} changed tensors are not represented by the adapter "
+            f"({', '.join(sorted({o['kind'] for o in rest}))}); --modules-to-save keeps their modules whole"
         )
     report = {
         "operation": "extract",
@@ -698,6 +712,16 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
         "warnings": warnings,
     }
     return adapter, report
+
+
+def _nbytes(entry) -> int:
+    return math.prod(entry.shape) * entry.dtype.itemsize
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.double(), b.double())
 
 
 def _describe_kind(kind: str, head: bool, new: bool) -> str:

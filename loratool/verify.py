@@ -20,6 +20,7 @@ import gc
 import math
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +73,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def _norm(t: torch.Tensor) -> float:
+    if not (t.is_floating_point() or t.is_complex()):
+        t = t.to(torch.float32)  # an integer or bool tensor in a (broken) checkpoint
     return float(torch.linalg.vector_norm(t, dtype=torch.float32)) if t.numel() else 0.0
 
 
@@ -248,6 +251,7 @@ class _Check:
     status: str = "ok"
     applied_fraction: float | None = None
     retention: float | None = None
+    expected_retention: float | None = None
     quantization: str | None = None
     hint: str | None = None
 
@@ -279,13 +283,14 @@ class _Check:
         if self.quantization is not None:
             d["quantization"] = self.quantization
             d["retention"] = _num(self.retention)
+            d["expected_retention"] = _num(self.expected_retention)
         return d
 
     def sort_key(self) -> tuple:
         # failures first, then by residual relative to what was allowed
         order = {"missing": 0, "fail": 1, "quantized": 2, "ok": 3}.get(self.status, 3)
-        if self.status == "quantized":
-            score = -abs(1 - (self.retention if self.retention is not None else 0.0))
+        if self.quantization is not None:
+            score = -abs((self.expected_retention or 0.0) - (self.retention or 0.0))
         else:
             allowed = self.bound_norm if self.bound_norm else 0.0
             score = -_ratio(self.residual_norm, allowed) if math.isfinite(self.residual_norm) else -math.inf
@@ -383,24 +388,26 @@ def _residual(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Ten
     return R
 
 
-def _residual_norms(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float]:
-    """(||M||, ||M - W - dW||) without forming dW or a float32 copy of the tensor.
+def _residual_norms(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float, float]:
+    """(||M||, ||R||, <R, dW>) for R = M - W - dW, without forming dW or a float32 copy of the tensor.
 
     On the CPU the rows are processed in blocks that stay in cache: each block is converted to
     float32 once, then W is subtracted and s * B[rows] @ A (s * A.T[rows] @ B.T for the
-    transposed layouts) is subtracted in place. Sums of squares accumulate in float64.
+    transposed layouts) is subtracted in place. <R, dW> = s * sum(B[rows] * (R[rows] @ A.T)).
+    Sums accumulate in float64.
     """
     s = float(module.scale)
+    left, right = (A.T, B.T) if module.kind.transposed else (B, A)  # dW rows = s * left[rows] @ right
     if A.device.type != "cpu":
         R = _residual(module, W, M, A, B)
-        return _norm(M), _norm(R)
+        return _norm(M), _norm(R), s * float((left * (R @ right.T)).double().sum())
     if M.dim() != 2:
         raise InputError(f"{module.name}: expected a 2-D weight, got shape {tuple(M.shape)}")
     rows, cols = M.shape
     step = max(1, BLOCK_ELEMS // max(cols, 1))
     buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
-    left, right = (A.T, B.T) if module.kind.transposed else (B, A)  # dW rows = s * left[rows] @ right
-    msq = rsq = 0.0
+    rt = right.T.contiguous()
+    msq = rsq = dot = 0.0
     for i in range(0, rows, step):
         h = min(step, rows - i)
         flat = buf[: h * cols]
@@ -410,7 +417,8 @@ def _residual_norms(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: tor
         blk.sub_(W[i : i + h])
         blk.addmm_(left[i : i + h], right, alpha=-s)
         rsq += float(torch.dot(flat, flat))
-    return math.sqrt(msq), math.sqrt(rsq)
+        dot += float(torch.sum(left[i : i + h] * (blk @ rt), dtype=torch.float64))
+    return math.sqrt(msq), math.sqrt(rsq), s * dot
 
 
 def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
@@ -419,8 +427,10 @@ def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
     A, B = _factors(module, device)
     s = float(module.scale)
     check = _Check(name, key, "lora", _dtype_name(merged_dtype), list(M.shape))
-    mnorm, check.residual_norm = _residual_norms(module, W, M, A, B)
+    mnorm, check.residual_norm, dot = _residual_norms(module, W, M, A, B)
     check.delta_norm = _delta_norm(A, B, s)
+    if check.delta_norm > 0 and math.isfinite(dot):
+        check.applied_fraction = 1 + dot / check.delta_norm**2
     fac = abs(s) * float(torch.linalg.vector_norm(B)) * float(torch.linalg.vector_norm(A))
     check.bound_norm = _lora_bound(
         Enorm=mnorm + check.residual_norm, dnorm=check.delta_norm, rnorm=check.residual_norm, fac=fac,
@@ -432,15 +442,10 @@ def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
 
 def _diagnose_lora(check: _Check, module: LoraModule, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, M: torch.Tensor) -> None:
     """On failure: how much of the delta is there, and where the residual sits."""
-    s = float(module.scale)
     R = _residual(module, W, M, A, B)
     dn = check.delta_norm
-    if dn > 0 and math.isfinite(check.residual_norm):
-        # <R, dW> = s * sum(B * (R_oi @ A.T)) with R_oi the (out, in) view
-        Roi = R.T if module.kind.transposed else R
-        dot = s * float((B.double() * (Roi @ A.T).double()).sum())
-        k = 1 + dot / dn**2
-        check.applied_fraction = k
+    k = check.applied_fraction
+    if dn > 0 and k is not None and math.isfinite(check.residual_norm):
         perp = math.sqrt(max(check.residual_norm**2 - (k - 1) ** 2 * dn**2, 0.0)) / dn
         check.hint = _hint(k, check.residual, perp, module)
         if check.hint is None and R.shape[0] == R.shape[1]:
@@ -494,14 +499,15 @@ def _check_dora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
     rel = (2 * (e_theirs + e_ours) / En) + 2 * _gamma(n_in, U32) + 3 * us + 3 * U32 + max(um, uf)
     rows = m_abs * rel + U32 * torch.linalg.vector_norm(R, dim=1).double()
     check.bound_norm = float(torch.linalg.vector_norm(rows)) + math.sqrt(M.numel()) * _subnormal(merged_dtype)
+    if check.delta_norm > 0:
+        check.applied_fraction = 1 + float((R.double() * D.double()).sum()) / check.delta_norm**2
     return check, R, D
 
 
 def _diagnose_dora(check: _Check, R: torch.Tensor, D: torch.Tensor) -> None:
     dn = check.delta_norm
-    if dn > 0 and math.isfinite(check.residual_norm):
-        k = 1 + float((R.double() * D.double()).sum()) / dn**2
-        check.applied_fraction = k
+    k = check.applied_fraction
+    if dn > 0 and k is not None and math.isfinite(check.residual_norm):
         perp = math.sqrt(max(check.residual_norm**2 - (k - 1) ** 2 * dn**2, 0.0)) / dn
         check.hint = _hint(k, check.residual, perp, None)
     if check.hint is None:
@@ -592,6 +598,11 @@ def verify_weights(
     quantized = False
 
     views = _Views()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # the work comes in cache-sized blocks, too small for threads to pay off (and threads
+        # that spin-wait on a busy machine cost far more than they give)
+        torch.set_num_threads(1)
 
     def merged_key(bkey: str) -> str | None:
         if bkey in mstore:
@@ -624,7 +635,9 @@ def verify_weights(
                     quantized = True
                     consumed.update(_quant_companions(merged_m, mkey, qkind))
                 if bkey in by_key:
-                    checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device, views))
+                        # PEFT's saved base_layer.weight (or a modules_to_save copy) replaces the base weight first
+                    replaced = to_save[bkey][1].load() if bkey in to_save else None
+                    checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device, views, replaced))
                 elif bkey in bias_of:
                     checks.append(_bias_check(bias_of[bkey], base_m, merged_m, bkey, mkey, tolerance, device))
                 elif bkey in to_save:
@@ -649,6 +662,7 @@ def verify_weights(
             checks.append(_save_check(tname, lazy, None, merged_m, None, mkey, tolerance, device))
     finally:
         views.close()
+        torch.set_num_threads(threads)
 
     # bias of a lora_bias module whose base layer has no bias
     for bkey, mod in bias_of.items():
@@ -701,8 +715,8 @@ def _shape_fail(name: str, key: str, kind: str, M_shape, expected_shape, dtype) 
 
 
 def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, qkind: str | None,
-                  tolerance: float | None, device, views: _Views) -> _Check:
-    W = views.get(base.store, bkey)
+                  tolerance: float | None, device, views: _Views, replaced: torch.Tensor | None = None) -> _Check:
+    W = views.get(base.store, bkey) if replaced is None else replaced
     mdtype = merged.store.dtype(mkey)
     if qkind is not None:
         return _quantized_check(mod, W.to(device), merged, bkey, mkey, qkind, tolerance, device)
@@ -730,41 +744,50 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
 
 def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: str, mkey: str, qkind: str,
                      tolerance: float | None, device) -> _Check:
-    """retention = <deq(M) - Q(W), dW> / ||dW||^2: the part of the delta that survived quantization."""
+    """A quantized merged weight: how much of the delta survived quantization.
+
+    retention = <deq(M) - Q(W), dW> / ||dW||^2, where Q re-quantizes with the merged tensor's own
+    scheme; expected_retention is the same for Q(W + dW), what a correct merge quantized would
+    keep; the residual is ||deq(M) - Q(W + dW)|| / ||dW||.
+    """
     dq = _dequantize(merged, mkey, qkind, device)
     kind = "dora" if mod.magnitude is not None else "lora"
     Mq = dq.weight
-    if Mq.numel() != W.numel():
-        return _shape_fail(mod.name, mkey, kind, Mq.shape, W.shape, torch.uint8)
-    Mq = Mq.reshape(W.shape) if tuple(Mq.shape) == tuple(W.shape) else Mq.reshape(W.shape[::-1]).T
     Wf = W.to(torch.float32)
     if mod.magnitude is not None:
         A, B = _factors(mod, device)
-        E = torch.addmm(Wf.T if mod.kind.transposed else Wf, B, A, alpha=float(mod.scale))
+        Wo = Wf.T if mod.kind.transposed else Wf
+        E = torch.addmm(Wo, B, A, alpha=float(mod.scale))
         mag = mod.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
-        Wp = E * (mag / torch.linalg.vector_norm(E, dim=1)).unsqueeze(1)
-        dW = (Wp - (Wf.T if mod.kind.transposed else Wf))
+        dW = E * (mag / torch.linalg.vector_norm(E, dim=1)).unsqueeze(1) - Wo
         dW = dW.T if mod.kind.transposed else dW
     else:
         dW = mod.delta(device=device)
         dW = dW.T if mod.kind.transposed else dW
-    QW = dq.quantize(W)
-    QW = QW.reshape(Mq.shape)
-    got = Mq - QW
-    c = _Check(mod.name, mkey, kind, qkind, list(W.shape))
+    if tuple(Mq.shape) == tuple(W.shape):
+        pass
+    elif tuple(Mq.shape) == tuple(W.shape[::-1]):
+        Wf, dW = Wf.T, dW.T  # stored (out, in) where the float weight is (in, out)
+    else:
+        return _shape_fail(mod.name, mkey, kind, Mq.shape, W.shape, torch.uint8)
+    QW = dq.quantize(Wf).reshape(Mq.shape)
+    QE = dq.quantize(Wf + dW).reshape(Mq.shape)
+    c = _Check(mod.name, mkey, kind, qkind, list(Mq.shape))
     c.quantization = dq.scheme
     c.delta_norm = _norm(dW)
-    R = got - dW
-    c.residual_norm = _norm(R)
-    dot = float((got.double() * dW.double()).sum())
-    c.retention = _ratio(dot, c.delta_norm**2) if c.delta_norm > 0 else None
+    c.residual_norm = _norm(Mq - QE)
+    dd = dW.double()
+    if c.delta_norm > 0:
+        c.retention = float(((Mq - QW).double() * dd).sum()) / c.delta_norm**2
+        c.expected_retention = float(((QE - QW).double() * dd).sum()) / c.delta_norm**2
     c.applied_fraction = c.retention
     c.status = "quantized"
     c.passed = None
     if tolerance is not None and c.retention is not None:
-        c.passed = abs(1 - c.retention) <= tolerance
+        c.passed = abs(c.retention - c.expected_retention) <= tolerance
         c.status = "ok" if c.passed else "fail"
-    c.hint = f"{100 * c.retention:.1f}% of the delta survived quantization" if c.retention is not None else None
+    if c.retention is not None:
+        c.hint = f"{100 * c.retention:.1f}% of the delta survived quantization (a correct merge keeps {100 * c.expected_retention:.1f}%)"
     return c
 
 
@@ -899,7 +922,7 @@ def _failure_text(c: _Check) -> str:
     if not math.isfinite(c.residual_norm):
         return c.hint or "failed"
     if c.quantization is not None:
-        return f"retention {c.retention:.3g} of the delta (outside the tolerance on |1 - retention|)"
+        return f"retention {c.retention:.3g} of the delta, a correct merge keeps {c.expected_retention:.3g} (outside --tolerance)"
     allowed = c.bound
     text = f"residual {c.residual:.3g} of the delta"
     if allowed is not None:
@@ -928,8 +951,8 @@ def format_weights_report(report: dict[str, Any], *, limit: int = 12) -> str:
     mods = report["modules"]
     if mods:
         quant = any(m.get("quantization") for m in mods)
-        head = f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9} {'retained':>9}  status" if quant else \
-            f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9}  status"
+        head = f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9}"
+        head += f" {'retained':>9} {'expected':>9}  status" if quant else "  status"
         lines.append(head)
         for m in mods[:limit]:
             res = "-" if m["residual"] is None else f"{m['residual']:.2e}"
@@ -938,12 +961,14 @@ def format_weights_report(report: dict[str, Any], *, limit: int = 12) -> str:
             name = m["name"] if len(m["name"]) <= 48 else "..." + m["name"][-45:]
             row = f"{name:<48} {m['kind']:<15} {str(m['dtype']):<9} {res:>9} {allowed:>9}"
             if quant:
-                ret = m.get("retention")
-                row += f" {'-' if ret is None else f'{ret:.3f}':>9}"
+                for key in ("retention", "expected_retention"):
+                    v = m.get(key)
+                    row += f" {'-' if v is None else f'{v:.3f}':>9}"
             lines.append(row + f"  {m['status'].upper() if m['status'] != 'ok' else 'ok'}")
         if len(mods) > limit:
             rest = mods[limit:]
-            lines.append(f"... {len(rest)} more ({sum(1 for m in rest if m['passed'] is True)} ok)")
+            counts = Counter(m["status"] for m in rest)
+            lines.append(f"... {len(rest)} more (" + ", ".join(f"{n} {st}" for st, n in sorted(counts.items())) + ")")
     if report["failures"]:
         lines.append("failures:")
         lines.extend(f"  {f}" for f in report["failures"])

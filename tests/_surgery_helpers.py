@@ -71,3 +71,15 @@ def full_svd_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:
     """The oracle: best rank-k approximation from torch.linalg.svd of the full matrix, float64."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
     return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+def assert_full_tensors_carried(ad, to_save, pm):
+    """modules_to_save (and full embeddings saved beside their LoRA) are what PEFT loaded."""
+    for tname, t in ad.modules_to_save.items():
+        module, leaf = tname.rsplit(".", 1)
+        wrapper = next((w for w in to_save if tname.startswith(w + ".")), None)
+        if wrapper is not None:
+            got = to_save[wrapper][tname[len(wrapper) + 1:]]
+        else:  # a LoRA-adapted embedding saved whole: PEFT loads it into the base layer
+            got = getattr(pm.get_submodule(f"base_model.model.{module}").base_layer, leaf)
+        assert torch.equal(got.detach(), t.load()), tname

@@ -70,6 +70,11 @@ def test_extract_energy_and_modules(llama_ft, tmp_path):
     assert set(kinds) == {"k_proj", "o_proj", "gate_proj", "up_proj"} and set(kinds.values()) == {"unselected linear"}
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     assert set(loaded) == names
+    # deselected linear modules are not stored whole by --modules-to-save
+    code, out, err = invoke("extract", BASES / "llama", llama_ft, tmp_path / "b", "--rank", 2, "--modules", "q_proj",
+                            "--modules-to-save", "--json")
+    assert code == 0, err
+    assert json.loads(out)["modules_to_save"] == []
 
 
 def test_extract_gpt2_conv1d(tmp_path):

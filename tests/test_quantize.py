@@ -7,14 +7,13 @@ The fixture bases have hidden 64 / intermediate 128, so bitsandbytes' CPU 4-bit 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ADAPTERS, BASES
+from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
 from loratool.base import BaseModel, bind_adapter
@@ -309,9 +308,6 @@ def test_retention_matches_direct_computation(spec, ratio, tmp_path):
 
 # -- merge --qlora / --quantize, end to end ------------------------------------------------------
 
-from conftest import assert_one_line_error, invoke  # noqa: E402
-
-
 def merge(*args):
     code, out, err = invoke("merge", *map(str, args))
     assert code == 0, err
@@ -335,22 +331,22 @@ def scaled_lora(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "base,adapter,spec",
+    "base,adapter,spec,extra",
     [
-        ("llama", "llama-lora", QuantSpec("nf4")),
-        ("llama", "llama-lora", QuantSpec("nf4", double_quant=True)),
-        ("llama", "llama-layers", QuantSpec("fp4")),
-        ("llama", "llama-lora", QuantSpec("int8")),
-        ("llama-sharded", "llama-sharded-lora", QuantSpec("nf4", double_quant=True)),  # bf16, 7 shards
-        ("gpt2", "gpt2-lora", QuantSpec("nf4")),  # Conv1D
+        ("llama", "llama-lora", QuantSpec("nf4"), ()),
+        ("llama", "llama-lora", QuantSpec("nf4", double_quant=True), ()),
+        ("llama", "llama-layers", QuantSpec("fp4"), ("--dtype", "bfloat16")),
+        ("llama", "llama-lora", QuantSpec("int8"), ()),
+        ("llama-sharded", "llama-sharded-lora", QuantSpec("nf4", double_quant=True), ()),  # bf16, 7 shards
+        ("gpt2", "gpt2-lora", QuantSpec("nf4"), ()),  # Conv1D
     ],
-    ids=lambda v: v.describe() if isinstance(v, QuantSpec) else v,
+    ids=lambda v: v.describe() if isinstance(v, QuantSpec) else "-".join(v) if isinstance(v, tuple) else v,
 )
-def test_quantized_merge_equals_transformers_quantizing_the_16bit_merge(base, adapter, spec, tmp_path):
+def test_quantized_merge_equals_transformers_quantizing_the_16bit_merge(base, adapter, spec, extra, tmp_path):
     plain, quant = tmp_path / "plain", tmp_path / "quant"
-    merge(BASES / base, ADAPTERS / adapter, plain)
+    merge(BASES / base, ADAPTERS / adapter, plain, *extra)
     flags = ["--quantize", spec.method] + (["--double-quant"] if spec.double_quant else [])
-    merge(BASES / base, ADAPTERS / adapter, quant, *flags, "--report", tmp_path / "r.json")
+    merge(BASES / base, ADAPTERS / adapter, quant, *flags, *extra, "--report", tmp_path / "r.json")
     theirs, config = transformers_quantized_state(plain, spec, tmp_path)
     ours = state(quant)
     assert {strip_to(ours, k) for k in theirs} == set(ours)
@@ -375,15 +371,17 @@ def test_quantized_merge_equals_transformers_quantizing_the_16bit_merge(base, ad
     assert report["quantization"]["output"]["method"] == spec.method
 
 
-def test_qlora_merge_reproduces_peft_on_the_4bit_base(tmp_path):
+@pytest.mark.parametrize("adapter", ["llama-lora", "llama-dora"])
+def test_qlora_merge_reproduces_peft_on_the_4bit_base(adapter, tmp_path):
+    """The --qlora merge has the logits of PEFT on the 4-bit base; a plain merge does not."""
     from peft import PeftModel
 
     spec = QuantSpec("nf4", double_quant=True, compute_dtype=torch.float32)
     qlora, plain = tmp_path / "qlora", tmp_path / "plain"
-    out, _ = merge(BASES / "llama", ADAPTERS / "llama-lora", qlora, "--qlora", "nf4", "--double-quant")
+    out, _ = merge(BASES / "llama", ADAPTERS / adapter, qlora, "--qlora", "nf4", "--double-quant")
     assert "trained on" in out
-    merge(BASES / "llama", ADAPTERS / "llama-lora", plain)
-    pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), ADAPTERS / "llama-lora").eval()
+    merge(BASES / "llama", ADAPTERS / adapter, plain)
+    pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), ADAPTERS / adapter).eval()
     with torch.no_grad():
         ref = pm(X).logits
         got = load_model(qlora)(X).logits
@@ -499,3 +497,10 @@ def test_quantize_refusals(tmp_path):
     code, _, err = invoke("merge", base, ADAPTERS / "llama-lora", tmp_path / "o2", "--quantize", "nf4")
     assert code == 2 and "cannot tell which modules" in assert_one_line_error(err)
     assert not (tmp_path / "o2").exists()
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    config = json.loads((BASES / "llama" / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "gptq", "bits": 4})))
+    (gptq / "model.safetensors").write_bytes((BASES / "llama" / "model.safetensors").read_bytes())
+    code, _, err = invoke("merge", gptq, ADAPTERS / "llama-lora", tmp_path / "o3", "--quantize", "nf4")
+    assert code == 2 and "bitsandbytes only" in assert_one_line_error(err)

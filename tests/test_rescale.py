@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from _surgery_helpers import load_base_model, peft_view, rel
+from _surgery_helpers import assert_full_tensors_carried, load_base_model, peft_view, rel
 from conftest import ADAPTER_BASE, ADAPTERS, assert_one_line_error, invoke
-from test_rerank import assert_full_tensors_carried
 
 import loratool
 

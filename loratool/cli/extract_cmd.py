@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
@@ -48,7 +50,7 @@ def command(base, finetuned, out, rank, energy, modules, alpha, keep_others, exa
     targets = [t.strip() for m in modules for t in m.split(",") if t.strip()] or None
     base_model = open_base(base, token=token)
     ft_model = open_base(finetuned, token=token)
-    total = sum(e.end - e.begin if e.begin is not None else 0 for e in ft_model.store.entries())
+    total = sum(math.prod(e.shape) * e.dtype.itemsize for e in ft_model.store.entries())
     with o.progress(total=total, desc="extract") as bar:
         adapter, report = extract(base_model, ft_model, rank=rank, energy=energy, modules=targets, alpha=alpha,
                                   dtype=parse_dtype(dtype), modules_to_save=keep_others, exact=exact, niter=niter,

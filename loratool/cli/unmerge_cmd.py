@@ -17,12 +17,11 @@ from loratool.cli.resolve import adapter_argument_options
 @click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: MERGED's own).")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help="Where the math runs (float32).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--strict", is_flag=True, help="Refuse an adapter whose base_model_name_or_path names another model.")
 @click.option("--report", type=click.Path(), help="Write a JSON report, with the half-precision rounding bound.")
 @adapter_argument_options
 @json_option
 @common_options
-def command(merged, adapter, out, keep_modules_to_save, dtype, device, force, strict, report, as_json, quiet, **adapter_opts):
+def command(merged, adapter, out, keep_modules_to_save, dtype, device, force, report, as_json, quiet, **adapter_opts):
     """Subtract ADAPTER's delta from MERGED and write the result to OUT, streaming.
 
     The inverse of `loratool merge`, with the same output rules. DoRA adapters are refused
@@ -36,6 +35,6 @@ def command(merged, adapter, out, keep_modules_to_save, dtype, device, force, st
     """
     o = Output(json_mode=as_json, quiet=quiet)
     run_merge(
-        o, merged, adapter, out, sign=-1, dtype=dtype, device=device, force=force, strict=strict, report=report,
+        o, merged, adapter, out, sign=-1, dtype=dtype, device=device, force=force, strict=False, report=report,
         keep_modules_to_save=keep_modules_to_save, adapter_opts=adapter_opts,
     )

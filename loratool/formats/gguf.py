@@ -144,6 +144,8 @@ def read(path: Path, *, base=None, **_options) -> Adapter:
         raise FormatError(path, "no general.architecture")
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
     alpha = float(alpha) if isinstance(alpha, (int, float)) else 0.0
+    if not math.isfinite(alpha):
+        raise FormatError(path, f"adapter.lora.alpha is {alpha}")
     warnings: list[str] = []
 
     if base is not None:
@@ -198,6 +200,8 @@ def read(path: Path, *, base=None, **_options) -> Adapter:
         if A_shape[0] != B_shape[1]:
             raise FormatError(path, f"{gname}: lora_a is {sa} but lora_b is {sb} (ranks differ)")
         rank = A_shape[0]
+        if rank == 0:
+            raise FormatError(path, f"{gname}: rank 0")
         dtype_a = _GGML_TO_TORCH.get(ta.tensor_type.name, torch.float32)
         dtype_b = _GGML_TO_TORCH.get(tb.tensor_type.name, torch.float32)
         A = LazyTensor(A_shape, dtype_a, (lambda t=ta, e=embedding: _to_torch(t).T.contiguous() if e else _to_torch(t)))

@@ -119,7 +119,7 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         if scale is not None and float(scale) != mlx_scale:
             warnings.append(f"{config_path}: --scale {scale} ignored: the adapter stores scale {mlx_scale}")
     elif scale is not None:
-        mlx_scale = float(scale)
+        mlx_scale = _number(scale, "--scale", weights)
     else:
         raise FormatError(config_path or weights, "lora_parameters.scale is missing; give the scale with --scale")
     if alpha is not None:
@@ -144,6 +144,8 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         if la.shape[1] != lb.shape[0]:
             raise FormatError(weights, f"{module}: lora_a is {la.shape} but lora_b is {lb.shape} (ranks differ)")
         rank = la.shape[1]
+        if rank == 0:
+            raise FormatError(weights, f"{module}: rank 0")
         if config_rank is not None and config_rank != rank:
             warnings.append(f"{module}: rank {rank} differs from lora_parameters.rank {config_rank}")
         A = la.map(lambda t: t.T, shape=(la.shape[1], la.shape[0]))

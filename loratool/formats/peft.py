@@ -135,6 +135,9 @@ def target_matches(targets, name: str, *, layers_to_transform=None, layers_patte
     return found
 
 
+_F32_MAX = torch.finfo(torch.float32).max
+
+
 def _finite(value) -> bool:
     try:
         return math.isfinite(value)
@@ -258,9 +261,14 @@ def read(path: Path, *, adapter_name: str | None = None, **_options) -> Adapter:
             if rank != A.shape[0]:
                 raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
             scale = lora_scale(alpha, rank, rslora=rslora)
+        if not abs(scale) <= _F32_MAX:  # every merge computes in float32
+            raise FormatError(config_path, f"{module}: scaling {scale:g} (lora_alpha {alpha:g}, rank {rank}) does not fit in float32")
         kind = ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
         bias = store.lazy(p["lora_B.bias"]) if "lora_B.bias" in p else None
         magnitude = store.lazy(p["lora_magnitude_vector"]) if "lora_magnitude_vector" in p else None
+        for what, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
+            if t is not None and math.prod(t.shape) != B.shape[0]:
+                raise FormatError(weights_path, f"{module}: {what} has shape {t.shape}, expected ({B.shape[0]},) for lora_B {B.shape}")
         if magnitude is not None:
             magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
         modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude)

@@ -23,7 +23,9 @@ exactly with the default scale 1.
 from __future__ import annotations
 
 import json
+import math
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -66,6 +68,27 @@ def lora_keys(module: str, style: str = "attr") -> tuple[str, str]:
     return f"{module}.lora_matrix_A", f"{module}.lora_matrix_B"
 
 
+_PICKLE_HINT = re.compile(rb"lora_(?:[A-Za-z0-9_]*_)?matrix_[AB]")
+
+
+def _pickle_may_hold_scratch(path: Path, limit: int = 8 << 20) -> bool:
+    """A cheap look at a torch pickle's object stream (never unpickled) for scratch key names."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return False
+                with zf.open(names[0]) as fh:
+                    head = fh.read(limit)
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(limit)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+    return _PICKLE_HINT.search(head) is not None
+
+
 def _candidate_keys(path: Path) -> list[str] | None:
     """Tensor names of a candidate file, read cheaply; None if it is not one."""
     if path.suffix == ".safetensors":
@@ -75,6 +98,8 @@ def _candidate_keys(path: Path) -> list[str] | None:
             return None
         return [e.name for e in entries]
     if path.suffix in PICKLE_SUFFIXES:
+        if not _pickle_may_hold_scratch(path):
+            return None
         try:
             return TensorStore([path]).keys()
         except FormatError:
@@ -104,6 +129,9 @@ def detect(path: Path) -> bool:
 def _resolve_scale(alpha, scale, rank: int, path: Path) -> tuple[float, float]:
     if alpha is not None and scale is not None:
         raise InputError(f"{path}: give --alpha or --scale, not both")
+    for what, v in (("alpha", alpha), ("scale", scale)):
+        if v is not None and not math.isfinite(float(v)):
+            raise InputError(f"{path}: --{what} must be finite, got {v}")
     if scale is not None:
         return float(scale) * rank, float(scale)
     if alpha is not None:
@@ -169,6 +197,8 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
             if A.shape[1] == B.shape[0]:
                 raise FormatError(path, f"{module}: A is {A.shape} and B is {B.shape}: expected A (r, in) and B (out, r)")
             raise FormatError(path, f"{module}: A is {A.shape} but B is {B.shape} (ranks differ)")
+        if A.shape[0] == 0:
+            raise FormatError(path, f"{module}: rank 0")
         mod_alpha, mod_scale = _resolve_scale(alpha, scale, A.shape[0], path)
         name = module
         kind = ModuleKind.LINEAR
@@ -236,6 +266,8 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
     if extras_entries:
         shown = ", ".join(f"{k}={v!r}" for k, v in list(extras_entries.items())[:6])
         warnings.append(f"{path.name}: non-tensor entries kept only for scratch output: {shown}")
+    if base is None and any("." in m for m in modules):
+        warnings.append(f"{path.name}: module names kept as in the file (e.g. {next(iter(modules))}); pass --base to map them onto the base's names")
     if alpha is None and scale is None:
         warnings.append(f"{path.name}: scratch LoRA stores no alpha: scale 1 assumed (use --alpha or --scale otherwise)")
 

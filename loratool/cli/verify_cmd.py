@@ -1,0 +1,102 @@
+"""`loratool verify`."""
+
+from __future__ import annotations
+
+import click
+
+from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.resolve import adapter_argument_options, open_adapter, open_base
+from loratool.errors import CheckFailedError
+
+DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda", "mps"])
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def failure_summary(report: dict) -> str:
+    """One line for the error boundary: how many checks failed and the worst one."""
+    fails = report.get("failures") or []
+    out_rep = report.get("outputs")
+    parts = []
+    if fails:
+        parts.append(f"{len(fails)} weight check{'s' if len(fails) != 1 else ''} failed (first: {fails[0]})")
+    if out_rep is not None and not out_rep["passed"]:
+        parts.append(f"outputs differ: relative difference {out_rep['relative_diff']:.3g} > allowed {out_rep['allowed_relative_diff']:.3g}")
+    return "verification failed: " + "; ".join(parts) if parts else "verification failed"
+
+
+def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tolerance, device: str, prompts=(), samples=4, seq_len=32) -> dict:
+    """Run the weight check (and the output check) and print the result; returns the report.
+
+    Used by ``verify`` and ``merge --verify``. Raises CheckFailedError when a check fails.
+    """
+    from loratool.verify import format_outputs_report, format_weights_report, verify_outputs, verify_weights
+
+    device = resolve_device(device)
+    total = sum(e.end - e.begin if e.begin is not None else 0 for e in base_model.store.entries())
+    with out.progress(total=total, desc="verify") as bar:
+        report = verify_weights(base_model, ad, merged_model, tolerance=tolerance, device=device, progress=bar)
+    if outputs:
+        report["outputs"] = verify_outputs(
+            base_model, ad, merged_model, prompts=list(prompts) or None, samples=samples, seq_len=seq_len,
+            tolerance=tolerance, device=device,
+        )
+        report["passed"] = bool(report["passed"] and report["outputs"]["passed"])
+    if out.json_mode:
+        out.json(report)
+    else:
+        out.info(format_weights_report(report))
+        if outputs:
+            out.info(format_outputs_report(report["outputs"]))
+        for note in report["notes"]:
+            out.warn(note)
+    if not report["passed"]:
+        raise CheckFailedError(failure_summary(report))
+    return report
+
+
+@click.command("verify")
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("merged")
+@click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) and compare their outputs.")
+@click.option("--tolerance", type=float, help="Fixed limit on residual / ||delta|| per module (and on the relative output difference) instead of the bound derived from the dtypes.")
+@click.option("--prompt", "prompts", multiple=True, help="With --outputs: a text to run through the base's tokenizer (repeatable). Default: random token ids.")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="With --outputs: how many random sequences.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=32, show_default=True, help="With --outputs: tokens per random sequence.")
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help="Where the checks compute.")
+@adapter_argument_options
+@json_option
+@common_options
+def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len, device, as_json, quiet, **adapter_opts):
+    """Prove that MERGED is BASE + ADAPTER, tensor by tensor (streaming).
+
+    Each adapted module's residual MERGED - (BASE + dW) is measured against ||dW|| and must be
+    within what rounding to the merged dtype allows; every other tensor must be identical.
+    A bitsandbytes-quantized MERGED reports the fraction of each delta that survived.
+    Exit 0 pass, 1 a check failed (one line per failing module), 2 bad input.
+
+    \b
+    Example:
+      loratool merge fixtures/bases/llama fixtures/adapters/llama-lora merged-llama
+      loratool verify fixtures/bases/llama fixtures/adapters/llama-lora merged-llama --outputs
+    """
+    if not outputs and (prompts or samples != 4 or seq_len != 32):
+        raise click.UsageError("--prompt, --samples and --seq-len apply only with --outputs")
+    if tolerance is not None and not tolerance >= 0:
+        raise click.BadParameter("must be a non-negative number", param_hint="--tolerance")
+    out = Output(json_mode=as_json, quiet=quiet)
+    ad = open_adapter(adapter, **adapter_opts)
+    base_model = open_base(base, **adapter_opts)
+    merged_model = open_base(merged, **adapter_opts)
+    emit_warnings(out, ad.warnings)
+    ad.warnings = []
+    run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
+               prompts=prompts, samples=samples, seq_len=seq_len)
