@@ -105,7 +105,7 @@ def convert(
 
     out = Path(out)
     mod = get_format(to)
-    inputs = [p for p in [src_path, *adapter.files] if p is not None]
+    inputs = [p for p in [src_path, *adapter.files, base_model.path if base_model is not None else None] if p is not None]
     report: dict[str, Any] = {"baked": [], "notes": []}
     write_opts = dict(options, base=base_model, out_name=out.name, report=report)
     is_file = bool(getattr(mod, "OUTPUT_IS_FILE", False))

@@ -52,12 +52,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import queue
 import re
 import shutil
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +79,8 @@ F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 HALF = frozenset({torch.float16, torch.bfloat16})
-BLOCK_ELEMS = 1 << 22  # float32 elements per row block (16 MiB)
+BLOCK_ELEMS = 1 << 22  # elements per row block handed to the writer
+SUB_ELEMS = 1 << 18  # elements per CPU sub-block: the float32 delta stays in cache
 QUEUE_DEPTH = 4  # blocks computed ahead of the writer
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -208,6 +211,34 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+class _ValueHook:
+    """A plain ``hook(name, tensor)`` callable seen as a full hook: every tensor, same name, dtype and shape."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def specs(self, name, dtype, shape, touched):
+        return [(name, dtype, shape)]
+
+    def __call__(self, name, tensor, touched):
+        result = self.fn(name, tensor)
+        if result is None:
+            return {name: tensor}
+        if isinstance(result, torch.Tensor):
+            return {name: result}
+        return result
+
+
+def as_tensor_hook(hook: Any) -> Any:
+    """Normalize ``tensor_hook``: an object with ``specs`` is used as is; a plain callable
+    ``fn(name, tensor) -> dict | Tensor | None`` sees every tensor and may only change values."""
+    if hook is None or hasattr(hook, "specs"):
+        return hook
+    if not callable(hook):
+        raise TypeError("tensor_hook must be callable")
+    return _ValueHook(hook)
+
+
 def _norm_name(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
@@ -301,6 +332,7 @@ def plan_merge(
     if sign not in (1, -1):
         raise ValueError("sign must be +1 or -1")
     out_dtype = resolve_dtype(dtype)
+    tensor_hook = as_tensor_hook(tensor_hook)
     warnings = list(adapter.warnings)
     # unmerge reads a merged model, which is not the model the adapter names by construction
     mismatch = base_mismatch(adapter, base) if sign > 0 else None
@@ -546,45 +578,58 @@ def _fsync_file(path: Path, errors: list) -> None:
 
 
 class _Reader:
-    """Row blocks of base tensors: pread straight from safetensors files, slices of pickles."""
+    """Row blocks of base tensors: views of memory-mapped safetensors files, slices of pickles.
+
+    A view reads straight from the page cache (no copy, and file-backed rather than anonymous
+    memory); callers must not write to it.
+    """
 
     def __init__(self, base: BaseModel):
         self.store = base.store
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
-    def rows(self, entry: TensorEntry, start: int, stop: int) -> tuple[torch.Tensor, bool]:
-        """(rows [start:stop], owned): ``owned`` is True when the tensor is a fresh buffer."""
+    def rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+        """Rows [start:stop] of a tensor (the whole tensor for a 0-d one), read-only."""
         if entry.begin is None:
             t = self.store.get(entry.name)
-            return (t if t.dim() == 0 else t[start:stop]), False
+            return t if t.dim() == 0 else t[start:stop]
         shape = entry.shape
-        row_elems = math.prod(shape[1:]) if shape else 1
-        row_bytes = row_elems * entry.dtype.itemsize
+        row_bytes = (math.prod(shape[1:]) if shape else 1) * entry.dtype.itemsize
         nrows = (stop - start) if shape else 1
+        out_shape = (nrows, *shape[1:]) if shape else ()
         n = nrows * row_bytes
-        buf = torch.empty(n, dtype=torch.uint8)
-        if n:
-            fd = self._fds.get(entry.path)
-            if fd is None:
-                fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
-            _pread_into(fd, buf.numpy(), entry.begin + start * row_bytes)
-        out = buf.view(entry.dtype)
-        return out.reshape((nrows, *shape[1:]) if shape else ()), True
+        if n == 0:
+            return torch.empty(out_shape, dtype=entry.dtype)
+        mm = self._maps.get(entry.path)
+        if mm is None:
+            with open(entry.path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            self._maps[entry.path] = mm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": we never write to it
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=entry.begin + start * row_bytes)
+        return raw.view(entry.dtype).reshape(out_shape)
+
+    def release(self, entry: TensorEntry) -> None:
+        """Drop a finished tensor's pages from this process's mapping (the page cache keeps them)."""
+        mm = self._maps.get(entry.path)
+        if mm is None or entry.begin is None or entry.end <= entry.begin or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = entry.begin - entry.begin % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _pread_into(fd: int, array, offset: int) -> None:
-    view = memoryview(array).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file reading {len(view)} bytes at offset {offset}")
-        done += n
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the GC closes it
+                pass
+        self._maps.clear()
 
 
 def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -599,6 +644,8 @@ def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` floats at |x| (float32 tensor in, float32 out)."""
     bits, emin = _FLOAT_BITS[dtype]
+    if x.device.type == "mps":  # frexp is not implemented there
+        x = x.cpu()
     _, e = torch.frexp(x)
     e = torch.where(x == 0, torch.full_like(e, emin), e).clamp_(min=emin)
     return torch.ldexp(torch.ones_like(x), (e - bits).to(torch.int32))
@@ -609,7 +656,7 @@ class _ModuleStats:
     name: str
     tensor: str
     delta_sq: float = 0.0
-    weight_sq: float = 0.0
+    weight_sq: float | None = None
     seconds: float = 0.0
     rounding_bound: float = 0.0
 
@@ -621,8 +668,9 @@ class _Stop(Exception):
 class _Producer:
     """Reads, merges and hands row blocks to the writer through a bounded queue."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, hook, track_rounding: bool):
+    def __init__(self, plan: MergePlan, device: torch.device, hook, track_rounding: bool, weight_norms: bool = True):
         self.plan = plan
+        self.weight_norms = weight_norms
         self.device = device
         self.hook = hook
         self.track_rounding = track_rounding
@@ -631,18 +679,28 @@ class _Producer:
         self.stop = threading.Event()
         self.stats: dict[str, _ModuleStats] = {}
         self.compute_s = 0.0
+        self.wait_s = 0.0  # time the producer waited for the writer
         self.counts = Counter()
 
     # -- queue --
     def put(self, item) -> None:
-        while True:
-            if self.stop.is_set():
-                raise _Stop
-            try:
-                self.queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        try:
+            self.queue.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if self.stop.is_set():
+                    raise _Stop
+                try:
+                    self.queue.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.wait_s += time.perf_counter() - t0
 
     def run(self) -> None:
         try:
@@ -704,24 +762,26 @@ class _Producer:
             self.put(("end", task.name))
         for mod in task.modules:
             self.stats[mod.name].seconds += time.perf_counter() - t0
+        if task.source is not None:
+            self.reader.release(task.source)
+
+    def _view_rows(self, task: TensorTask, start: int, stop: int, replacement: torch.Tensor | None) -> torch.Tensor:
+        """Rows of the tensor being updated, read-only (the replacement's, or the base's)."""
+        if replacement is not None:
+            return replacement if replacement.dim() == 0 else replacement[start:stop]
+        return self.reader.rows(task.source, start, stop)
 
     def _source_rows(self, task: TensorTask, start: int, stop: int, replacement: torch.Tensor | None) -> torch.Tensor:
-        """Rows as float32 on the device, in a buffer that may be modified in place."""
-        if replacement is not None:
-            src, owned = (replacement if replacement.dim() == 0 else replacement[start:stop]), False
-        else:
-            src, owned = self.reader.rows(task.source, start, stop)
-        if owned and src.dtype == F32 and self.device.type == "cpu":
-            return src
-        return src.to(device=self.device, dtype=F32, copy=True)
+        """Rows as a float32 copy on the device, free to be modified in place."""
+        return self._view_rows(task, start, stop, replacement).to(device=self.device, dtype=F32, copy=True)
 
     def _emit(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return block.to(dtype).cpu() if block.dtype != dtype or block.device.type != "cpu" else block
 
     def _convert(self, task: TensorTask):
         for start, stop in _blocks(task.shape):
-            src, _ = self.reader.rows(task.source, start, stop) if task.source is not None else (None, False)
-            yield src.to(task.dtype)
+            src = self.reader.rows(task.source, start, stop)
+            yield src.to(task.dtype, copy=True)
 
     def _replace(self, task: TensorTask):
         t = task.replacement.load()
@@ -739,32 +799,52 @@ class _Producer:
         return task.replacement.load()
 
     def _lora(self, task: TensorTask):
-        sign = self.plan.sign
+        """W + sign * sum(dW) for 2-D weights, fused: one float32 add per element, rounded once.
+
+        On the CPU each block is split into sub-blocks whose float32 delta (L[rows] @ R, the
+        scale folded into L) stays in cache, and ``torch.add(W, delta, out=...)`` reads W in its
+        own dtype and writes the output dtype directly; W is never expanded to float32 in memory.
+        """
         factors = [Factors.of(m, device=self.device) for m in task.loras]
         stats = [self._stat(m, task) for m in task.loras]
         for f, st in zip(factors, stats):
             st.delta_sq = f.delta_norm_sq()
+        pairs = [f.row_factors(sign=self.plan.sign) for f in factors]
         repl = self._replacement(task)
+        rows_total, cols = task.shape[0], math.prod(task.shape[1:])
+        on_cpu = self.device.type == "cpu"
+        sub_rows = max(1, SUB_ELEMS // max(1, cols)) if on_cpu else max(1, rows_total)
+        scratch = torch.empty((min(sub_rows, rows_total), cols), dtype=F32, device=self.device)
+        src_dtype = repl.dtype if repl is not None else task.source.dtype
+        track = self.track_rounding and (src_dtype in HALF or task.dtype in HALF)
         weight_sq = 0.0
         bound = 0.0
-        in_half = task.source is not None and task.source.dtype in HALF and repl is None
         for start, stop in _blocks(task.shape):
-            w = self._source_rows(task, start, stop, repl)
-            weight_sq += float(torch.linalg.vector_norm(w).double() ** 2)
-            if self.track_rounding and in_half:
-                bound_in = 0.5 * _ulp(w, task.source.dtype)
-            for f in factors:
-                f.add_delta_(w, start, sign=sign)
-            out = self._emit(w, task.dtype)
-            if self.track_rounding and (in_half or task.dtype in HALF):
-                b = bound_in if in_half else torch.zeros_like(w)
-                if task.dtype in HALF:
-                    b = b + 0.5 * _ulp(out.to(device=w.device, dtype=F32), task.dtype)
-                bound = max(bound, float(b.max()) if b.numel() else 0.0)
-            del w
-            yield out
+            src = self._view_rows(task, start, stop, repl).reshape(stop - start, cols)
+            if not on_cpu:
+                src = src.to(self.device)
+            out = torch.empty((stop - start, cols), dtype=task.dtype, device=self.device)
+            for i in range(0, stop - start, sub_rows):
+                j = min(stop - start, i + sub_rows)
+                d = scratch[: j - i]
+                (L, R), rest = pairs[0], pairs[1:]
+                torch.mm(L[start + i : start + j], R, out=d)
+                for L2, R2 in rest:
+                    d.addmm_(L2[start + i : start + j], R2)
+                torch.add(src[i:j], d, out=out[i:j])
+                if self.weight_norms:
+                    weight_sq += float(torch.linalg.vector_norm(src[i:j], dtype=F32)) ** 2
+                if track:
+                    b = torch.zeros((), device=self.device)
+                    if src_dtype in HALF:
+                        b = 0.5 * _ulp(src[i:j].float(), src_dtype)
+                    if task.dtype in HALF:
+                        b = b + 0.5 * _ulp(out[i:j].float(), task.dtype).to(b.device)
+                    bound = max(bound, float(b.max()))
+            del src
+            yield out.reshape((stop - start, *task.shape[1:])).cpu()
         for st in stats:
-            st.weight_sq = weight_sq
+            st.weight_sq = weight_sq if self.weight_norms else None
             st.rounding_bound = bound
 
     def _dora(self, task: TensorTask):
@@ -775,25 +855,27 @@ class _Producer:
         blocks = _blocks(task.shape)
         col_norm = None
         if f.transposed:  # norm over the rows of the stored weight: a first pass
-            acc = torch.zeros(task.shape[1], dtype=torch.float64, device=self.device)
+            acc_dtype = F32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+            acc = torch.zeros(task.shape[1], dtype=acc_dtype, device=self.device)
             for start, stop in blocks:
                 v = self._source_rows(task, start, stop, repl)
                 f.add_delta_(v, start)
-                acc += (v.double() ** 2).sum(0)
+                acc += (v.to(acc_dtype) ** 2).sum(0)
             col_norm = acc.sqrt().to(F32)
         weight_sq = delta_sq = 0.0
         for start, stop in blocks:
             w = self._source_rows(task, start, stop, repl)
-            weight_sq += float(torch.linalg.vector_norm(w).double() ** 2)
+            if self.weight_norms:
+                weight_sq += float(torch.linalg.vector_norm(w)) ** 2
             v = w.clone()
             f.add_delta_(v, start)
             if f.transposed:
                 v.mul_((f.magnitude / col_norm).view(1, -1))
             else:
                 v.mul_((f.magnitude[start:stop] / torch.linalg.vector_norm(v, dim=1)).view(-1, 1))
-            delta_sq += float(torch.linalg.vector_norm(v - w).double() ** 2)
+            delta_sq += float(torch.linalg.vector_norm(v - w)) ** 2
             yield self._emit(v, task.dtype)
-        st.weight_sq, st.delta_sq = weight_sq, delta_sq
+        st.weight_sq, st.delta_sq = (weight_sq if self.weight_norms else None), delta_sq
 
     def _bias(self, task: TensorTask):
         repl = self._replacement(task)
@@ -811,15 +893,20 @@ def execute_plan(
     device: str | torch.device = "cpu",
     progress: Callable[..., None] | None = None,
     tensor_hook: Any = None,
+    weight_norms: bool = True,
 ) -> dict:
     """Write the planned model into ``folder`` (normally a temporary sibling of OUT).
+
+    ``weight_norms`` measures ||W|| of every adapted tensor for the report (one more read of
+    each block; ||dW|| is always measured, from the r x r Gram matrices).
 
     Returns:
         Statistics for the report (modules, counts, bytes, timings).
     """
     folder = Path(folder)
+    tensor_hook = as_tensor_hook(tensor_hook)
     device = torch.device(device) if not isinstance(device, torch.device) else device
-    producer = _Producer(plan, device, tensor_hook, track_rounding=plan.sign < 0)
+    producer = _Producer(plan, device, tensor_hook, track_rounding=plan.sign < 0, weight_norms=weight_norms)
     for task in plan.tasks():  # every module reports, even if a hook reorders work
         for mod in task.modules:
             producer._stat(mod, task)
@@ -891,7 +978,7 @@ def execute_plan(
         "bytes": total_bytes,
         "tensors": len(weight_map),
         "stream_s": stream_s,
-        "compute_s": producer.compute_s,
+        "compute_s": producer.compute_s - producer.wait_s,
         "write_s": write_s,
     }
 
@@ -940,6 +1027,7 @@ def merge_model(
     progress: Callable[..., None] | None = None,
     tensor_hook: Any = None,
     warn: Callable[[str], None] | None = None,
+    weight_norms: bool | None = None,
     quantization: Any = None,  # quantization (loratool.quantized)
 ) -> dict:
     """Merge (``sign=+1``) or unmerge (``sign=-1``) an adapter into a base, streaming, into OUT.
@@ -958,6 +1046,7 @@ def merge_model(
         progress: called as ``progress(nbytes, label)`` as output is written.
         tensor_hook: per-tensor hook (see the module docstring).
         warn: called with each warning as soon as it is known (they are also in the report).
+        weight_norms: measure ||W|| (and so ||dW||/||W||) per module; default: when ``report_path`` is given.
         quantization: a ``loratool.quantized.QuantOptions`` (--qlora / --quantize); a base saved
             quantized by bitsandbytes is dequantized whatever this says (see docs/quantization.md).
     Returns:
@@ -974,6 +1063,7 @@ def merge_model(
 
         adapter = read_adapter(adapter)
     dev = resolve_device(device)
+    tensor_hook = as_tensor_hook(tensor_hook)
     inputs = [base.path] + ([adapter.path] if adapter.path is not None else []) + [Path(f).parent for f in adapter.files]
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
@@ -996,7 +1086,8 @@ def merge_model(
         check_adapter_finite(adapter)
         t_check = time.perf_counter()
         with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-            result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook)
+            norms = report_path is not None if weight_norms is None else weight_norms
+            result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook, weight_norms=norms)
             report = _report(plan, result, out, dev)
             if tensor_hook is not None and hasattr(tensor_hook, "finalize"):
                 tensor_hook.finalize(tmp, report)
@@ -1023,7 +1114,8 @@ def _report(plan: MergePlan, result: dict, out: Path, device: torch.device) -> d
     modules = []
     for name, st in result["stats"].items():
         mod = plan.adapter.modules.get(name)
-        d, w = math.sqrt(st.delta_sq), math.sqrt(st.weight_sq)
+        d = math.sqrt(st.delta_sq)
+        w = math.sqrt(st.weight_sq) if st.weight_sq is not None else None
         entry = {
             "name": name,
             "tensor": st.tensor,

@@ -192,22 +192,15 @@ def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         kept = min(k, m.rank)
         if action == "unchanged":
             new = m if dtype is None else _cast_module(m, out_dtype)
-        elif action == "padded":
-            new_scale = _out_scale(m.alpha, k, rslora) if m.alpha else m.scale
-            factor = m.scale / new_scale
-            A, B = rescale_factors(m.A.load(), m.B.load(), factor, dtype=out_dtype)
-            A, B = pad_factors(A, B, k)
-            new = m.with_factors(A, B, alpha=m.alpha, scale=new_scale)
-            new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
         else:
-            alpha = m.alpha
-            new_scale = _out_scale(alpha, k, rslora) if alpha else 0.0
-            if new_scale == 0 or not math.isfinite(new_scale):
-                alpha = math.sqrt(k) if rslora else float(k)  # scale 1
-                new_scale = 1.0
-            A, B = factors_from_svd(svd, k, new_scale, dtype=out_dtype)
+            alpha, new_scale = _keep_alpha(m.alpha, k, rslora)
+            factor = m.scale / new_scale
+            if action == "padded":
+                A, B = rescale_factors(m.A.load(), m.B.load(), factor, dtype=out_dtype)
+                A, B = pad_factors(A, B, k)
+            else:
+                A, B = factors_from_svd(svd, k, new_scale, dtype=out_dtype)
             new = m.with_factors(A, B, alpha=alpha, scale=new_scale)
-            factor = (m.scale / new_scale) if m.scale else 0.0
             new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
         modules[name] = new
         rows.append({
@@ -239,6 +232,14 @@ def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         "warnings": list(adapter.warnings),
     }
     return out, report
+
+
+def _keep_alpha(alpha: float, rank: int, rslora: bool) -> tuple[float, float]:
+    """(alpha, scale) of a module that keeps its alpha at a new rank; alpha 0 becomes scale 1."""
+    scale = _out_scale(alpha, rank, rslora) if alpha else 0.0
+    if scale == 0 or not math.isfinite(scale):
+        return (math.sqrt(rank) if rslora else float(rank)), 1.0
+    return alpha, scale
 
 
 def _cast_module(m: LoraModule, dtype: torch.dtype) -> LoraModule:

@@ -253,3 +253,29 @@ def test_detection_and_garbage(tmp_path):
     code, _, err = invoke("inspect", bad)
     assert code == 2
     assert_one_line_error(err)
+
+
+def test_names_table_agrees_with_gguf_package():
+    """Every HF template names the tensor gguf's own TensorNameMap gives, and back."""
+    from loratool import names
+
+    for hf_arch, arch in names.GGUF_ARCHITECTURES.items():
+        known = {t.name for t in gguf.MODEL_TENSORS[arch.model_arch]}
+        for tensor, template in names.hf_templates(arch).items():
+            if tensor not in known:
+                continue  # e.g. gemma has no separate output tensor
+            hf = template.format(bid=3)
+            expected = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, tensor)].format(bid=3)
+            assert names.gguf_tensor_name(hf, arch, 4) == expected, (hf_arch, hf)
+            assert names.hf_module_name(expected, arch) == hf, (hf_arch, expected)
+
+
+def test_permutation_helpers_match_llama_cpp():
+    from loratool.names import permute_qk_rows, unpermute_qk_rows
+
+    t = torch.randn(96, 5)
+    for heads in (1, 2, 3, 6):
+        assert torch.equal(permute_qk_rows(t, heads), llama_cpp_permute(t, heads, heads))
+        assert torch.equal(unpermute_qk_rows(permute_qk_rows(t, heads), heads), t)
+    with pytest.raises(UnsupportedError):
+        permute_qk_rows(torch.randn(10, 2), 4)

@@ -48,7 +48,7 @@ CFG = "adapter_config.json"
 MST = "model.safetensors"
 CASE_TIME_LIMIT = 90  # seconds; a healthy case takes well under one on a loaded machine
 PEAK_LIMIT = 300 << 20  # bytes of resident-set growth allowed to a run on these tiny inputs
-AS_EXTRA = 3 << 30  # address space allowed beyond the interpreter's own mappings
+AS_EXTRA = 1 << 30  # address space allowed beyond the interpreter's own mappings
 MARKER = "loratool-fuzz-pwned"  # the file a malicious pickle would create (in the case folder)
 
 COMMANDS = ("inspect", "merge", "convert", "verify", "rerank")
@@ -762,6 +762,10 @@ MUTATIONS = all_mutations()
 FULL = os.environ.get("LORATOOL_FUZZ_FULL", "") not in ("", "0")
 
 
+# the other commands that read an adapter and write OUT, each on every third adapter mutation
+EXTRA_COMMANDS = ("unmerge", "rescale", "combine")
+
+
 def all_cases() -> list[Case]:
     cases = []
     for i, m in enumerate(MUTATIONS):
@@ -769,6 +773,10 @@ def all_cases() -> list[Case]:
         for j, cmd in enumerate(m.commands):
             if FULL or cmd == "inspect" or (i + others.index(cmd)) % 2 == 0:
                 cases.append(Case(m, cmd, i))
+        if m.target == "adapter":
+            for k, cmd in enumerate(EXTRA_COMMANDS):
+                if FULL or i % len(EXTRA_COMMANDS) == k:
+                    cases.append(Case(m, cmd, i))
     return cases
 
 
@@ -839,6 +847,14 @@ def _args(case: Case, env: Env, arg: Path, out: Path) -> list | None:
         return ["convert", adapter, out, "--to", to, "--base", base]
     if cmd == "rerank":
         return ["rerank", adapter, out, *RERANK_RULES[case.variant % len(RERANK_RULES)]]
+    if cmd == "unmerge":
+        if not env.merged.exists():
+            pytest.skip("no clean merge to unmerge")
+        return ["unmerge", env.merged, adapter, out]
+    if cmd == "rescale":
+        return ["rescale", adapter, out, *(["--alpha", "16"], ["--rslora"], ["--no-rslora", "--split", "balanced"])[case.variant % 3]]
+    if cmd == "combine":
+        return ["combine", adapter, env.adapter, out, *([], ["--method", "svd", "--rank", "2"])[case.variant % 2]]
     if cmd == "verify":
         if env.verify_args is None:
             pytest.skip("`loratool verify` takes arguments this suite does not know")
@@ -878,7 +894,7 @@ def check_result(case: Case, code: int, stdout: str, stderr: str, out: Path, fol
         assert not out.exists(), f"a failed run left OUT\n{where}"
     else:
         assert not any(l.startswith("error:") for l in lines), where
-        if case.command in ("merge", "convert", "rerank") and code == 0:
+        if case.command in ("merge", "convert", "rerank", *EXTRA_COMMANDS) and code == 0:
             assert out.exists(), where
     assert not leftovers(folder), f"temporary siblings left: {leftovers(folder)}\n{where}"
     assert tree_digest(input_dir) == before, f"the input was modified\n{where}"
@@ -928,7 +944,7 @@ WARNED_FAILURES: list[str] = []
 
 @pytest.fixture(scope="module")
 def runner():
-    from _fork_runner import ForkRunner
+    from _fork_helpers import ForkRunner
 
     with ForkRunner() as r:
         yield r

@@ -295,6 +295,22 @@ def test_tensor_hook_and_progress(tmp_path):
     assert sum(calls) == rep["bytes_written"]
 
 
+def test_plain_callable_hook_sees_every_tensor(tmp_path):
+    base, adapter = fixture("llama-lora")
+    seen = {}
+
+    def hook(name, tensor):
+        seen[name] = tensor.dtype
+        return tensor * 0 if name == "model.norm.weight" else None
+
+    rep = merge_model(base, adapter, tmp_path / "out", device="cpu", tensor_hook=hook)
+    assert len(seen) == rep["tensors"]["total"]
+    ours = load_dir(tmp_path / "out")
+    assert not ours["model.norm.weight"].any()
+    plain = load_dir(merge_model(base, adapter, tmp_path / "plain", device="cpu")["out"])
+    assert all(torch.equal(ours[k], plain[k]) for k in ours if k != "model.norm.weight")
+
+
 def test_device_choice():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")

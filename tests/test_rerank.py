@@ -9,6 +9,7 @@ import torch
 
 from _surgery_helpers import assert_full_tensors_carried, full_svd_truncation, peft_view, rel
 from conftest import ADAPTER_BASE, ADAPTERS, assert_one_line_error, invoke
+from realworld import REALWORLD, build_model
 
 import loratool
 from loratool.ops.lowrank import factored_svd, factors_from_svd, pad_factors
@@ -161,3 +162,29 @@ def test_rerank_refuses_existing_out(tmp_path):
     assert code == 2 and "exists" in assert_one_line_error(err)
     code, _, err = invoke("rerank", ADAPTERS / "llama-lora", tmp_path / "out", "--rank", 2, "--force")
     assert code == 0, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REALWORLD / "gpt2-tigrinya").exists(), reason="../shared/realworld is absent")
+def test_rerank_real_adapter_loads_in_peft(tmp_path):
+    """A real GPT-2 adapter (Conv1D, c_proj of two shapes): --energy output loads in PEFT as computed."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    ad = loratool.read_adapter(REALWORLD / "gpt2-tigrinya")
+    code, out, err = invoke("rerank", REALWORLD / "gpt2-tigrinya", tmp_path / "out", "--energy", "0.8", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["modules"]}
+    written = loratool.read_adapter(tmp_path / "out")
+    pm = PeftModel.from_pretrained(build_model("gpt2-tigrinya"), str(tmp_path / "out"))
+    seen = 0
+    for name, mod in pm.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.r:
+            short = name[len("base_model.model."):]
+            delta = (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double()) * mod.scaling["default"]
+            assert mod.r["default"] == rows[short]["rank"]
+            # what loratool computed (checked against the full SVD on the fixtures above)
+            assert rel(delta.detach(), written.modules[short].delta(dtype=torch.float64)) < 1e-12, short
+            assert rows[short]["kept_energy"] >= 0.8
+            seen += 1
+    assert seen == len(ad.modules)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -12,12 +11,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ADAPTER_BASE, ADAPTERS, BASES, assert_one_line_error, invoke
-from realworld import PEFT_REALWORLD, REALWORLD, REALWORLD_BASES
+from realworld import PEFT_REALWORLD, REALWORLD
 
 import loratool
 from loratool.verify import format_weights_report, verify_outputs, verify_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared machine: torch's thread pool only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -48,9 +56,13 @@ def to_peft(adapter_path: Path, base: Path, out: Path, **read_options) -> Path:
     """A non-PEFT adapter converted to a PEFT folder (for PEFT to merge it)."""
     from loratool.base import BaseModel, bind_adapter
 
+    import dataclasses
+
     ad = loratool.read_adapter(adapter_path, **read_options)
-    bind_adapter(ad, BaseModel.open(base))
-    loratool.write_adapter(ad, out, format="peft")
+    mapping = bind_adapter(ad, BaseModel.open(base))
+    # PEFT targets the base's own module names (the scratch file says model.encoder...)
+    renamed = {mapping[n].removesuffix(".weight"): dataclasses.replace(m, name=mapping[n].removesuffix(".weight")) for n, m in ad.modules.items()}
+    loratool.write_adapter(ad.replace_modules(renamed, extras={}), out, format="peft")
     return out
 
 
@@ -62,10 +74,6 @@ def edit_merged(src: Path, dst: Path, fn) -> Path:
     fn(sd)
     save_file(sd, f, metadata={"format": "pt"})
     return dst
-
-
-def base_tensor(base: str, key: str) -> torch.Tensor:
-    return load_file(BASES / base / "model.safetensors")[key]
 
 
 def failed_names(report) -> set[str]:
@@ -493,3 +501,60 @@ def test_weight_check_memory_stays_bounded(realworld_bases, tmp_path):
     idle = peak_anon(["-c", "import loratool.cli, loratool.verify, torch, safetensors.torch"])
     used = peak_anon(["-m", "loratool", "verify", str(base), str(REALWORLD / "gpt2-tigrinya"), str(out), "--quiet"])
     assert used - idle < 0.5 * size, (used - idle, size)
+
+
+def test_outputs_with_an_adapter_in_another_format(tmp_path, merged):
+    """A scratch adapter is converted to PEFT for the unmerged run."""
+    scratch = tmp_path / "lora.safetensors"
+    loratool.write_adapter(loratool.read_adapter(ADAPTERS / "llama-rslora"), scratch, format="scratch")
+    report = verify_outputs(BASES / "llama", scratch, merged("llama-rslora", "float32"))
+    assert report["passed"] and report["relative_diff"] < 1e-5
+    assert verify_weights(BASES / "llama", scratch, merged("llama-rslora", "float32"))["passed"]
+
+
+# ----------------------------------------------------------------------------- merge --verify
+
+
+def _merge_cmd_has_verify() -> bool:
+    from loratool.cli import main
+
+    cmd = main.commands.get("merge")
+    return cmd is not None and any(p.name == "verify" for p in cmd.params)
+
+
+needs_merge_verify = pytest.mark.skipif(not _merge_cmd_has_verify(), reason="merge has no --verify yet")
+
+
+@needs_merge_verify
+def test_merge_verify_passes(tmp_path):
+    code, out, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-dora", tmp_path / "m1", "--verify")
+    assert code == 0, err
+    assert "verify weights: PASS" in out
+    code, out, err = invoke("merge", BASES / "qwen2", ADAPTERS / "qwen2-bias", tmp_path / "m2", "--verify", "outputs", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["verify"]["passed"] and rep["verify"]["outputs"]["passed"] and rep["verify"]["summary"]["modules"] == 12
+
+
+@needs_merge_verify
+def test_merge_verify_failure_names_the_output(tmp_path, monkeypatch):
+    import loratool.verify as lv
+
+    original = lv.verify_weights
+    # with a zero tolerance, bfloat16 rounding is a failure
+    monkeypatch.setattr(lv, "verify_weights", lambda *a, **k: original(*a, **dict(k, tolerance=0.0)))
+    out_dir = tmp_path / "m"
+    code, out, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-lora", out_dir, "--verify", "--dtype", "bfloat16")
+    assert code == 1
+    line = assert_one_line_error(err)
+    assert "suspect merged model" in line and str(out_dir) in line
+    assert out_dir.is_dir()  # left in place for inspection
+
+
+@needs_merge_verify
+def test_merge_verify_with_quantized_output(tmp_path):
+    code, out, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-rslora", tmp_path / "q", "--quantize", "int8", "--verify", "--json")
+    assert code == 0, err
+    rep = json.loads(out)["verify"]
+    assert rep["quantized"] and all(m["status"] == "quantized" for m in rep["modules"])
+    assert all(m["retention"] == pytest.approx(m["expected_retention"], abs=0.05) for m in rep["modules"])

@@ -28,7 +28,7 @@ def parse_weights(text: str | None) -> list[float] | None:
 
 
 @click.command("combine")
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1, required=True, metavar="A1 [A2 ...] OUT")
 @click.option("--weights", help="Comma-separated weight per adapter (default: 1 each).")
 @click.option("--method", type=click.Choice(["cat", "svd"]), default="cat", show_default=True,
               help="cat: exact, ranks add. svd: optimal rank-R approximation of the sum.")

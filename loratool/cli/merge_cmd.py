@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
@@ -20,8 +22,7 @@ def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, for
     base_model = open_base(base, **adapter_opts)
     emit_warnings(out, ad.warnings)
     ad.warnings = []  # printed above; merge_model's warn callback prints the rest
-    total = sum(e.end - e.begin if e.begin is not None else 0 for e in base_model.store.entries()) or None
-    bar = out.progress(total=total or 0, desc="unmerge" if sign < 0 else "merge")
+    bar = out.progress(total=_output_bytes(base_model, dtype), desc="unmerge" if sign < 0 else "merge")
     try:
         rep = merge_model(
             base_model,
@@ -36,6 +37,7 @@ def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, for
             report_path=report,
             progress=bar,
             warn=out.warn,
+            weight_norms=bool(report) or out.json_mode,
             quantization=quantization,  # quantization (loratool.quantized)
         )
     finally:
@@ -90,6 +92,18 @@ def run_qalora_merge(out: Output, base, adapter, dest, *, pooling, group_size, t
     return rep
 # --- end qalora ---
 
+def _output_bytes(base_model, dtype: str | None) -> int:
+    """What OUT will hold, for the progress bar (tensors the adapter adds are not counted)."""
+    from loratool.merge import CONVERTIBLE, resolve_dtype
+
+    out_dtype = resolve_dtype(dtype)
+    total = 0
+    for e in base_model.store.entries():
+        d = out_dtype if out_dtype is not None and e.dtype in CONVERTIBLE else e.dtype
+        total += math.prod(e.shape) * d.itemsize
+    return total
+
+
 @click.command("merge")
 @click.argument("base")
 @click.argument("adapter")
@@ -114,6 +128,9 @@ def run_qalora_merge(out: Output, base, adapter, dest, *, pooling, group_size, t
 @click.option("--double-quant", is_flag=True, help="4-bit double quantization (bnb_4bit_use_double_quant) for --qlora / --quantize.")
 @click.option("--retention-threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Warn about modules that keep less than this share of their delta.")
 # --- end quantization ---
+# --- verify (loratool.verify): check OUT after writing it, see docs/verify.md ---
+@click.option("--verify", "verify", type=click.Choice(["weights", "outputs"]), is_flag=False, flag_value="weights", default=None, help="After writing, check OUT against BASE + ADAPTER: `--verify` the weights, `--verify outputs` the model outputs too; exit 1 if OUT fails.")
+# --- end verify ---
 @adapter_argument_options
 @json_option
 @common_options
@@ -139,6 +156,14 @@ def command(base, adapter, out, dtype, device, force, strict, report, as_json, q
     if push_repo and as_json:
         o.json = held.append
     # --- end push ---
+    # --- verify (loratool.verify): hold the merge JSON to print it with the verification ---
+    verify_mode = adapter_opts.pop("verify", None)
+    verify_held = []
+    if verify_mode and adapter_opts.get("qalora"):
+        raise click.UsageError("--verify does not apply to --qalora")
+    if verify_mode and as_json and not push_repo:
+        o.json = verify_held.append
+    # --- end verify ---
     # --- quantization (loratool.quantized): collect --qlora / --quantize and their settings ---
     from loratool.quantized import QuantOptions
 
@@ -161,6 +186,13 @@ def command(base, adapter, out, dtype, device, force, strict, report, as_json, q
     else:
         run_merge(o, base, adapter, out, sign=1, dtype=dtype, device=device, force=force, strict=strict, report=report, adapter_opts=adapter_opts, quantization=quant)
     # --- end qalora ---
+    # --- verify (loratool.verify): check OUT now that it is written, before any upload ---
+    if verify_mode:
+        from loratool.cli.verify_cmd import verify_after_merge
+
+        verify_after_merge(o, base, adapter, out, mode=verify_mode, adapter_opts=adapter_opts, quantization=quant,
+                           merge_json=(held or verify_held or [None])[0], print_json=not push_repo)
+    # --- end verify ---
     # --- push (loratool.hub): upload the merged model once the merge succeeded ---
     if push_repo:
         from loratool.cli.push_cmd import report_push

@@ -58,7 +58,9 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
         for note in report["notes"]:
             out.warn(note)
     if not report["passed"]:
-        raise CheckFailedError(failure_summary(report))
+        exc = CheckFailedError(failure_summary(report))
+        exc.report = report
+        raise exc
     return report
 
 
@@ -100,3 +102,36 @@ def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len
     ad.warnings = []
     run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
                prompts=prompts, samples=samples, seq_len=seq_len)
+
+
+def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None,
+                       merge_json: dict | None = None, print_json: bool = True) -> dict:
+    """``merge --verify [weights|outputs]``: check the OUT just written against BASE + ADAPTER.
+
+    In JSON mode the verification goes into the merge's JSON object (``verify``), printed here
+    when ``print_json`` (or when the check fails). Raises CheckFailedError naming OUT on failure.
+    """
+    ad = open_adapter(adapter, **adapter_opts)
+    ad.warnings = []  # the merge printed them
+    base_model = open_base(base, **adapter_opts)
+    if quantization is not None and getattr(quantization, "qlora", None):
+        # --qlora merged into dequantize(quantize(W)): that is the base OUT must equal plus the delta
+        from loratool.quantized import QuantOptions, setup_quantization
+
+        opts = QuantOptions(qlora=quantization.qlora, blocksize=quantization.blocksize, double_quant=quantization.double_quant)
+        base_model = setup_quantization(base_model, ad, opts)[0]
+    merged_model = open_base(str(dest))
+    quiet_json = Output(json_mode=True, quiet=True)
+    quiet_json.json = lambda obj: None  # the report is printed below, inside the merge JSON
+    target = quiet_json if out.json_mode else out
+    try:
+        report = run_verify(target, base_model, ad, merged_model, outputs=mode == "outputs", tolerance=None, device="cpu")
+    except CheckFailedError as exc:
+        if out.json_mode and merge_json is not None:
+            Output.json(out, dict(merge_json, verify=getattr(exc, "report", None)))
+        raise CheckFailedError(f"{exc}; the suspect merged model is at {dest}") from None
+    if out.json_mode and merge_json is not None:
+        merge_json["verify"] = report
+        if print_json:
+            Output.json(out, merge_json)
+    return report

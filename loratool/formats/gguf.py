@@ -23,7 +23,9 @@ into B. DoRA, a LoRA bias and modules_to_save have no GGUF form and are refused.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -384,7 +386,11 @@ def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", re
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    # numpy's tofile (used by GGUFWriter) loses write errors when the disk fills: check the size
+    expected = writer.fout[0].tell() if writer.fout else None
     writer.close()
+    if expected is not None and os.path.getsize(target) < expected:
+        raise OSError(errno.ENOSPC, "the file came out short (disk full or file size limit reached)", str(target))
     if report is not None:
         if rescaled:
             report.setdefault("baked", []).append(f"per-module scale baked into lora_b for {len(rescaled)} module(s) (GGUF holds one alpha, {alpha:g})")

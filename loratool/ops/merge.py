@@ -158,6 +158,16 @@ class Factors:
             return block.addmm_(self.A[:, start:stop].T, self.B.T, alpha=alpha)
         return block.addmm_(self.B[start:stop], self.A, alpha=alpha)
 
+    def row_factors(self, *, sign: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) with sign * dW[rows] = L[rows] @ R in the stored layout, the scale folded into L.
+
+        Linear: L = s * B (out, r), R = A (r, in). Conv1D / embedding: L = s * A.T (in, r), R = B.T (r, out).
+        """
+        s = float(sign) * self.scale
+        if self.transposed:
+            return (self.A.T * s).contiguous(), self.B.T.contiguous()
+        return (self.B * s).contiguous(), self.A.contiguous()
+
     def delta_rows(self, start: int, stop: int) -> torch.Tensor:
         """dW rows [start:stop] in the stored layout, float32."""
         if self.transposed:
@@ -167,4 +177,4 @@ class Factors:
     def delta_norm_sq(self) -> float:
         """||scale * B @ A||_F^2 without forming B @ A: trace((B^T B)(A A^T)) * scale^2."""
         gram = (self.B.T @ self.B) * (self.A @ self.A.T)
-        return max(float(gram.sum().double()), 0.0) * self.scale * self.scale
+        return max(float(gram.sum()), 0.0) * self.scale * self.scale
