@@ -379,8 +379,9 @@ def plan_merge(
     for tname, tensor in adapter.modules_to_save.items():
         is_base_layer = tname in module_weights  # PEFT's saved base_layer.weight of a LoRA'd module
         key = base.tensor_name(tname)
-        if key is None and tname.endswith(".weight"):
-            key = _tied_head_key(base, tname[: -len(".weight")])
+        tied_head = key is None and tname.endswith(".weight") and _tied_head_key(base, tname[: -len(".weight")]) is not None
+        if tied_head and is_base_layer:
+            key = _tied_head_key(base, tname[: -len(".weight")])  # PEFT loaded it into the shared tensor
         if sign < 0:
             if is_base_layer:
                 continue  # subtracting the delta recovers it
@@ -393,7 +394,8 @@ def plan_merge(
             t = TensorTask(tname, None, _cast(tensor.dtype, out_dtype or float_default), tuple(tensor.shape), replacement=tensor)
             added.append(t)
             mts_report.append({"name": tname, "tensor": tname, "action": "added"})
-            warnings.append(f"{tname}: modules_to_save tensor is not in the base; it is added to the output")
+            why = " (the config ties it to the input embedding, so transformers ignores it unless tie_word_embeddings is turned off)" if tied_head else ""
+            warnings.append(f"{tname}: modules_to_save tensor is not in the base; it is added to the output{why}")
             continue
         if tuple(base.store.shape(key)) != tuple(tensor.shape):
             raise ModuleMismatchError(tname, f"shape mismatch: adapter gives modules_to_save tensor {tuple(tensor.shape)}, base {key} is {tuple(base.store.shape(key))}")
@@ -681,6 +683,11 @@ class _Producer:
         self.compute_s = 0.0
         self.wait_s = 0.0  # time the producer waited for the writer
         self.counts = Counter()
+        # output blocks are recycled: fresh 16 MiB buffers would cost a page fault (and the
+        # kernel zeroing a page) every 4 KiB of output
+        self.pool: queue.Queue = queue.Queue()
+        self._pool_bytes = BLOCK_ELEMS * 4
+        self._pool_made = 0
 
     # -- queue --
     def put(self, item) -> None:
@@ -742,7 +749,12 @@ class _Producer:
             self.counts["added" if task.source is None else "replaced"] += 1
             blocks = self._replace(task)
         if task.hooked:
-            parts = list(blocks)
+            parts = []
+            for block in blocks:
+                t, buf = block if isinstance(block, tuple) else (block, None)
+                parts.append(t.clone() if buf is not None else t)
+                if buf is not None:
+                    self.pool.put(buf)
             full = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(task.shape, dtype=task.dtype)
             produced = self.hook(task.name, full.reshape(task.shape), task.touched)
             del parts, full
@@ -753,17 +765,42 @@ class _Producer:
                 if t.dtype != dtype or tuple(t.shape) != shape:
                     raise RuntimeError(f"tensor hook: {name} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
                 self.put(("begin", name))
-                self.put(("part", t))
+                self.put(("part", t, None))
                 self.put(("end", name))
         else:
             self.put(("begin", task.name))
             for block in blocks:
-                self.put(("part", block))
+                t, buf = block if isinstance(block, tuple) else (block, None)
+                self.put(("part", t, buf))
             self.put(("end", task.name))
         for mod in task.modules:
             self.stats[mod.name].seconds += time.perf_counter() - t0
         if task.source is not None:
             self.reader.release(task.source)
+
+    def _out_block(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An output block on the CPU: (tensor, pool buffer to give back once written, or None)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self._pool_bytes:
+            return torch.empty(shape, dtype=dtype), None
+        try:
+            buf = self.pool.get_nowait()
+        except queue.Empty:
+            if self._pool_made < QUEUE_DEPTH + 2:
+                self._pool_made += 1
+                buf = torch.empty(self._pool_bytes, dtype=torch.uint8)
+            else:
+                t0 = time.perf_counter()
+                while True:
+                    if self.stop.is_set():
+                        raise _Stop
+                    try:
+                        buf = self.pool.get(timeout=0.2)
+                        break
+                    except queue.Empty:
+                        continue
+                self.wait_s += time.perf_counter() - t0
+        return buf[:nbytes].view(dtype).reshape(shape), buf
 
     def _view_rows(self, task: TensorTask, start: int, stop: int, replacement: torch.Tensor | None) -> torch.Tensor:
         """Rows of the tensor being updated, read-only (the replacement's, or the base's)."""
@@ -823,7 +860,10 @@ class _Producer:
             src = self._view_rows(task, start, stop, repl).reshape(stop - start, cols)
             if not on_cpu:
                 src = src.to(self.device)
-            out = torch.empty((stop - start, cols), dtype=task.dtype, device=self.device)
+            if on_cpu:
+                out, buf = self._out_block((stop - start, cols), task.dtype)
+            else:
+                out, buf = torch.empty((stop - start, cols), dtype=task.dtype, device=self.device), None
             for i in range(0, stop - start, sub_rows):
                 j = min(stop - start, i + sub_rows)
                 d = scratch[: j - i]
@@ -842,7 +882,8 @@ class _Producer:
                         b = b + 0.5 * _ulp(out[i:j].float(), task.dtype).to(b.device)
                     bound = max(bound, float(b.max()))
             del src
-            yield out.reshape((stop - start, *task.shape[1:])).cpu()
+            out = out.reshape((stop - start, *task.shape[1:]))
+            yield (out, buf) if buf is not None else out.cpu()
         for st in stats:
             st.weight_sq = weight_sq if self.weight_norms else None
             st.rounding_bound = bound
@@ -940,6 +981,8 @@ def execute_plan(
                         current = item[1]
                     elif kind == "part":
                         writer.part(item[1])
+                        if item[2] is not None:
+                            producer.pool.put(item[2])
                         if progress:
                             progress(item[1].numel() * item[1].element_size(), current)
                     elif kind == "end":

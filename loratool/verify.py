@@ -366,7 +366,9 @@ def _lora_bound(*, Enorm: float, dnorm: float, rnorm: float, fac: float, rank: i
 
 
 def _factors(module: LoraModule, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return module.A.load().to(device=device, dtype=torch.float32), module.B.load().to(device=device, dtype=torch.float32)
+    # detached: a pickled adapter may hold its factors as parameters that require grad
+    a = module.A.load().detach().to(device=device, dtype=torch.float32)
+    return a, module.B.load().detach().to(device=device, dtype=torch.float32)
 
 
 def _delta_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
@@ -612,6 +614,8 @@ def verify_weights(
             return bkey
         return merged_m.tensor_name(bkey)
 
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # adapter tensors loaded from pickles may require grad
     try:
         for entry in _entries_in_file_order(base_m.store):
             bkey = entry.name
@@ -666,6 +670,7 @@ def verify_weights(
     finally:
         views.close()
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
 
     # bias of a lora_bias module whose base layer has no bias
     for bkey, mod in bias_of.items():

@@ -32,7 +32,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import LazyTensor, TensorStore, read_safetensors_header
+from loratool.io.store import LazyTensor, TensorStore, is_safetensors_file, read_safetensors_header
 from loratool.io.writer import write_safetensors
 
 NAME = "scratch"
@@ -91,7 +91,7 @@ def _pickle_may_hold_scratch(path: Path, limit: int = 8 << 20) -> bool:
 
 def _candidate_keys(path: Path) -> list[str] | None:
     """Tensor names of a candidate file, read cheaply; None if it is not one."""
-    if path.suffix == ".safetensors":
+    if is_safetensors_file(path):
         try:
             entries, _, _ = read_safetensors_header(path)
         except FormatError:
@@ -120,7 +120,7 @@ def detect(path: Path) -> bool:
         if (path / "adapter_config.json").exists():
             return False
         return _single_file(path) is not None
-    if path.suffix not in SUFFIXES:
+    if path.suffix not in SUFFIXES and not (path.suffix == "" and path.is_file() and is_safetensors_file(path)):
         return False
     keys = _candidate_keys(path)
     return bool(keys) and any(parse_key(k) for k in keys)

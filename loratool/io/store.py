@@ -180,7 +180,7 @@ class TensorStore:
         self.metadata: dict[str, str] = {}
         self.extras: dict[str, object] = {}  # non-tensor entries found in pickles
         for f in self.files:
-            if f.suffix == ".safetensors":
+            if is_safetensors_file(f):
                 entries, meta, _ = read_safetensors_header(f)
                 self.metadata.update(meta)
                 for e in entries:
@@ -228,7 +228,7 @@ class TensorStore:
 
     @property
     def is_safetensors(self) -> bool:
-        return all(f.suffix == ".safetensors" for f in self.files)
+        return not self._pickles
 
     # -- data --
     def get(self, name: str) -> torch.Tensor:
@@ -263,6 +263,21 @@ class TensorStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """By name (``.safetensors``), else by content: an 8-byte length then a JSON object."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
 
 
 def load_pickle(path: Path) -> object:
