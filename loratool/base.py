@@ -25,10 +25,8 @@ CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 # buffers that transformers checkpoints may carry but that are not parameters
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
-# files a merged output copies from the base folder besides its weights
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# tokenizer files that travel with a model folder
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -41,8 +39,10 @@ SIDE_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
 )
+
+# files a merged output copies from the base folder besides its weights
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
 
 
 def is_conv1d(model_type: str | None, module_name: str) -> bool:
@@ -163,6 +163,9 @@ def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = Tru
                 f"shape mismatch: adapter gives {mod.kind.value} weight {tuple(mod.weight_shape)} "
                 f"(A {mod.A.shape}, B {mod.B.shape}), base {key} is {tuple(shape)}",
             )
+        dtype = base.store.dtype(key)
+        if strict_shapes and not dtype.is_floating_point:
+            raise ModuleMismatchError(name, f"base tensor {key} is {str(dtype).replace('torch.', '')}, not floating point; a LoRA delta cannot be merged into it")
         mapping[name] = key
     return mapping
 

@@ -16,27 +16,13 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from loratool.base import SIDE_FILES
+from loratool.base import SIDE_FILES, TOKENIZER_FILES
 from loratool.errors import FormatError, InputError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-MODEL_SIDE_FILES = tuple(dict.fromkeys((*SIDE_FILES, *TOKENIZER_FILES, "processor_config.json")))
+MODEL_SIDE_FILES = (*SIDE_FILES, "processor_config.json")
 
 # Training leftovers: never downloaded, never pushed unless --include names them.
 TRAINING_LEFTOVERS = (

@@ -849,7 +849,7 @@ class _Producer:
         repl = self._replacement(task)
         rows_total, cols = task.shape[0], math.prod(task.shape[1:])
         on_cpu = self.device.type == "cpu"
-        sub_rows = max(1, SUB_ELEMS // max(1, cols)) if on_cpu else max(1, rows_total)
+        sub_rows = max(1, (SUB_ELEMS if on_cpu else BLOCK_ELEMS) // max(1, cols))
         scratch = torch.empty((min(sub_rows, rows_total), cols), dtype=F32, device=self.device)
         src_dtype = repl.dtype if repl is not None else task.source.dtype
         track = self.track_rounding and (src_dtype in HALF or task.dtype in HALF)
@@ -872,7 +872,7 @@ class _Producer:
                     d.addmm_(L2[start + i : start + j], R2)
                 torch.add(src[i:j], d, out=out[i:j])
                 if self.weight_norms:
-                    weight_sq += float(torch.linalg.vector_norm(src[i:j], dtype=F32)) ** 2
+                    weight_sq += float(torch.linalg.vector_norm(src[i:j].float())) ** 2
                 if track:
                     b = torch.zeros((), device=self.device)
                     if src_dtype in HALF:

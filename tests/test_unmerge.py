@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _merge_helpers import edit_adapter, fixture, load_dir, load_model, siblings
-from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
+from conftest import BASES, assert_one_line_error, invoke
 
 import loratool
 from loratool.merge import merge_model
