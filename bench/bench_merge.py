@@ -200,7 +200,10 @@ def bench(work: Path, layers: int, peft: bool, repeat: int = 1) -> dict:
     res["cp_sync"] = best_of(repeat, ["bash", "-c", f"cp -r '{base}' '{case / 'cp'}' && sync"], case / "cp")
     print(f"[{layers} layers] loratool merge ...", flush=True)
     res["loratool"] = best_of(repeat, [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), str(case / "merged"), "--device", "cpu", "--quiet"], case / "merged")
+    # context: what the interpreter start-up alone costs each contender
+    res["loratool_startup"] = best_of(repeat, [sys.executable, "-c", "import loratool.cli, loratool.merge"], case / "none")
     if peft:
+        res["peft_startup"] = best_of(repeat, [sys.executable, "-c", "import torch, transformers, peft; from transformers import AutoModelForCausalLM; from peft import PeftModel"], case / "none")
         print(f"[{layers} layers] PEFT merge_and_unload + save_pretrained ...", flush=True)
         script = case / "peft_merge.py"
         script.write_text(PEFT_SCRIPT)
@@ -251,7 +254,13 @@ def main(argv=None) -> int:
     for r in results["runs"]:
         label = f"{r['layers']} layers, {r['base_bytes'] / 2**30:.2f} GiB"
         cp = r["cp_sync"]["wall_s"]
-        for key, title in (("cp_sync", "cp -r + sync"), ("loratool", "loratool merge"), ("peft", "PEFT merge_and_unload")):
+        for key, title in (
+            ("cp_sync", "cp -r + sync"),
+            ("loratool", "loratool merge"),
+            ("peft", "PEFT merge_and_unload"),
+            ("loratool_startup", "(start-up only: import loratool)"),
+            ("peft_startup", "(start-up only: import transformers + peft)"),
+        ):
             if key not in r:
                 continue
             x = r[key]

@@ -11,7 +11,8 @@ API::
 
     report = merge_model(base, adapter, out, *, dtype=None, device="auto", force=False,
                          strict=False, sign=+1, keep_modules_to_save=False, report_path=None,
-                         progress=None, tensor_hook=None, warn=None)
+                         progress=None, tensor_hook=None, warn=None, weight_norms=None,
+                         quantization=None)
 
 ``base`` is a folder or a ``BaseModel``; ``adapter`` a path or an ``Adapter``. ``sign=-1``
 unmerges. ``report`` is a JSON-ready dict (also written to ``report_path``). Internally:
@@ -23,8 +24,12 @@ unmerges. ``report`` is a JSON-ready dict (also written to ``report_path``). Int
     Raises the refusals (``ModuleMismatchError``, ``UnsupportedError``, ``InputError``).
 ``check_adapter_finite(adapter)``
     Raises ``InputError`` on NaN/Inf in any adapter tensor; called before OUT is created.
-``execute_plan(plan, folder, *, device, progress, tensor_hook) -> dict``
+``execute_plan(plan, folder, *, device, progress, tensor_hook, weight_norms) -> dict``
     Streams the shards, the index json and the side files into ``folder``.
+
+Numerics: every update is float32 math rounded once to the output dtype. Plain LoRA runs
+fused (``torch.add(W, L[rows] @ R, out=...)`` on cache-sized sub-blocks, the scale folded
+into L), so it may differ from PEFT's ``W + (B @ A) * scale`` by float32 rounding only.
 
 A ``TensorTask`` is one base tensor (or one tensor the adapter adds) and the ordered updates
 that apply to it: ``replacement`` (modules_to_save, or PEFT's saved ``base_layer.weight``),
@@ -42,6 +47,10 @@ an object with
   must return exactly the declared tensors;
 * optionally ``finalize(folder, report)``, called after every shard and side file is in the
   temporary folder and before it is committed (e.g. to add a quantization_config).
+
+A plain callable ``hook(name, tensor) -> dict | Tensor | None`` is accepted too
+(``as_tensor_hook``): it sees every tensor (so nothing is raw-copied) and may change values
+only, not names, dtypes or shapes; ``None`` keeps the tensor.
 
 Tied embeddings: see docs/merge.md. In short, a base whose checkpoint has no ``lm_head``
 because ``tie_word_embeddings`` is set keeps it tied; a LoRA on ``lm_head`` (or on the
