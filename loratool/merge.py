@@ -540,43 +540,6 @@ def _finite(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- execution
 
 
-class _PartWriter(SafetensorsStreamWriter):
-    """The stream writer, plus writing one declared tensor in several parts (row blocks)."""
-
-    _open: tuple[str, int] | None = None
-
-    def begin(self, name: str) -> None:
-        i = self._expect(name)
-        self._open = (name, self._sizes[i])
-
-    def part(self, tensor: torch.Tensor) -> None:
-        name, left = self._open
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        n = t.numel() * t.element_size()
-        if n > left:
-            raise RuntimeError(f"safetensors writer: {name} got more bytes than declared")
-        if n:
-            self._fh.write(memoryview(t.view(torch.uint8).numpy()))
-        self._open = (name, left - n)
-
-    def end(self, name: str) -> None:
-        if self._open is None or self._open[0] != name or self._open[1] != 0:
-            raise RuntimeError(f"safetensors writer: {name} is incomplete")
-        self._open = None
-        self._next += 1
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # no fsync here: the engine fsyncs each finished shard in the background while the
-        # next one is written (and the atomic commit fsyncs the whole folder again)
-        try:
-            if exc_type is None:
-                if self._next != len(self.specs):
-                    raise RuntimeError(f"safetensors writer: {len(self.specs) - self._next} declared tensors were not written")
-                self._fh.flush()
-        finally:
-            self._fh.close()
-
-
 def _fsync_file(path: Path, errors: list) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -975,8 +938,10 @@ def execute_plan(
                 weight_map[name] = shard.filename
                 total_bytes += math.prod(shape) * dtype.itemsize
                 total_params += math.prod(shape)
-            with _PartWriter(folder / shard.filename, specs, shard.metadata) as writer:
-                while writer._next < len(specs):
+            # no fsync on close: each finished shard is fsynced in the background while the next
+            # one is written (and the atomic commit fsyncs the whole folder again)
+            with SafetensorsStreamWriter(folder / shard.filename, specs, shard.metadata, fsync=False) as writer:
+                while writer.remaining:
                     item = _get(producer.queue, thread)
                     kind = item[0]
                     t0 = time.perf_counter()

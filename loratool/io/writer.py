@@ -26,13 +26,23 @@ _ALIGN = 8  # tensor data starts 8-byte aligned, like the reference writer
 class SafetensorsStreamWriter:
     """Write a safetensors file whose tensor list is declared up front.
 
-    Use as a context manager; ``write`` (or ``copy_raw``) must be called once per declared
-    tensor in declaration order. Leaving the block early raises and leaves the file
-    incomplete, which is why it is meant to be written inside an atomic output folder.
+    Use as a context manager; each declared tensor is written once, in declaration order, by
+    ``write``, ``copy_raw``, or ``begin`` + ``part``... + ``end`` (row blocks). Leaving the block
+    early raises and leaves the file incomplete, which is why it is meant to be written inside
+    an atomic output folder. ``fsync=False`` leaves syncing to the caller (e.g. in the background).
     """
 
-    def __init__(self, path: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        fsync: bool = True,
+    ):
         self.path = Path(path)
+        self.fsync = fsync
+        self._open: tuple[str, int] | None = None  # (name, bytes still expected) between begin and end
         self.specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
         header: dict[str, object] = {}
         if metadata:
@@ -65,15 +75,42 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"safetensors writer: got {name!r}, expected {expected!r}")
         return self._next
 
+    @property
+    def remaining(self) -> int:
+        """How many declared tensors are still to be written."""
+        return len(self.specs) - self._next
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the data of the next declared tensor."""
         i = self._expect(name)
         _, dtype, shape = self.specs[i]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"safetensors writer: {name} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self._fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._open = (name, self._sizes[i])
+        self.part(tensor)
+        self.end(name)
+
+    def begin(self, name: str) -> None:
+        """Start the next declared tensor, to be written in parts."""
+        i = self._expect(name)
+        self._open = (name, self._sizes[i])
+
+    def part(self, tensor: torch.Tensor) -> None:
+        """Append the bytes of the next rows of the tensor begun last."""
+        name, left = self._open
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        n = t.numel() * t.element_size()
+        if n > left:
+            raise RuntimeError(f"safetensors writer: {name} got more bytes than declared")
+        if n:
+            self._fh.write(memoryview(t.view(torch.uint8).numpy()))
+        self._open = (name, left - n)
+
+    def end(self, name: str) -> None:
+        """Finish the tensor begun last; all its declared bytes must have been written."""
+        if self._open is None or self._open[0] != name or self._open[1] != 0:
+            raise RuntimeError(f"safetensors writer: {name} is incomplete")
+        self._open = None
         self._next += 1
 
     def copy_raw(self, name: str, source: TensorEntry) -> None:
@@ -92,8 +129,9 @@ class SafetensorsStreamWriter:
                 if self._next != len(self.specs):
                     raise RuntimeError(f"safetensors writer: {len(self.specs) - self._next} declared tensors were not written")
                 self._fh.flush()
-                os.fsync(self._fh.fileno())
-                crash_point()
+                if self.fsync:
+                    os.fsync(self._fh.fileno())
+                    crash_point()
         finally:
             self._fh.close()
 
