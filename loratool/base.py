@@ -14,8 +14,8 @@ from typing import Iterable
 
 import torch
 
-from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.errors import FormatError, InputError, ModuleMismatchError
+from loratool.adapter import Adapter, ModuleKind
+from loratool.errors import FormatError, ModuleMismatchError
 from loratool.io.store import TensorStore, checkpoint_files, read_json
 
 # transformers architectures whose projections are GPT-2 style Conv1D (weight stored (in, out))

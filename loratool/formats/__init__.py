@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from loratool.adapter import Adapter
-from loratool.errors import FormatError, InputError
+from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
 from loratool.io.store import refuse_special_file
 
@@ -86,6 +86,28 @@ def read_adapter(path: Path | str, *, format: str | None = None, **options) -> A
     path = Path(path)
     name = format or detect_format(path)
     return get_format(name).read(path, **options)
+
+
+def refuse_lora_bias(adapter: Adapter, holder: str) -> None:
+    """Refuse an adapter with a LoRA bias when the target format (``holder``) cannot store one.
+
+    Raises:
+        UnsupportedError: naming the first module whose bias would be lost.
+    """
+    bias = [m.name for m in adapter if m.bias is not None]
+    if bias:
+        raise UnsupportedError(f"{holder} cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
+
+
+def refuse_modules_to_save(adapter: Adapter, holder: str) -> None:
+    """Refuse an adapter with modules_to_save when the target format (``holder``) cannot store them.
+
+    Raises:
+        UnsupportedError: naming the tensors that would be lost.
+    """
+    if adapter.modules_to_save:
+        names = sorted(adapter.modules_to_save)
+        raise UnsupportedError(f"{holder} adapters cannot hold modules_to_save ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); they would be lost")
 
 
 def write_adapter(adapter: Adapter, out: Path | str, *, format: str = "peft", force: bool = False, inputs=(), **options) -> Path:

@@ -34,6 +34,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import is_conv1d
+from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import LazyTensor
 from loratool.names import (
@@ -264,12 +265,8 @@ def check_writable(adapter: Adapter) -> None:
     dora = [m.name for m in adapter if m.magnitude is not None]
     if dora:
         raise UnsupportedError(f"GGUF (llama.cpp) has no DoRA: the magnitude of {dora[0]} would be lost")
-    bias = [m.name for m in adapter if m.bias is not None]
-    if bias:
-        raise UnsupportedError(f"GGUF (llama.cpp) cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
-    if adapter.modules_to_save:
-        names = sorted(adapter.modules_to_save)
-        raise UnsupportedError(f"GGUF adapters cannot hold modules_to_save ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); they would be lost")
+    refuse_lora_bias(adapter, "GGUF (llama.cpp)")
+    refuse_modules_to_save(adapter, "GGUF")
 
 
 def _resolve_arch(adapter: Adapter, base) -> tuple[GGUFArch, tuple[int | None, int | None], int, dict]:

@@ -26,7 +26,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
 from loratool.formats.litgpt import describe_modules, out_dtype, padded_factors, pickle_head, refuse_unrepresentable, report_packing, strip_wrapper
-from loratool.io.store import LazyTensor, TensorStore, load_pickle
+from loratool.io.store import TensorStore, load_pickle
 
 NAME = "lit-llama"
 OUTPUT_IS_FILE = True

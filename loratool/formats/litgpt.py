@@ -21,7 +21,6 @@ the same blocks, but where the delta landed depended on the version (see ``LEGAC
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import zipfile

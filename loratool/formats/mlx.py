@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import TensorStore, read_json, read_safetensors_header
 from loratool.io.writer import write_safetensors
@@ -183,12 +184,8 @@ def check_writable(adapter: Adapter) -> None:
     Raises:
         UnsupportedError: lora_bias, modules_to_save, DoRA on some modules only, DoRA embeddings.
     """
-    bias = [m.name for m in adapter if m.bias is not None]
-    if bias:
-        raise UnsupportedError(f"MLX cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
-    if adapter.modules_to_save:
-        names = sorted(adapter.modules_to_save)
-        raise UnsupportedError(f"MLX adapters cannot hold modules_to_save ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); they would be lost")
+    refuse_lora_bias(adapter, "MLX")
+    refuse_modules_to_save(adapter, "MLX")
     dora = [m for m in adapter if m.magnitude is not None]
     if dora and len(dora) != len(adapter):
         plain = next(m.name for m in adapter if m.magnitude is None)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.formats import refuse_lora_bias
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import LazyTensor, TensorStore, is_safetensors_file, read_safetensors_header
 from loratool.io.writer import write_safetensors
@@ -299,9 +300,7 @@ def check_writable(adapter: Adapter) -> None:
     dora = [m.name for m in adapter if m.magnitude is not None]
     if dora:
         raise UnsupportedError(f"scratch cannot hold DoRA magnitudes (e.g. {dora[0]}); they would be lost")
-    bias = [m.name for m in adapter if m.bias is not None]
-    if bias:
-        raise UnsupportedError(f"scratch cannot hold a LoRA bias (lora_bias, e.g. {bias[0]}); it would be lost")
+    refuse_lora_bias(adapter, "scratch")
     emb = [m.name for m in adapter if m.kind is ModuleKind.EMBEDDING]
     if emb:
         raise UnsupportedError(f"scratch LoRA is linear only: the embedding LoRA of {emb[0]} would be lost")
