@@ -116,13 +116,28 @@ def make_adapter(folder: Path, layers: int, rank: int = 16) -> None:
 
 
 PEFT_SCRIPT = """
-import sys, torch
+import json, os, sys, time
+t0 = time.perf_counter()
+import torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
+phases = {"import": time.perf_counter() - t0}
 base, adapter, out = sys.argv[1:4]
+t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model = PeftModel.from_pretrained(model, adapter)
+phases["load"] = time.perf_counter() - t
+t = time.perf_counter()
+model = model.merge_and_unload()
+phases["merge"] = time.perf_counter() - t
+t = time.perf_counter()
 model.save_pretrained(out)
+phases["save"] = time.perf_counter() - t
+if "--sync" in sys.argv:
+    t = time.perf_counter()
+    os.sync()
+    phases["sync"] = time.perf_counter() - t
+print("PHASES " + json.dumps({k: round(v, 2) for k, v in phases.items()}), file=sys.stderr)
 """
 
 
@@ -165,7 +180,11 @@ def measure(cmd: list[str], *, env=None) -> dict:
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}):\n{err[-2000:]}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_anon_mib": round(peak / 2**20, 1), "load_avg": round(os.getloadavg()[0], 2)}
+    result = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_anon_mib": round(peak / 2**20, 1), "load_avg": round(os.getloadavg()[0], 2)}
+    phases = [line[len("PHASES "):] for line in err.splitlines() if line.startswith("PHASES ")]
+    if phases:
+        result["phases_s"] = json.loads(phases[-1])
+    return result
 
 
 def du(folder: Path) -> int:
@@ -183,6 +202,10 @@ def best_of(n: int, cmd: list[str], cleanup: Path) -> dict:
     best["peak_rss_anon_mib"] = max(r["peak_rss_anon_mib"] for r in runs)
     best["all_wall_s"] = [r["wall_s"] for r in runs]
     return best
+
+
+def _phases(x: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in x.get("phases_s", {}).items())
 
 
 def bench(work: Path, layers: int, peft: bool, repeat: int = 1) -> dict:
@@ -208,6 +231,9 @@ def bench(work: Path, layers: int, peft: bool, repeat: int = 1) -> dict:
         script = case / "peft_merge.py"
         script.write_text(PEFT_SCRIPT)
         res["peft"] = best_of(repeat, [sys.executable, str(script), str(base), str(adapter), str(case / "peft")], case / "peft")
+        # the same path with its output made durable like cp + sync's and loratool's (fsync before rename)
+        print(f"[{layers} layers] PEFT path + sync ...", flush=True)
+        res["peft_sync"] = best_of(repeat, [sys.executable, str(script), str(base), str(adapter), str(case / "peft"), "--sync"], case / "peft")
     return res
 
 
@@ -249,8 +275,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(work / f"llama-{layers}L", ignore_errors=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print()
-    print("| model | contender | wall s | CPU s (user+sys) | peak RssAnon MiB | wall vs cp+sync | PEFT / loratool (wall, CPU) | load avg after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | contender | wall s | CPU s (user+sys) | peak RssAnon MiB | wall vs cp+sync | PEFT / loratool (wall, CPU) | phases s | load avg after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         label = f"{r['layers']} layers, {r['base_bytes'] / 2**30:.2f} GiB"
         cp = r["cp_sync"]["wall_s"]
@@ -258,6 +284,7 @@ def main(argv=None) -> int:
             ("cp_sync", "cp -r + sync"),
             ("loratool", "loratool merge"),
             ("peft", "PEFT merge_and_unload"),
+            ("peft_sync", "PEFT merge_and_unload + sync"),
             ("loratool_startup", "(start-up only: import loratool)"),
             ("peft_startup", "(start-up only: import transformers + peft)"),
         ):
@@ -267,7 +294,7 @@ def main(argv=None) -> int:
             speed = ""
             if key == "loratool" and "peft" in r:
                 speed = f"{r['peft']['wall_s'] / x['wall_s']:.1f}x, {r['peft']['cpu_s'] / x['cpu_s']:.1f}x"
-            print(f"| {label} | {title} | {x['wall_s']} | {x['cpu_s']} | {x['peak_rss_anon_mib']} | {x['wall_s'] / cp:.2f}x | {speed} | {x['load_avg']} |")
+            print(f"| {label} | {title} | {x['wall_s']} | {x['cpu_s']} | {x['peak_rss_anon_mib']} | {x['wall_s'] / cp:.2f}x | {speed} | {_phases(x)} | {x['load_avg']} |")
     print(f"\nmachine: {results['machine']}")
     return 0
 
