@@ -32,7 +32,7 @@ _LAZY = {
     "rerank": "loratool.surgery",
     "combine": "loratool.surgery",
     "extract": "loratool.surgery",
-    "convert": "loratool.convert",
+    "convert": "loratool.conversion",
     "merge_qalora": "loratool.qalora",
     "push": "loratool.hub",
     "resolve_path": "loratool.hub",

@@ -261,7 +261,7 @@ def _base_names(base: BaseModel) -> list[str]:
 
 
 def base_mismatch(adapter: Adapter, base: BaseModel) -> str | None:
-    """A warning when the adapter's base_model_name_or_path names another model than BASE.
+    """Why the adapter may not belong to BASE: its base_model_name_or_path names another model.
 
     The comparison is loose: the last path component, lowercased, alphanumerics only; one
     name containing the other counts as a match (``gpt2`` vs a folder ``gpt2-finetuned``).
@@ -281,7 +281,7 @@ def base_mismatch(adapter: Adapter, base: BaseModel) -> str | None:
         have = _norm_name(Path(name.rstrip("/")).name)
         if have and (have == want or have in want or want in have):
             return None
-    return f"the adapter was trained on {claimed!r} but BASE is {base.path} ({base.path.name}); merging anyway (use --strict to refuse)"
+    return f"the adapter was trained on {claimed!r} but BASE is {base.path} ({base.path.name})"
 
 
 def _embedding_key(base: BaseModel) -> str | None:
@@ -347,8 +347,8 @@ def plan_merge(
     mismatch = base_mismatch(adapter, base) if sign > 0 else None
     if mismatch:
         if strict:
-            raise InputError(mismatch.replace("; merging anyway (use --strict to refuse)", "; refused (--strict)"))
-        warnings.append(mismatch)
+            raise InputError(f"{mismatch}; refused (--strict)")
+        warnings.append(f"{mismatch}; merging anyway (use --strict to refuse)")
     if sign < 0 and any(m.magnitude is not None for m in adapter.modules.values()):
         raise UnsupportedError(
             "a DoRA adapter cannot be unmerged: DoRA rescales each row by m / ||W + dW||, and that pre-merge norm "
@@ -1089,7 +1089,14 @@ def merge_model(
 
     base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=dtype, sign=sign, tensor_hook=tensor_hook, warn=warn)
     # --- end quantization ---
-    plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
+    try:
+        plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
+    except ModuleMismatchError:
+        # an adapter trained on another model is the likely cause: say so with the refusal
+        mismatch = base_mismatch(adapter, base) if sign > 0 and warn is not None else None
+        if mismatch:
+            warn(mismatch)
+        raise
     if warn is not None:
         for w in plan.warnings:
             warn(w)

@@ -147,3 +147,30 @@ def test_every_command_has_help_with_example():
         code, out, err = invoke(name, "--help")
         assert code == 0, name
         assert "Example" in out, f"{name} --help lacks an example"
+
+
+# ----------------------------------------------------------------------------- options a format does not take
+
+
+@pytest.mark.parametrize("extra, option", [(["--alpha", "5"], "alpha"), (["--scale", "2"], "scale"), (["--legacy-qkv", "scattered"], "legacy_qkv")])
+def test_reading_option_the_format_does_not_take_is_refused(extra, option):
+    # a PEFT adapter stores lora_alpha and its scaling rule: an override would silently vanish
+    line = _inspect_fails(ADAPTERS / "llama-lora", *extra, expect=f"the option {option} ")
+    assert "peft adapters" in line
+
+
+def test_options_are_checked_in_the_library_too(tmp_path):
+    import loratool
+    from loratool.errors import InputError
+
+    with pytest.raises(InputError, match="the option alpha .* peft adapters"):
+        loratool.read_adapter(ADAPTERS / "llama-lora", alpha=5)
+    ad = loratool.read_adapter(ADAPTERS / "llama-lora", alpha=None, base=None)  # None means "not given"
+    with pytest.raises(InputError, match="the option outtype .* writing peft adapters"):
+        loratool.write_adapter(ad, tmp_path / "out", format="peft", outtype="f16")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="the option container .* --to mlx"):
+        loratool.convert(ad, tmp_path / "out", to="mlx", container="pt")
+    with pytest.raises(InputError, match="apply when SRC is a path"):
+        loratool.convert(ad, tmp_path / "out", to="peft", alpha=5)
+    assert not (tmp_path / "out").exists()

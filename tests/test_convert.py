@@ -11,7 +11,7 @@ from _convert_helpers import assert_same_peft, peft_deltas, rel_err, without_mod
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
-from loratool.convert import compare, convert
+from loratool.conversion import compare, convert
 from loratool.errors import OutputExistsError, UnsupportedError
 from loratool.formats import detect_format
 

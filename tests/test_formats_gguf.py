@@ -12,7 +12,7 @@ from _convert_helpers import assert_same_peft, base_of, llama_cpp_permute, peft_
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
-from loratool.convert import convert
+from loratool.conversion import convert
 from loratool.errors import InputError, UnsupportedError
 
 gguf = pytest.importorskip("gguf")

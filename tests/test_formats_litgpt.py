@@ -233,6 +233,28 @@ def test_legacy_default_follows_the_file_name(tmp_path):
     assert any("legacy_qkv='scattered'" in w for w in ad_old.warnings)
 
 
+def test_legacy_layout_from_the_command_line(tmp_path):
+    """--legacy-qkv reaches the reader: convert to PEFT gives the deltas of the chosen layout, the flag on a
+    PEFT adapter is refused, and the default (guessed) layout warns naming the flag."""
+    torch.manual_seed(5)
+    r = 2
+    sd = {"transformer.h.0.attn.attn.lora_A": torch.randn(3 * r, C), "transformer.h.0.attn.attn.lora_B": torch.randn((H + 2 * G) * HS, r)}
+    hp = {"lora_r": r, "lora_alpha": 16, "lora_query": True, "lora_key": True, "lora_value": True}
+    mc = {"n_head": H, "n_query_groups": G, "head_size": HS, "n_embd": C}
+    folder = _write_checkpoint(tmp_path / "ck", sd, hp, mc)
+    for layout in ("scattered", "contiguous"):
+        out = tmp_path / f"peft-{layout}"
+        code, _, err = invoke("convert", folder, out, "--to", "peft", "--legacy-qkv", layout)
+        assert code == 0, err
+        assert "warning" not in err  # the layout was chosen: nothing guessed
+        ref = litgpt_qkv_delta(sd["transformer.h.0.attn.attn.lora_A"], sd["transformer.h.0.attn.attn.lora_B"], 8, (True,) * 3, H, G, HS, layout)
+        torch.testing.assert_close(_qkv_of(loratool.read_adapter(out), 0), deinterleave(ref, H, G, HS), rtol=1e-5, atol=1e-5)
+    code, _, err = invoke("convert", folder, tmp_path / "guessed", "--to", "peft")
+    assert code == 0 and "--legacy-qkv contiguous" in err
+    code, _, err = invoke("inspect", ADAPTERS / "llama-lora", "--legacy-qkv", "contiguous")
+    assert code == 2 and "legacy_qkv" in assert_one_line_error(err) and "peft" in err
+
+
 def test_sizes_inferred_from_attn_proj_without_base(tmp_path):
     torch.manual_seed(4)
     r = 2

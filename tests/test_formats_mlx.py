@@ -14,7 +14,7 @@ from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 from realworld import REALWORLD, build_model
 
 import loratool
-from loratool.convert import convert
+from loratool.conversion import convert
 from loratool.errors import FormatError, UnsupportedError
 from loratool.formats import detect_format
 

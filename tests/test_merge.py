@@ -431,6 +431,22 @@ def test_base_name_mismatch_warns_and_strict_refuses(tmp_path):
     assert code == 0 and "warning" not in err
 
 
+def test_failure_is_one_line_with_the_held_warning_folded_in(tmp_path):
+    # the warning (trained on another model) explains the refusal (shape mismatch): both on one line
+    bad = edit_adapter(
+        ADAPTERS / "llama-lora", tmp_path / "other",
+        tensors={"q_proj.lora_A": lambda t: torch.cat([t, t], dim=1)},
+        config={"base_model_name_or_path": "someorg/Mistral-7B-v0.1"},
+    )
+    code, _, err = invoke("merge", BASES / "llama", bad, tmp_path / "out")
+    line = assert_one_line_error(err)
+    assert code == 2 and line.startswith("error: ") and "q_proj" in line and "[warning: " in line and "Mistral-7B-v0.1" in line
+    assert not (tmp_path / "out").exists()
+    # with --quiet the warning is not shown at all
+    code, _, err = invoke("merge", BASES / "llama", bad, tmp_path / "out", "--quiet")
+    assert code == 2 and "warning" not in assert_one_line_error(err)
+
+
 def test_help_has_example():
     code, out, _ = invoke("merge", "--help")
     assert code == 0 and "Example:" in out and "--dtype" in out and "--device" in out

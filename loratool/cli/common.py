@@ -19,6 +19,43 @@ from loratool.errors import LoratoolError
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+class _HeldWarnings:
+    """Warnings of the running command, held until it ends so that a failure stays one line.
+
+    On success they are printed as ``warning:`` lines; on failure they are folded into the
+    single ``error:`` line. With --debug they are printed at once, in order with the rest.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.immediate = False
+
+    def start(self, *, immediate: bool) -> None:
+        self.messages, self.immediate = [], immediate
+
+    def add(self, message: str) -> None:
+        if self.immediate:
+            click.echo(f"warning: {message}", err=True)
+        else:
+            self.messages.append(message)
+
+    def flush(self) -> None:
+        for m in self.messages:
+            click.echo(f"warning: {m}", err=True)
+        self.messages = []
+
+    def fold_into(self, error: str) -> str:
+        """``error`` with the held warnings appended (they often explain it), then forgotten."""
+        held, self.messages = self.messages, []
+        if not held:
+            return error
+        more = f" (and {len(held) - 1} more)" if len(held) > 1 else ""
+        return f"{error} [warning: {held[0]}{more}]"
+
+
+HELD_WARNINGS = _HeldWarnings()
+
+
 class Output:
     """Human / JSON / quiet printing, in one place. Data goes to stdout, diagnostics to stderr."""
 
@@ -31,11 +68,9 @@ class Output:
             click.echo(message)
 
     def warn(self, message: str) -> None:
+        """A warning, printed when the command ends (see _HeldWarnings); nothing with --quiet."""
         if not self.quiet:
-            click.echo(f"warning: {message}", err=True)
-
-    def error(self, message: str) -> None:
-        click.echo(f"error: {message}", err=True)
+            HELD_WARNINGS.add(message)
 
     def json(self, obj: Any) -> None:
         click.echo(json.dumps(obj, indent=2, default=_json_default))
@@ -118,48 +153,41 @@ class LoratoolGroup(click.Group):
             warnings.filterwarnings("ignore")
             logging.disable(logging.WARNING)
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        HELD_WARNINGS.start(immediate=debug)
         try:
             rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except click.Abort:
-            click.echo("error: interrupted", err=True)
-            code = EXIT_INTERRUPTED
+            code = _fail("interrupted", EXIT_INTERRUPTED)
         except click.ClickException as exc:
-            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
-            code = EXIT_BAD_INPUT
+            code = _fail(exc.format_message(), EXIT_BAD_INPUT)
         except LoratoolError as exc:
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            click.echo(f"error: {_one_line(str(exc))}", err=True)
-            code = exc.exit_code
+            code = _fail(str(exc), exc.exit_code, traceback=debug)
         except (KeyboardInterrupt, _Interrupted):
-            click.echo("error: interrupted; partial output removed", err=True)
-            code = EXIT_INTERRUPTED
+            code = _fail("interrupted; partial output removed", EXIT_INTERRUPTED)
         except MemoryError:
-            click.echo("error: out of memory", err=True)
-            code = EXIT_BAD_INPUT
+            code = _fail("out of memory", EXIT_BAD_INPUT)
         except OSError as exc:
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            click.echo(f"error: {_one_line(describe_os_error(exc))}", err=True)
-            code = EXIT_BAD_INPUT
+            code = _fail(describe_os_error(exc), EXIT_BAD_INPUT, traceback=debug)
         except Exception as exc:  # an internal bug: still one line unless --debug
-            if debug:
-                import traceback
-
-                traceback.print_exc()
-            click.echo(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug for a traceback)", err=True)
-            code = EXIT_BAD_INPUT
+            code = _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_BAD_INPUT, traceback=debug)
         else:
             code = rv if isinstance(rv, int) else EXIT_OK
+        HELD_WARNINGS.flush()
         if not standalone_mode:
             return code
         sys.exit(code)
+
+
+def _fail(message: str, code: int, *, traceback: bool = False) -> int:
+    """Print the one ``error:`` line (held warnings folded in; the traceback first with --debug)."""
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
+    click.echo(f"error: {_one_line(HELD_WARNINGS.fold_into(_one_line(message)))}", err=True)
+    return code
 
 
 def common_options(fn: Callable) -> Callable:

@@ -6,7 +6,7 @@ import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
 from loratool.cli.resolve import adapter_argument_options, open_adapter
-from loratool.convert import convert, load_base
+from loratool.conversion import convert, load_base
 from loratool.formats import format_names
 from loratool.formats.gguf import OUTTYPES
 from loratool.hub import resolve_path

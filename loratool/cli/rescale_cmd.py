@@ -8,25 +8,14 @@ from typing import Callable
 import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
-from loratool.cli.resolve import open_adapter
+from loratool.cli.resolve import adapter_input_options, open_adapter
 from loratool.formats import format_names, write_adapter
 from loratool.surgery import DTYPES, parse_dtype, rescale
 
 
-def surgery_input_options(fn: Callable) -> Callable:
-    """Input options of rescale/rerank/combine: like the usual adapter options, with the source
-    alpha spelled --source-alpha because --alpha names the output's alpha here."""
-
-    @click.option("--from", "from_format", type=click.Choice(format_names()), help="Input format (detected when omitted).")
-    @click.option("--adapter-name", help="Sub-adapter folder inside ADAPTER (PEFT multi-adapter layouts).")
-    @click.option("--source-alpha", "src_alpha", type=float, help="alpha of inputs whose format does not store it (scratch, Lit-LLaMA).")
-    @click.option("--source-scale", "src_scale", type=float, help="Absolute scale of inputs whose format stores none (scratch).")
-    @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN).")
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    return wrapper
+# like the usual adapter options, with the source alpha spelled --source-alpha because --alpha
+# names the output's alpha here
+surgery_input_options = adapter_input_options(alpha_flag="--source-alpha", scale_flag="--source-scale")
 
 
 def output_options(fn: Callable) -> Callable:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import click
@@ -12,34 +11,35 @@ from loratool.formats import format_names, read_adapter
 from loratool.hub import resolve_path
 
 
-def adapter_argument_options(fn: Callable) -> Callable:
-    """Options shared by commands that read an adapter."""
+def adapter_input_options(*, alpha_flag: str = "--alpha", scale_flag: str = "--scale") -> Callable:
+    """Options shared by commands that read an adapter (rescale spells alpha/scale --source-*)."""
+    from loratool.formats.litgpt import LEGACY_MODES
 
-    @click.option("--from", "from_format", type=click.Choice(format_names()), help="Adapter format (detected when omitted).")
-    @click.option("--adapter-name", help="Sub-adapter folder inside ADAPTER (PEFT multi-adapter layouts).")
-    @click.option("--alpha", "src_alpha", type=float, help="alpha for formats that do not store it (scratch, Lit-LLaMA).")
-    @click.option("--scale", "src_scale", type=float, help="Absolute scale for formats that do not store one (scratch).")
-    @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN).")
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
+    options = [
+        click.option("--from", "from_format", type=click.Choice(format_names()), help="Adapter format (detected when omitted)."),
+        click.option("--adapter-name", help="Sub-adapter folder inside ADAPTER (PEFT multi-adapter layouts)."),
+        click.option(alpha_flag, "src_alpha", type=float, help="lora_alpha where the adapter does not record it (scratch, Lit-LLaMA, LitGPT); refused for formats that store it."),
+        click.option(scale_flag, "src_scale", type=float, help="Absolute scale where the adapter records none (scratch, Lit-LLaMA, LitGPT, MLX); refused for PEFT and GGUF."),
+        click.option("--legacy-qkv", type=click.Choice(LEGACY_MODES),
+                     help="LitGPT's pre-0.5.5 attn.attn layout: where the fused q/k/v delta landed (guessed when omitted; docs/formats.md)."),
+        click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN)."),
+    ]
 
-    return wrapper
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
-def open_adapter(spec: str, *, from_format=None, adapter_name=None, src_alpha=None, src_scale=None, token=None, base=None, **_ignored):
-    """Read ADAPTER (path or repo id) into the canonical model."""
+adapter_argument_options = adapter_input_options()
+
+
+def open_adapter(spec: str, *, from_format=None, adapter_name=None, src_alpha=None, src_scale=None, legacy_qkv=None, token=None, base=None, **_ignored):
+    """Read ADAPTER (path or repo id) into the canonical model; an option its format does not take is refused."""
     path = resolve_path(spec, kind="adapter", token=token, subfolder=adapter_name)
-    options = {}
-    if adapter_name:
-        options["adapter_name"] = adapter_name
-    if src_alpha is not None:
-        options["alpha"] = src_alpha
-    if src_scale is not None:
-        options["scale"] = src_scale
-    if base is not None:
-        options["base"] = base
-    return read_adapter(path, format=from_format, **options)
+    return read_adapter(path, format=from_format, adapter_name=adapter_name, alpha=src_alpha, scale=src_scale, legacy_qkv=legacy_qkv, base=base)
 
 
 def open_base(spec: str, *, token=None, **_ignored) -> BaseModel:

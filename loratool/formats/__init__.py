@@ -8,6 +8,7 @@ write one file instead of a folder. ``read_adapter`` / ``write_adapter`` are the
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from types import ModuleType
 
@@ -73,19 +74,47 @@ def detect_format(path: Path | str) -> str:
     raise FormatError(path, "unknown adapter format (expected PEFT, MLX, GGUF, LitGPT, Lit-LLaMA or a scratch state dict)")
 
 
+# what callers offer every writer: the base model, OUT's final name, a dict to report into
+WRITE_CONTEXT = ("base", "out_name", "report")
+
+
+def format_options(fn, options: dict, *, context: tuple[str, ...] = (), what: str) -> dict:
+    """The keyword options ``fn`` (a format's read or write) takes, out of ``options``.
+
+    Options left at None are dropped, and so are ``context`` entries (what a caller offers every
+    format, e.g. ``base``) that ``fn`` does not take. Any other option ``fn`` does not take is
+    refused, never silently ignored.
+
+    Raises:
+        InputError: naming the option and ``what`` it does not apply to.
+    """
+    accepted = inspect.signature(fn).parameters
+    given = {}
+    for key, value in options.items():
+        if value is None or (key in context and key not in accepted):
+            continue
+        if key not in accepted:
+            raise InputError(f"the option {key} (--{key.replace('_', '-')}) does not apply to {what}")
+        given[key] = value
+    return given
+
+
 def read_adapter(path: Path | str, *, format: str | None = None, **options) -> Adapter:
     """Read any supported adapter into the canonical model.
 
     Args:
         path: adapter folder or file.
         format: a format name; detected when None.
-        **options: format options (``adapter_name``, ``alpha``, ``scale``, ``base``...).
+        **options: format options (``adapter_name``, ``alpha``, ``scale``, ``legacy_qkv``...) and
+            ``base`` (a ``BaseModel``: names, shapes and head counts, for the formats that use it).
     Raises:
-        FormatError, InputError, UnsupportedError.
+        FormatError, UnsupportedError.
+        InputError: also for an option the format does not take.
     """
     path = Path(path)
     name = format or detect_format(path)
-    return get_format(name).read(path, **options)
+    reader = get_format(name).read
+    return reader(path, **format_options(reader, options, context=("base",), what=f"{name} adapters ({path})"))
 
 
 def refuse_lora_bias(adapter: Adapter, holder: str) -> None:
@@ -113,11 +142,15 @@ def refuse_modules_to_save(adapter: Adapter, holder: str) -> None:
 def write_adapter(adapter: Adapter, out: Path | str, *, format: str = "peft", force: bool = False, inputs=(), **options) -> Path:
     """Write an adapter atomically in the given format; returns OUT.
 
+    ``options`` are the format's writing options (``outtype`` for GGUF, ``container`` for
+    scratch...) and ``base``; an option the format does not take is refused.
+
     Raises:
         OutputExistsError, InputError, UnsupportedError.
     """
     mod = get_format(format)
     out = Path(out)
+    options = format_options(mod.write, options, context=WRITE_CONTEXT, what=f"writing {format} adapters")
     guard = atomic_output_file if getattr(mod, "OUTPUT_IS_FILE", False) else atomic_output_dir
     with guard(out, force=force, inputs=inputs) as tmp:
         mod.write(adapter, tmp, **options)

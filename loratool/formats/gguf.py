@@ -119,7 +119,7 @@ def _n_blocks(config: dict) -> int | None:
     return None
 
 
-def read(path: Path, *, base=None, **_options) -> Adapter:
+def read(path: Path, *, base=None) -> Adapter:
     """Read a llama.cpp LoRA GGUF into canonical form (HF module names and row order).
 
     Args:
@@ -304,7 +304,7 @@ def _encode(t: torch.Tensor, outtype: str):
         return gguf.quants.quantize(data, qt.F16), qt.F16, True
 
 
-def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", report: dict | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", report: dict | None = None) -> list[Path]:
     """Write a llama.cpp LoRA GGUF file.
 
     Args:

@@ -113,7 +113,7 @@ def head_count(hidden: int, base=None, *, path: Path | str = "") -> int:
     return heads
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, **_options) -> Adapter:
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None) -> Adapter:
     """Read a Lit-LLaMA LoRA file into q_proj/v_proj modules with Hugging Face row order.
 
     Args:
@@ -248,7 +248,7 @@ def build_state_dict(adapter: Adapter, *, base=None, alpha: float | None = None,
     return sd
 
 
-def write(adapter: Adapter, target: Path, *, base=None, alpha: float | None = None, report: dict | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, alpha: float | None = None, report: dict | None = None) -> list[Path]:
     """Write a Lit-LLaMA LoRA file (alpha is not stored: load it with ``alpha``, default 16).
 
     Raises:

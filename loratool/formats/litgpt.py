@@ -381,7 +381,7 @@ def _parse_keys(store: TensorStore, path: Path) -> dict[str, dict[str, str]]:
     return parts
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, legacy_qkv: str | None = None, **_options) -> Adapter:
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, legacy_qkv: str | None = None) -> Adapter:
     """Read a LitGPT LoRA checkpoint into canonical form (Hugging Face module names).
 
     Args:
@@ -579,7 +579,7 @@ def _legacy_warning(option, weights: Path, hp: dict) -> list[str]:
     other = "contiguous" if mode == "scattered" else "scattered"
     return [
         f"{weights}: legacy LitGPT attn.attn layout read as {mode}; LitGPT versions differed in where this delta landed "
-        f"(read with legacy_qkv='{other}' if the checkpoint came from a LitGPT release that placed it {other})"
+        f"(read with legacy_qkv='{other}', --legacy-qkv {other} on the command line, if the checkpoint came from a LitGPT release that placed it {other})"
     ]
 
 
@@ -777,7 +777,7 @@ def _slot_shapes(adapter: Adapter, plan, base) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def write(adapter: Adapter, target: Path, *, base=None, report: dict | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, report: dict | None = None) -> list[Path]:
     """Write a LitGPT LoRA checkpoint folder: lit_model.pth.lora + hyperparameters.yaml.
 
     Ranks are zero-padded to the largest, per-module scales are multiplied into B (one

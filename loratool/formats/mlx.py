@@ -87,7 +87,7 @@ def _number(value, what: str, path) -> float:
     return float(value)
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, **_options) -> Adapter:
+def read(path: Path, *, base=None, scale: float | None = None) -> Adapter:
     """Read an MLX-LM adapter folder (or its adapters.safetensors).
 
     Args:
@@ -123,8 +123,6 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         mlx_scale = _number(scale, "--scale", weights)
     else:
         raise FormatError(config_path or weights, "lora_parameters.scale is missing; give the scale with --scale")
-    if alpha is not None:
-        warnings.append(f"{weights.parent}: --alpha ignored: MLX uses an absolute scale")
     config_rank = params.get("rank")
 
     store = TensorStore([weights])
@@ -208,7 +206,7 @@ def _num_layers(adapter: Adapter, base, indices: list[int]) -> tuple[int, str | 
     return n, f"num_layers {n} assumes the model has {n} blocks (pass --base to take it from the base config)"
 
 
-def write(adapter: Adapter, folder: Path, *, base=None, report: dict | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, folder: Path, *, base=None, report: dict | None = None) -> list[Path]:
     """Write an MLX-LM adapter folder.
 
     Args:

@@ -197,7 +197,7 @@ def _module_rank_alpha(config: dict, module: str, path: Path) -> tuple[int | Non
     return int(rank), float(alpha)
 
 
-def read(path: Path, *, adapter_name: str | None = None, **_options) -> Adapter:
+def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
     """Read a PEFT adapter into canonical form (tensors stay lazy).
 
     Raises:
@@ -407,7 +407,7 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe_serialization: bool = True, **_options) -> list[Path]:
+def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe_serialization: bool = True) -> list[Path]:
     """Write a folder that ``PeftModel.from_pretrained`` loads unchanged."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ def _resolve_scale(alpha, scale, rank: int, path: Path) -> tuple[float, float]:
     return float(rank), 1.0
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, **_options) -> Adapter:
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None) -> Adapter:
     """Read a scratch LoRA state dict.
 
     Args:
@@ -316,7 +316,7 @@ def _json_safe(v: object) -> object:
     return str(v)
 
 
-def write(adapter: Adapter, target: Path, *, base=None, out_name: str | None = None, container: str | None = None, report: dict | None = None, **_options) -> list[Path]:
+def write(adapter: Adapter, target: Path, *, base=None, out_name: str | None = None, container: str | None = None, report: dict | None = None) -> list[Path]:
     """Write one scratch state dict file.
 
     Args:

@@ -20,11 +20,11 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, bind_adapter
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.formats import format_names, get_format, read_adapter
+from loratool.formats import WRITE_CONTEXT, format_names, format_options, get_format, read_adapter
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
 from loratool.io.store import TensorStore, checkpoint_files, read_json
 
-READ_OPTIONS = ("adapter_name", "alpha", "scale")
+READ_OPTIONS = ("adapter_name", "alpha", "scale", "legacy_qkv")
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
 _Q8_TOLERANCE = 3e-2
@@ -89,12 +89,11 @@ def convert(
         raise InputError(f"unknown target format {to!r} (known: {', '.join(format_names())})")
     if options.get("outtype") is not None and to != "gguf":
         raise InputError("--outtype applies to --to gguf only")
-    if options.get("outtype") is None:
-        options.pop("outtype", None)
     base_model = load_base(base)
-    read_opts = {k: options.pop(k) for k in READ_OPTIONS if k in options}
-    read_opts = {k: v for k, v in read_opts.items() if v is not None}
+    read_opts = {k: options.pop(k) for k in READ_OPTIONS if options.get(k) is not None}
     if isinstance(src, Adapter):
+        if read_opts:
+            raise InputError(f"reading options ({', '.join(read_opts)}) apply when SRC is a path, not an Adapter already read")
         adapter = src
         src_path = adapter.path
     else:
@@ -107,7 +106,7 @@ def convert(
     mod = get_format(to)
     inputs = [p for p in [src_path, *adapter.files, base_model.path if base_model is not None else None] if p is not None]
     report: dict[str, Any] = {"baked": [], "notes": []}
-    write_opts = dict(options, base=base_model, out_name=out.name, report=report)
+    write_opts = format_options(mod.write, dict(options, base=base_model, out_name=out.name, report=report), context=WRITE_CONTEXT, what=f"--to {to}")
     is_file = bool(getattr(mod, "OUTPUT_IS_FILE", False))
     check = bool(verify)
     guard = atomic_output_file if is_file else atomic_output_dir
@@ -120,14 +119,14 @@ def convert(
                 written = work / out.name
                 mod.write(adapter, written, **write_opts)
                 if check:
-                    compare(adapter, mod.read(written, base=base_model), base=base_model, outtype=options.get("outtype"))
+                    compare(adapter, read_adapter(written, format=to, base=base_model), base=base_model, outtype=options.get("outtype"))
                 os.replace(written, tmp)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
             mod.write(adapter, tmp, **write_opts)
             if check:
-                compare(adapter, mod.read(tmp, base=base_model), base=base_model, outtype=options.get("outtype"))
+                compare(adapter, read_adapter(tmp, format=to, base=base_model), base=base_model, outtype=options.get("outtype"))
     return {
         "source": str(src_path) if src_path is not None else None,
         "from": adapter.format,
