@@ -191,17 +191,12 @@ def du(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def best_of(n: int, cmd: list[str], cleanup: Path) -> dict:
-    """Run ``cmd`` n times (removing its output in between): the fastest run, and the highest memory peak."""
-    runs = []
-    for _ in range(n):
-        runs.append(measure(cmd))
-        shutil.rmtree(cleanup, ignore_errors=True)
-        subprocess.run(["sync"], check=True)
-    best = dict(min(runs, key=lambda r: r["wall_s"]))
-    best["peak_rss_anon_mib"] = max(r["peak_rss_anon_mib"] for r in runs)
-    best["all_wall_s"] = [r["wall_s"] for r in runs]
-    return best
+def _run(cmd: list[str], cleanup: Path) -> dict:
+    """One measured run of ``cmd``; its output is removed and synced away afterwards."""
+    result = measure(cmd)
+    shutil.rmtree(cleanup, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    return result
 
 
 def _phases(x: dict) -> str:
@@ -209,6 +204,8 @@ def _phases(x: dict) -> str:
 
 
 def bench(work: Path, layers: int, peft: bool, repeat: int = 1) -> dict:
+    """Every contender once per round, ``repeat`` rounds: the disk of a shared VM drifts by tens of
+    percent within minutes, so contenders compared in the same round share its conditions."""
     case = work / f"llama-{layers}L"
     base, adapter = case / "base", case / "adapter"
     if not base.exists():
@@ -218,22 +215,39 @@ def bench(work: Path, layers: int, peft: bool, repeat: int = 1) -> dict:
     for d in ("cp", "merged", "peft"):
         shutil.rmtree(case / d, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    res = {"layers": layers, "base_bytes": du(base), "adapter_bytes": du(adapter)}
-    print(f"[{layers} layers] cp -r + sync ...", flush=True)
-    res["cp_sync"] = best_of(repeat, ["bash", "-c", f"cp -r '{base}' '{case / 'cp'}' && sync"], case / "cp")
-    print(f"[{layers} layers] loratool merge ...", flush=True)
-    res["loratool"] = best_of(repeat, [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), str(case / "merged"), "--device", "cpu", "--quiet"], case / "merged")
-    # context: what the interpreter start-up alone costs each contender
-    res["loratool_startup"] = best_of(repeat, [sys.executable, "-c", "import loratool.cli, loratool.merge"], case / "none")
+    script = case / "peft_merge.py"
+    script.write_text(PEFT_SCRIPT)
+    contenders = {
+        "cp_sync": (["bash", "-c", f"cp -r '{base}' '{case / 'cp'}' && sync"], case / "cp"),
+        "loratool": ([sys.executable, "-m", "loratool", "merge", str(base), str(adapter), str(case / "merged"), "--device", "cpu", "--quiet"], case / "merged"),
+        # context: what the interpreter start-up alone costs each contender
+        "loratool_startup": ([sys.executable, "-c", "import loratool.cli, loratool.merge"], case / "none"),
+    }
     if peft:
-        res["peft_startup"] = best_of(repeat, [sys.executable, "-c", "import torch, transformers, peft; from transformers import AutoModelForCausalLM; from peft import PeftModel"], case / "none")
-        print(f"[{layers} layers] PEFT merge_and_unload + save_pretrained ...", flush=True)
-        script = case / "peft_merge.py"
-        script.write_text(PEFT_SCRIPT)
-        res["peft"] = best_of(repeat, [sys.executable, str(script), str(base), str(adapter), str(case / "peft")], case / "peft")
-        # the same path with its output made durable like cp + sync's and loratool's (fsync before rename)
-        print(f"[{layers} layers] PEFT path + sync ...", flush=True)
-        res["peft_sync"] = best_of(repeat, [sys.executable, str(script), str(base), str(adapter), str(case / "peft"), "--sync"], case / "peft")
+        contenders.update({
+            "peft_startup": ([sys.executable, "-c", "import torch, transformers, peft; from transformers import AutoModelForCausalLM; from peft import PeftModel"], case / "none"),
+            "peft": ([sys.executable, str(script), str(base), str(adapter), str(case / "peft")], case / "peft"),
+            # the same path with its output made durable like cp + sync's and loratool's (fsync before rename)
+            "peft_sync": ([sys.executable, str(script), str(base), str(adapter), str(case / "peft"), "--sync"], case / "peft"),
+        })
+    runs: dict[str, list[dict]] = {k: [] for k in contenders}
+    for i in range(repeat):
+        for key, (cmd, cleanup) in contenders.items():
+            print(f"[{layers} layers] round {i + 1}/{repeat}: {key} ...", flush=True)
+            runs[key].append(_run(cmd, cleanup))
+    res = {"layers": layers, "base_bytes": du(base), "adapter_bytes": du(adapter)}
+    for key, rs in runs.items():
+        best = dict(min(rs, key=lambda r: r["wall_s"]))  # the fastest run, and the highest memory peak
+        best["peak_rss_anon_mib"] = max(r["peak_rss_anon_mib"] for r in rs)
+        best["all_wall_s"] = [r["wall_s"] for r in rs]
+        res[key] = best
+    # ratios within each round, where both contenders met the same disk
+    res["per_round"] = {
+        "loratool_vs_cp_sync": [round(a["wall_s"] / b["wall_s"], 2) for a, b in zip(runs["loratool"], runs["cp_sync"])],
+    }
+    if peft:
+        res["per_round"]["peft_vs_loratool"] = [round(a["wall_s"] / b["wall_s"], 2) for a, b in zip(runs["peft"], runs["loratool"])]
+        res["per_round"]["peft_sync_vs_loratool"] = [round(a["wall_s"] / b["wall_s"], 2) for a, b in zip(runs["peft_sync"], runs["loratool"])]
     return res
 
 
@@ -295,6 +309,9 @@ def main(argv=None) -> int:
             if key == "loratool" and "peft" in r:
                 speed = f"{r['peft']['wall_s'] / x['wall_s']:.1f}x, {r['peft']['cpu_s'] / x['cpu_s']:.1f}x"
             print(f"| {label} | {title} | {x['wall_s']} | {x['cpu_s']} | {x['peak_rss_anon_mib']} | {x['wall_s'] / cp:.2f}x | {speed} | {_phases(x)} | {x['load_avg']} |")
+    for r in results["runs"]:
+        for key, ratios in r["per_round"].items():
+            print(f"{r['layers']} layers, {key} per round: {ratios} (median {sorted(ratios)[len(ratios) // 2]})")
     print(f"\nmachine: {results['machine']}")
     return 0
 
