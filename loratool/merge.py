@@ -28,8 +28,8 @@ unmerges. ``report`` is a JSON-ready dict (also written to ``report_path``). Int
     Streams the shards, the index json and the side files into ``folder``.
 
 Numerics: every update is float32 math rounded once to the output dtype. Plain LoRA runs
-fused (``torch.add(W, L[rows] @ R, out=...)`` on cache-sized sub-blocks, the scale folded
-into L), so it may differ from PEFT's ``W + (B @ A) * scale`` by float32 rounding only.
+as ``float32(W[rows]).addmm_(L[rows], R)`` on cache-sized sub-blocks (the scale folded into
+L), so it may differ from PEFT's ``W + (B @ A) * scale`` by float32 rounding only.
 
 A ``TensorTask`` is one base tensor (or one tensor the adapter adds) and the ordered updates
 that apply to it: ``replacement`` (modules_to_save, or PEFT's saved ``base_layer.weight``),
@@ -807,11 +807,12 @@ class _Producer:
         return task.replacement.load()
 
     def _lora(self, task: TensorTask):
-        """W + sign * sum(dW) for 2-D weights, fused: one float32 add per element, rounded once.
+        """W + sign * sum(dW) for 2-D weights in float32, rounded once to the output dtype.
 
-        On the CPU each block is split into sub-blocks whose float32 delta (L[rows] @ R, the
-        scale folded into L) stays in cache, and ``torch.add(W, delta, out=...)`` reads W in its
-        own dtype and writes the output dtype directly; W is never expanded to float32 in memory.
+        On the CPU each block is split into sub-blocks that stay in cache: the rows of W are
+        widened to float32 in a scratch buffer, ``addmm_`` adds L[rows] @ R (the scale folded
+        into L) there, and the sum is rounded into the output block; W is never expanded to
+        float32 in memory as a whole.
         """
         factors = [Factors.of(m, device=self.device) for m in task.loras]
         stats = [self._stat(m, task) for m in task.loras]
@@ -837,14 +838,13 @@ class _Producer:
                 out, buf = torch.empty((stop - start, cols), dtype=task.dtype, device=self.device), None
             for i in range(0, stop - start, sub_rows):
                 j = min(stop - start, i + sub_rows)
-                d = scratch[: j - i]
-                (L, R), rest = pairs[0], pairs[1:]
-                torch.mm(L[start + i : start + j], R, out=d)
-                for L2, R2 in rest:
-                    d.addmm_(L2[start + i : start + j], R2)
-                torch.add(src[i:j], d, out=out[i:j])
+                w = scratch[: j - i]
+                w.copy_(src[i:j])  # W in float32, in a cache-sized scratch
                 if self.weight_norms:
-                    weight_sq += float(torch.linalg.vector_norm(src[i:j].float())) ** 2
+                    weight_sq += float(torch.linalg.vector_norm(w)) ** 2
+                for L, R in pairs:
+                    w.addmm_(L[start + i : start + j], R)  # + dW rows, in float32
+                out[i:j].copy_(w)  # rounded to the output dtype once
                 if track:
                     b = torch.zeros((), device=self.device)
                     if src_dtype in HALF:
