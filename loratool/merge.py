@@ -81,7 +81,7 @@ from loratool.base import SIDE_FILES, BaseModel, bind_adapter
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, atomic_output_file, check_output_path
 from loratool.io.store import LazyTensor, TensorEntry, read_json, read_safetensors_header
-from loratool.io.writer import SafetensorsStreamWriter
+from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
 from loratool.ops.merge import Factors
 
 F32 = torch.float32
@@ -540,17 +540,6 @@ def _finite(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- execution
 
 
-def _fsync_file(path: Path, errors: list) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # reported by the writer thread
-        errors.append(exc)
-
-
 class _Reader:
     """Row blocks of base tensors: views of memory-mapped safetensors files, slices of pickles.
 
@@ -928,8 +917,7 @@ def execute_plan(
     weight_map: dict[str, str] = {}
     total_bytes = 0
     total_params = 0
-    syncers: list[threading.Thread] = []
-    sync_errors: list[OSError] = []
+    sync = BackgroundSync()
     thread.start()
     try:
         for shard in plan.shards:
@@ -938,15 +926,18 @@ def execute_plan(
                 weight_map[name] = shard.filename
                 total_bytes += math.prod(shape) * dtype.itemsize
                 total_params += math.prod(shape)
-            # no fsync on close: each finished shard is fsynced in the background while the next
-            # one is written (and the atomic commit fsyncs the whole folder again)
-            with SafetensorsStreamWriter(folder / shard.filename, specs, shard.metadata, fsync=False) as writer:
+            # no fsync on close: the shard is flushed in the background as it grows and fsynced
+            # there once complete, while the next one is written (the atomic commit fsyncs the
+            # whole folder again)
+            path = folder / shard.filename
+            with SafetensorsStreamWriter(path, specs, shard.metadata, fsync=False) as writer:
                 while writer.remaining:
                     item = _get(producer.queue, thread)
                     kind = item[0]
                     t0 = time.perf_counter()
                     if kind == "raw":
                         writer.copy_raw(item[1], item[2])
+                        sync.wrote(path, item[2].end - item[2].begin)
                         if progress:
                             progress(item[2].end - item[2].begin, item[1])
                     elif kind == "begin":
@@ -956,6 +947,7 @@ def execute_plan(
                         writer.part(item[1])
                         if item[2] is not None:
                             producer.pool.put(item[2])
+                        sync.wrote(path, item[1].numel() * item[1].element_size())
                         if progress:
                             progress(item[1].numel() * item[1].element_size(), current)
                     elif kind == "end":
@@ -965,19 +957,16 @@ def execute_plan(
                     else:
                         raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
                     write_s += time.perf_counter() - t0
-            syncer = threading.Thread(target=_fsync_file, args=(folder / shard.filename, sync_errors), daemon=True)
-            syncer.start()
-            syncers.append(syncer)
+            sync.finished(path)
         tail = _get(producer.queue, thread)
         if tail[0] == "error":
             raise tail[1]
     finally:
         producer.stop.set()
         thread.join()
-        for syncer in syncers:
-            syncer.join()
-    if sync_errors:
-        raise sync_errors[0]
+        sync.close()
+    if sync.errors:
+        raise sync.errors[0]
     stream_s = time.perf_counter() - t_start
 
     if plan.write_index:

@@ -1,8 +1,10 @@
 """Adapter formats: one registry of symmetric reader/writer pairs with detection.
 
-Each format module provides ``NAME``, ``detect(path) -> bool``, ``read(path, **options) ->
-Adapter`` and ``write(adapter, target, **options)``; ``OUTPUT_IS_FILE`` marks formats that
-write one file instead of a folder. ``read_adapter`` / ``write_adapter`` are the entry points.
+Each format module provides ``NAME``, ``detect(path) -> bool``, ``read(path, *, options...) ->
+Adapter`` and ``write(adapter, target, *, options...)``; ``OUTPUT_IS_FILE`` marks formats that
+write one file instead of a folder. ``read_adapter`` / ``write_adapter`` are the entry points:
+they hand each function the keyword options its signature declares and refuse any other
+(``format_options``), so an option never silently vanishes.
 """
 
 from __future__ import annotations

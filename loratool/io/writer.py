@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -134,6 +135,71 @@ class SafetensorsStreamWriter:
                     crash_point()
         finally:
             self._fh.close()
+
+
+class BackgroundSync:
+    """Gets files onto the disk from a helper thread while the caller goes on writing.
+
+    ``wrote(path, n)`` after each write: every ``every`` bytes the file being written is flushed
+    early (fdatasync), so the disk works while the caller computes instead of receiving the
+    whole output at the end. ``finished(path)`` queues the full fsync of a completed file.
+    ``close()`` waits for everything queued; ``errors`` then holds the failed final syncs
+    (an early flush that fails is only a lost head start: the final fsync reports it).
+    """
+
+    def __init__(self, *, every: int = 128 << 20):
+        self.every = every
+        self.errors: list[OSError] = []
+        self._unflushed = 0
+        self._cv = threading.Condition()
+        self._finals: list[Path] = []
+        self._early: Path | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="loratool-sync", daemon=True)
+        self._thread.start()
+
+    def wrote(self, path: Path, nbytes: int) -> None:
+        self._unflushed += nbytes
+        if self._unflushed >= self.every:
+            self._unflushed = 0
+            with self._cv:
+                self._early = path  # a request still waiting is simply replaced
+                self._cv.notify()
+
+    def finished(self, path: Path) -> None:
+        self._unflushed = 0
+        with self._cv:
+            if self._early == path:
+                self._early = None
+            self._finals.append(path)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._finals or self._early or self._closing):
+                    self._cv.wait()
+                if self._finals:
+                    path, final = self._finals.pop(0), True
+                elif self._early is not None:
+                    path, final, self._early = self._early, False, None
+                else:
+                    return
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd) if final else getattr(os, "fdatasync", os.fsync)(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if final:
+                    self.errors.append(exc)
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:

@@ -1,0 +1,62 @@
+"""The streaming I/O layer on its own: the safetensors stream writer and the background sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loratool.io.store import TensorStore
+from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
+
+
+def test_stream_writer_matches_safetensors(tmp_path):
+    torch.manual_seed(0)
+    src = {"a": torch.randn(5, 3), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(12, dtype=torch.int64).reshape(3, 4)}
+    save_file(src, tmp_path / "src.safetensors")
+    store = TensorStore([tmp_path / "src.safetensors"])
+    specs = [("a", torch.float32, (5, 3)), ("b", torch.bfloat16, (7,)), ("c", torch.int64, (3, 4))]
+    with SafetensorsStreamWriter(tmp_path / "out.safetensors", specs, {"format": "pt"}) as w:
+        w.begin("a")  # row blocks
+        w.part(src["a"][:2])
+        w.part(src["a"][2:])
+        w.end("a")
+        w.write("b", src["b"])
+        w.copy_raw("c", store.entry("c"))  # bytes straight from the source file
+        assert w.remaining == 0
+    got = load_file(tmp_path / "out.safetensors")
+    assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_stream_writer_refuses_out_of_order_and_short_tensors(tmp_path):
+    specs = [("a", torch.float32, (2, 2)), ("b", torch.float32, (2,))]
+    with pytest.raises(RuntimeError, match="expected 'a'"):
+        with SafetensorsStreamWriter(tmp_path / "x.safetensors", specs) as w:
+            w.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        with SafetensorsStreamWriter(tmp_path / "y.safetensors", specs) as w:
+            w.begin("a")
+            w.part(torch.zeros(1, 2))
+            w.end("a")
+    with pytest.raises(RuntimeError, match="not written"):
+        with SafetensorsStreamWriter(tmp_path / "z.safetensors", specs) as w:
+            w.write("a", torch.zeros(2, 2))
+
+
+def test_background_sync_flushes_early_and_reports_failed_final_syncs(tmp_path):
+    sync = BackgroundSync(every=1024)
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as fh:
+        for _ in range(8):
+            fh.write(b"x" * 512)
+            fh.flush()
+            sync.wrote(path, 512)  # an early fdatasync every 1 KiB
+    sync.wrote(tmp_path / "gone.bin", 4096)  # an early flush that fails is only a lost head start
+    sync.finished(path)
+    sync.finished(tmp_path / "missing.bin")  # a final sync that fails is reported
+    sync.close()
+    assert path.read_bytes() == b"x" * 4096
+    assert len(sync.errors) == 1 and sync.errors[0].filename == str(tmp_path / "missing.bin")
