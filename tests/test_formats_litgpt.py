@@ -214,41 +214,43 @@ def test_legacy_attn_attn_layout(tmp_path, layout, enable):
     torch.testing.assert_close(_qkv_of(again, 0), _qkv_of(ad, 0), rtol=1e-5, atol=1e-5)
 
 
-def test_legacy_default_follows_the_file_name(tmp_path):
-    torch.manual_seed(3)
+def _legacy_qkv_only(folder, seed: int, name="lit_model.pth.lora"):
+    """A legacy attn.attn checkpoint with q, k and v all enabled, r=2 (scale 8); its state dict."""
+    torch.manual_seed(seed)
     r = 2
     sd = {"transformer.h.0.attn.attn.lora_A": torch.randn(3 * r, C), "transformer.h.0.attn.attn.lora_B": torch.randn((H + 2 * G) * HS, r)}
     hp = {"lora_r": r, "lora_alpha": 16, "lora_query": True, "lora_key": True, "lora_value": True}
     mc = {"n_head": H, "n_query_groups": G, "head_size": HS, "n_embd": C}
-    new = _write_checkpoint(tmp_path / "new", sd, hp, mc)
+    return _write_checkpoint(folder, sd, hp, mc, name=name), sd
+
+
+def _legacy_reference(sd, layout):
+    ref = litgpt_qkv_delta(sd["transformer.h.0.attn.attn.lora_A"], sd["transformer.h.0.attn.attn.lora_B"], 8, (True,) * 3, H, G, HS, layout)
+    return deinterleave(ref, H, G, HS)
+
+
+def test_legacy_default_follows_the_file_name(tmp_path):
+    new, sd = _legacy_qkv_only(tmp_path / "new", 3)
     ad = loratool.read_adapter(new)
-    ref = litgpt_qkv_delta(sd["transformer.h.0.attn.attn.lora_A"], sd["transformer.h.0.attn.attn.lora_B"], 8, (True,) * 3, H, G, HS, "scattered")
-    torch.testing.assert_close(_qkv_of(ad, 0), deinterleave(ref, H, G, HS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_qkv_of(ad, 0), _legacy_reference(sd, "scattered"), rtol=1e-5, atol=1e-5)
     assert any("legacy_qkv='contiguous'" in w for w in ad.warnings)  # q, k, v all on: LitGPT versions differed
-    old = _write_checkpoint(tmp_path / "old", sd, hp, mc, name="lit_model_lora_finetuned.pth")
+    old, _ = _legacy_qkv_only(tmp_path / "old", 3, name="lit_model_lora_finetuned.pth")
     assert detect_format(old / "lit_model_lora_finetuned.pth") == "litgpt"
     ad_old = loratool.read_adapter(old / "lit_model_lora_finetuned.pth")
-    ref = litgpt_qkv_delta(sd["transformer.h.0.attn.attn.lora_A"], sd["transformer.h.0.attn.attn.lora_B"], 8, (True,) * 3, H, G, HS, "contiguous")
-    torch.testing.assert_close(_qkv_of(ad_old, 0), deinterleave(ref, H, G, HS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_qkv_of(ad_old, 0), _legacy_reference(sd, "contiguous"), rtol=1e-5, atol=1e-5)
     assert any("legacy_qkv='scattered'" in w for w in ad_old.warnings)
 
 
 def test_legacy_layout_from_the_command_line(tmp_path):
     """--legacy-qkv reaches the reader: convert to PEFT gives the deltas of the chosen layout, the flag on a
     PEFT adapter is refused, and the default (guessed) layout warns naming the flag."""
-    torch.manual_seed(5)
-    r = 2
-    sd = {"transformer.h.0.attn.attn.lora_A": torch.randn(3 * r, C), "transformer.h.0.attn.attn.lora_B": torch.randn((H + 2 * G) * HS, r)}
-    hp = {"lora_r": r, "lora_alpha": 16, "lora_query": True, "lora_key": True, "lora_value": True}
-    mc = {"n_head": H, "n_query_groups": G, "head_size": HS, "n_embd": C}
-    folder = _write_checkpoint(tmp_path / "ck", sd, hp, mc)
+    folder, sd = _legacy_qkv_only(tmp_path / "ck", 5)
     for layout in ("scattered", "contiguous"):
         out = tmp_path / f"peft-{layout}"
         code, _, err = invoke("convert", folder, out, "--to", "peft", "--legacy-qkv", layout)
         assert code == 0, err
         assert "warning" not in err  # the layout was chosen: nothing guessed
-        ref = litgpt_qkv_delta(sd["transformer.h.0.attn.attn.lora_A"], sd["transformer.h.0.attn.attn.lora_B"], 8, (True,) * 3, H, G, HS, layout)
-        torch.testing.assert_close(_qkv_of(loratool.read_adapter(out), 0), deinterleave(ref, H, G, HS), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_qkv_of(loratool.read_adapter(out), 0), _legacy_reference(sd, layout), rtol=1e-5, atol=1e-5)
     code, _, err = invoke("convert", folder, tmp_path / "guessed", "--to", "peft")
     assert code == 0 and "--legacy-qkv contiguous" in err
     code, _, err = invoke("inspect", ADAPTERS / "llama-lora", "--legacy-qkv", "contiguous")
