@@ -40,3 +40,4 @@ def test_python_example_runs(tmp_path, monkeypatch):
     code = _blocks("python")[0].replace("/tmp/merged", str(tmp_path / "merged"))
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "merged-lora.gguf").is_file()
