@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,6 @@ import loratool
 from loratool.conversion import convert
 from loratool.errors import InputError, UnsupportedError
 
-gguf = pytest.importorskip("gguf")
 
 
 def _fields(reader):

@@ -476,10 +476,6 @@ def _patch_hfapi(monkeypatch, api: FakeApi):
 
 
 def test_merge_push_uploads_merged_model(tmp_path, monkeypatch):
-    from loratool.cli import main
-
-    if "merge" not in main.commands:
-        pytest.skip("merge command not built")
     api = FakeApi()
     _patch_hfapi(monkeypatch, api)
     out = tmp_path / "merged"
@@ -498,10 +494,6 @@ def test_merge_push_uploads_merged_model(tmp_path, monkeypatch):
 
 
 def test_merge_push_bad_repo_id_refused_before_merging(tmp_path, no_network):
-    from loratool.cli import main
-
-    if "merge" not in main.commands:
-        pytest.skip("merge command not built")
     out = tmp_path / "merged"
     code, stdout, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-lora", out, "--push", "me/merged@dev")
     assert code == 2

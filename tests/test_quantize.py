@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,6 @@ from loratool.ops.quantize import (
     serialized_suffixes,
 )
 
-bnb = pytest.importorskip("bitsandbytes")
 
 X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -130,7 +130,6 @@ def test_sv_ratio_and_fro_error_rules():
 
 
 def test_rerank_plot_and_text(tmp_path):
-    pytest.importorskip("matplotlib")
     code, out, err = invoke("rerank", ADAPTERS / "llama-lora", tmp_path / "out", "--energy", "0.8", "--plot", tmp_path / "s.png")
     assert code == 0, err
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -124,9 +124,10 @@ def test_peft_merges_of_fixtures_pass(merged, adapter, dtype):
 @pytest.mark.parametrize("adapter", ["llama-lora", "llama-dora", "gpt2-lora", "qwen2-bias", "roberta-cls", "llama-embedding", "llama-sharded-lora"])
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_loratool_merges_pass(tmp_path, adapter, dtype):
-    merge = pytest.importorskip("loratool.merge")
+    from loratool.merge import merge_model
+
     out = tmp_path / "merged"
-    merge.merge_model(BASES / ADAPTER_BASE[adapter], ADAPTERS / adapter, out, dtype=dtype, device="cpu")
+    merge_model(BASES / ADAPTER_BASE[adapter], ADAPTERS / adapter, out, dtype=dtype, device="cpu")
     report = verify_weights(BASES / ADAPTER_BASE[adapter], ADAPTERS / adapter, out)
     assert report["passed"], format_weights_report(report)
 
@@ -515,17 +516,8 @@ def test_outputs_with_an_adapter_in_another_format(tmp_path, merged):
 # ----------------------------------------------------------------------------- merge --verify
 
 
-def _merge_cmd_has_verify() -> bool:
-    from loratool.cli import main
-
-    cmd = main.commands.get("merge")
-    return cmd is not None and any(p.name == "verify" for p in cmd.params)
 
 
-needs_merge_verify = pytest.mark.skipif(not _merge_cmd_has_verify(), reason="merge has no --verify yet")
-
-
-@needs_merge_verify
 def test_merge_verify_passes(tmp_path):
     code, out, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-dora", tmp_path / "m1", "--verify")
     assert code == 0, err
@@ -536,7 +528,6 @@ def test_merge_verify_passes(tmp_path):
     assert rep["verify"]["passed"] and rep["verify"]["outputs"]["passed"] and rep["verify"]["summary"]["modules"] == 12
 
 
-@needs_merge_verify
 def test_merge_verify_failure_names_the_output(tmp_path, monkeypatch):
     import loratool.verify as lv
 
@@ -551,7 +542,6 @@ def test_merge_verify_failure_names_the_output(tmp_path, monkeypatch):
     assert out_dir.is_dir()  # left in place for inspection
 
 
-@needs_merge_verify
 def test_merge_verify_with_quantized_output(tmp_path):
     code, out, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-rslora", tmp_path / "q", "--quantize", "int8", "--verify", "--json")
     assert code == 0, err

@@ -34,7 +34,9 @@ def command(merged, adapter, out, keep_modules_to_save, dtype, device, force, re
       loratool unmerge merged-llama fixtures/adapters/llama-lora llama-again --report unmerge.json
     """
     o = Output(json_mode=as_json, quiet=quiet)
-    run_merge(
+    rep = run_merge(
         o, merged, adapter, out, sign=-1, dtype=dtype, device=device, force=force, strict=False, report=report,
         keep_modules_to_save=keep_modules_to_save, adapter_opts=adapter_opts,
     )
+    if as_json:
+        o.json(rep)

@@ -33,9 +33,10 @@ def failure_summary(report: dict) -> str:
 
 
 def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tolerance, device: str, prompts=(), samples=4, seq_len=32) -> dict:
-    """Run the weight check (and the output check) and print the result; returns the report.
+    """Run the weight check (and the output check); print it unless in JSON mode; return the report.
 
-    Used by ``verify`` and ``merge --verify``. Raises CheckFailedError when a check fails.
+    Used by ``verify`` and ``merge --verify``, which print the JSON themselves. Raises
+    CheckFailedError (with the report as ``.report``) when a check fails.
     """
     from loratool.verify import format_outputs_report, format_weights_report, verify_outputs, verify_weights
 
@@ -49,9 +50,7 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
             tolerance=tolerance, device=device,
         )
         report["passed"] = bool(report["passed"] and report["outputs"]["passed"])
-    if out.json_mode:
-        out.json(report)
-    else:
+    if not out.json_mode:
         out.info(format_weights_report(report))
         if outputs:
             out.info(format_outputs_report(report["outputs"]))
@@ -100,16 +99,22 @@ def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len
     merged_model = open_base(merged, **adapter_opts)
     emit_warnings(out, ad.warnings)
     ad.warnings = []
-    run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
-               prompts=prompts, samples=samples, seq_len=seq_len)
+    try:
+        report = run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
+                            prompts=prompts, samples=samples, seq_len=seq_len)
+    except CheckFailedError as exc:
+        if out.json_mode:
+            out.json(exc.report)  # a failed check still prints what it found
+        raise
+    if out.json_mode:
+        out.json(report)
 
 
-def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None,
-                       merge_json: dict | None = None, print_json: bool = True) -> dict:
+def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None) -> dict:
     """``merge --verify [weights|outputs]``: check the OUT just written against BASE + ADAPTER.
 
-    In JSON mode the verification goes into the merge's JSON object (``verify``), printed here
-    when ``print_json`` (or when the check fails). Raises CheckFailedError naming OUT on failure.
+    Prints the check unless in JSON mode and returns its report. Raises CheckFailedError naming
+    OUT (the report as ``.report``) when it fails.
     """
     ad = open_adapter(adapter, **adapter_opts)
     ad.warnings = []  # the merge printed them
@@ -121,17 +126,9 @@ def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_o
         opts = QuantOptions(qlora=quantization.qlora, blocksize=quantization.blocksize, double_quant=quantization.double_quant)
         base_model = setup_quantization(base_model, ad, opts)[0]
     merged_model = open_base(str(dest))
-    quiet_json = Output(json_mode=True, quiet=True)
-    quiet_json.json = lambda obj: None  # the report is printed below, inside the merge JSON
-    target = quiet_json if out.json_mode else out
     try:
-        report = run_verify(target, base_model, ad, merged_model, outputs=mode == "outputs", tolerance=None, device="cpu")
+        return run_verify(out, base_model, ad, merged_model, outputs=mode == "outputs", tolerance=None, device="cpu")
     except CheckFailedError as exc:
-        if out.json_mode and merge_json is not None:
-            Output.json(out, dict(merge_json, verify=getattr(exc, "report", None)))
-        raise CheckFailedError(f"{exc}; the suspect merged model is at {dest}") from None
-    if out.json_mode and merge_json is not None:
-        merge_json["verify"] = report
-        if print_json:
-            Output.json(out, merge_json)
-    return report
+        failed = CheckFailedError(f"{exc}; the suspect merged model is at {dest}")
+        failed.report = exc.report
+        raise failed from None
