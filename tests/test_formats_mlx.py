@@ -197,3 +197,15 @@ def test_missing_scale_and_full_fine_tune(tmp_path):
     code, _, err = invoke("inspect", folder)
     assert code == 2
     assert "full" in assert_one_line_error(err)
+
+
+def test_explicit_scale_overrides_the_stored_one_with_a_warning():
+    ad = loratool.read_adapter(REAL, scale=2.5)  # the file stores 10
+    assert {m.scale for m in ad} == {2.5}
+    assert any("overridden by --scale 2.5" in w for w in ad.warnings)
+    raw, _ = _raw_deltas(REAL, 2.5)
+    for name, d in raw.items():
+        assert torch.allclose(ad.modules[name].delta(dtype=torch.float64), d, rtol=1e-12, atol=1e-12)
+    assert not any("overridden" in w for w in loratool.read_adapter(REAL, scale=10.0).warnings)
+    code, _, err = invoke("inspect", REAL, "--alpha", "16")  # MLX has no alpha: refused, not ignored
+    assert code == 2 and "alpha" in assert_one_line_error(err) and "mlx" in err

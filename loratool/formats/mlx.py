@@ -93,7 +93,7 @@ def read(path: Path, *, base=None, scale: float | None = None) -> Adapter:
     Args:
         path: the folder, or adapters.safetensors beside its adapter_config.json.
         base: optional ``BaseModel`` (kinds of the modules).
-        scale: the absolute scale when adapter_config.json gives none.
+        scale: the absolute scale (overrides lora_parameters.scale, with a warning when they differ).
     Raises:
         FormatError, UnsupportedError.
     """
@@ -115,12 +115,13 @@ def read(path: Path, *, base=None, scale: float | None = None) -> Adapter:
     params = config.get("lora_parameters") or {}
     if not isinstance(params, dict):
         raise FormatError(config_path, "lora_parameters must be an object")
-    if "scale" in params and params["scale"] is not None:
-        mlx_scale = _number(params["scale"], "lora_parameters.scale", config_path)
-        if scale is not None and float(scale) != mlx_scale:
-            warnings.append(f"{config_path}: --scale {scale} ignored: the adapter stores scale {mlx_scale}")
-    elif scale is not None:
+    if scale is not None:  # an explicit scale wins, as LitGPT's alpha override does
         mlx_scale = _number(scale, "--scale", weights)
+        stored = params.get("scale")
+        if stored is not None and _number(stored, "lora_parameters.scale", config_path) != mlx_scale:
+            warnings.append(f"{config_path}: lora_parameters.scale {stored} overridden by --scale {mlx_scale:g}")
+    elif params.get("scale") is not None:
+        mlx_scale = _number(params["scale"], "lora_parameters.scale", config_path)
     else:
         raise FormatError(config_path or weights, "lora_parameters.scale is missing; give the scale with --scale")
     config_rank = params.get("rank")
