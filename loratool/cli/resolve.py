@@ -36,7 +36,7 @@ def adapter_input_options(*, alpha_flag: str = "--alpha", scale_flag: str = "--s
 adapter_argument_options = adapter_input_options()
 
 
-def open_adapter(spec: str, *, from_format=None, adapter_name=None, src_alpha=None, src_scale=None, legacy_qkv=None, token=None, base=None, **_ignored):
+def open_adapter(spec: str, *, from_format=None, adapter_name=None, src_alpha=None, src_scale=None, legacy_qkv=None, token=None, base=None):
     """Read ADAPTER (path or repo id) into the canonical model; an option its format does not take is refused."""
     path = resolve_path(spec, kind="adapter", token=token, subfolder=adapter_name)
     return read_adapter(path, format=from_format, adapter_name=adapter_name, alpha=src_alpha, scale=src_scale, legacy_qkv=legacy_qkv, base=base)
