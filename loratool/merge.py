@@ -1033,7 +1033,7 @@ def merge_model(
     tensor_hook: Any = None,
     warn: Callable[[str], None] | None = None,
     weight_norms: bool | None = None,
-    quantization: Any = None,  # quantization (loratool.quantized)
+    quantization: Any = None,
 ) -> dict:
     """Merge (``sign=+1``) or unmerge (``sign=-1``) an adapter into a base, streaming, into OUT.
 
@@ -1073,11 +1073,11 @@ def merge_model(
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
         check_output_path(Path(report_path), force=True, inputs=inputs)
-    # --- quantization (loratool.quantized): a view of the base and a per-tensor hook ---
+    # bitsandbytes (--qlora / --quantize, or a quantized base): a dequantizing view of the base
+    # and a per-tensor hook that quantizes the output
     from loratool.quantized import setup_quantization
 
     base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=dtype, sign=sign, tensor_hook=tensor_hook, warn=warn)
-    # --- end quantization ---
     try:
         plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
     except ModuleMismatchError:
