@@ -1077,7 +1077,7 @@ def merge_model(
     # and a per-tensor hook that quantizes the output
     from loratool.quantized import setup_quantization
 
-    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=dtype, sign=sign, tensor_hook=tensor_hook, warn=warn)
+    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=resolve_dtype(dtype), sign=sign, tensor_hook=tensor_hook, warn=warn)
     try:
         plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
     except ModuleMismatchError:

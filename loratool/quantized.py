@@ -504,12 +504,14 @@ def setup_quantization(
     adapter: Adapter,
     options: QuantOptions | None,
     *,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | None = None,
     sign: int = 1,
     tensor_hook=None,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[BaseModel, object]:
     """The base the engine should read and the hook it should call, for ``options``.
+
+    ``dtype`` is the merge's output dtype, already resolved (None: each tensor's own).
 
     A plain merge into a 16-bit base gets ``(base, tensor_hook)`` back unchanged.
 
@@ -530,9 +532,7 @@ def setup_quantization(
         raise UnsupportedError("quantization cannot be combined with another tensor hook")
     if sign < 0 and options.active:
         raise UnsupportedError("--qlora / --quantize apply to merge only, not to unmerge")
-    from loratool.merge import resolve_dtype
-
-    out_dtype = resolve_dtype(dtype)
+    out_dtype = dtype
     warnings: list[str] = []
     base_spec = None
     if prequantized:
