@@ -738,6 +738,12 @@ class _Producer:
         if task.source is not None:
             self.reader.release(task.source)
 
+    @property
+    def staged(self) -> bool:
+        """Whole row blocks go to the device and come back (an accelerator); on the CPU the math
+        runs on cache-sized sub-blocks straight into recycled output buffers."""
+        return self.device.type != "cpu"
+
     def _out_block(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """An output block on the CPU: (tensor, pool buffer to give back once written, or None)."""
         nbytes = math.prod(shape) * dtype.itemsize
@@ -810,8 +816,8 @@ class _Producer:
         pairs = [f.row_factors(sign=self.plan.sign) for f in factors]
         repl = self._replacement(task)
         rows_total, cols = task.shape[0], math.prod(task.shape[1:])
-        on_cpu = self.device.type == "cpu"
-        sub_rows = max(1, (SUB_ELEMS if on_cpu else BLOCK_ELEMS) // max(1, cols))
+        staged = self.staged
+        sub_rows = max(1, (BLOCK_ELEMS if staged else SUB_ELEMS) // max(1, cols))
         scratch = torch.empty((min(sub_rows, rows_total), cols), dtype=F32, device=self.device)
         src_dtype = repl.dtype if repl is not None else task.source.dtype
         track = self.track_rounding and (src_dtype in HALF or task.dtype in HALF)
@@ -819,12 +825,11 @@ class _Producer:
         bound = 0.0
         for start, stop in _blocks(task.shape):
             src = self._view_rows(task, start, stop, repl).reshape(stop - start, cols)
-            if not on_cpu:
+            if staged:
                 src = src.to(self.device)
-            if on_cpu:
-                out, buf = self._out_block((stop - start, cols), task.dtype)
-            else:
                 out, buf = torch.empty((stop - start, cols), dtype=task.dtype, device=self.device), None
+            else:
+                out, buf = self._out_block((stop - start, cols), task.dtype)
             for i in range(0, stop - start, sub_rows):
                 j = min(stop - start, i + sub_rows)
                 w = scratch[: j - i]
