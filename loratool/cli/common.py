@@ -26,12 +26,9 @@ class _HeldWarnings:
     single ``error:`` line. With --debug they are printed at once, in order with the rest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, immediate: bool = False) -> None:
         self.messages: list[str] = []
-        self.immediate = False
-
-    def start(self, *, immediate: bool) -> None:
-        self.messages, self.immediate = [], immediate
+        self.immediate = immediate
 
     def add(self, message: str) -> None:
         if self.immediate:
@@ -53,15 +50,16 @@ class _HeldWarnings:
         return f"{error} [warning: {held[0]}{more}]"
 
 
-HELD_WARNINGS = _HeldWarnings()
-
-
 class Output:
     """Human / JSON / quiet printing, in one place. Data goes to stdout, diagnostics to stderr."""
 
     def __init__(self, *, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
+        # the running command's held warnings (LoratoolGroup puts them in the context); none: print at once
+        ctx = click.get_current_context(silent=True)
+        held = ctx.obj if ctx is not None else None
+        self._warnings = held if isinstance(held, _HeldWarnings) else _HeldWarnings(immediate=True)
 
     def info(self, message: str) -> None:
         if not self.quiet and not self.json_mode:
@@ -70,7 +68,7 @@ class Output:
     def warn(self, message: str) -> None:
         """A warning, printed when the command ends (see _HeldWarnings); nothing with --quiet."""
         if not self.quiet:
-            HELD_WARNINGS.add(message)
+            self._warnings.add(message)
 
     def json(self, obj: Any) -> None:
         click.echo(json.dumps(obj, indent=2, default=_json_default))
@@ -153,40 +151,41 @@ class LoratoolGroup(click.Group):
             warnings.filterwarnings("ignore")
             logging.disable(logging.WARNING)
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        HELD_WARNINGS.start(immediate=debug)
+        held = _HeldWarnings(immediate=debug)
+        fail = functools.partial(_fail, held)
         try:
-            rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, **extra)
+            rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, obj=held, **extra)
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except click.Abort:
-            code = _fail("interrupted", EXIT_INTERRUPTED)
+            code = fail("interrupted", EXIT_INTERRUPTED)
         except click.ClickException as exc:
-            code = _fail(exc.format_message(), EXIT_BAD_INPUT)
+            code = fail(exc.format_message(), EXIT_BAD_INPUT)
         except LoratoolError as exc:
-            code = _fail(str(exc), exc.exit_code, traceback=debug)
+            code = fail(str(exc), exc.exit_code, traceback=debug)
         except (KeyboardInterrupt, _Interrupted):
-            code = _fail("interrupted; partial output removed", EXIT_INTERRUPTED)
+            code = fail("interrupted; partial output removed", EXIT_INTERRUPTED)
         except MemoryError:
-            code = _fail("out of memory", EXIT_BAD_INPUT)
+            code = fail("out of memory", EXIT_BAD_INPUT)
         except OSError as exc:
-            code = _fail(describe_os_error(exc), EXIT_BAD_INPUT, traceback=debug)
+            code = fail(describe_os_error(exc), EXIT_BAD_INPUT, traceback=debug)
         except Exception as exc:  # an internal bug: still one line unless --debug
-            code = _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_BAD_INPUT, traceback=debug)
+            code = fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_BAD_INPUT, traceback=debug)
         else:
             code = rv if isinstance(rv, int) else EXIT_OK
-        HELD_WARNINGS.flush()
+        held.flush()
         if not standalone_mode:
             return code
         sys.exit(code)
 
 
-def _fail(message: str, code: int, *, traceback: bool = False) -> int:
+def _fail(held: _HeldWarnings, message: str, code: int, *, traceback: bool = False) -> int:
     """Print the one ``error:`` line (held warnings folded in; the traceback first with --debug)."""
     if traceback:
         import traceback as tb
 
         tb.print_exc()
-    click.echo(f"error: {_one_line(HELD_WARNINGS.fold_into(_one_line(message)))}", err=True)
+    click.echo(f"error: {_one_line(held.fold_into(_one_line(message)))}", err=True)
     return code
 
 
