@@ -77,8 +77,9 @@ def convert(
         force: replace an existing OUT.
         verify: read the output back (with ``base``) and compare every module with the source
             before committing it.
-        **options: reading options (``adapter_name``, ``alpha``, ``scale``) and writing options
-            (``outtype`` for GGUF, ``container`` for scratch, ...).
+        **options: reading options (``adapter_name``, ``alpha``, ``scale``, ``legacy_qkv``) and
+            writing options (``outtype`` for GGUF, ``container`` for scratch, ...); an option the
+            source or target format does not take is refused (InputError).
     Returns:
         A JSON-ready report: formats, counts, what was baked in, notes and warnings.
     Raises:
@@ -87,8 +88,6 @@ def convert(
     """
     if to not in format_names():
         raise InputError(f"unknown target format {to!r} (known: {', '.join(format_names())})")
-    if options.get("outtype") is not None and to != "gguf":
-        raise InputError("--outtype applies to --to gguf only")
     base_model = load_base(base)
     read_opts = {k: options.pop(k) for k in READ_OPTIONS if options.get(k) is not None}
     if isinstance(src, Adapter):

@@ -942,9 +942,10 @@ def execute_plan(
                     t0 = time.perf_counter()
                     if kind == "raw":
                         writer.copy_raw(item[1], item[2])
-                        sync.wrote(path, item[2].end - item[2].begin)
+                        n = item[2].end - item[2].begin
+                        sync.wrote(path, n)
                         if progress:
-                            progress(item[2].end - item[2].begin, item[1])
+                            progress(n, item[1])
                     elif kind == "begin":
                         writer.begin(item[1])
                         current = item[1]
@@ -952,9 +953,10 @@ def execute_plan(
                         writer.part(item[1])
                         if item[2] is not None:
                             producer.pool.put(item[2])
-                        sync.wrote(path, item[1].numel() * item[1].element_size())
+                        n = item[1].numel() * item[1].element_size()
+                        sync.wrote(path, n)
                         if progress:
-                            progress(item[1].numel() * item[1].element_size(), current)
+                            progress(n, current)
                     elif kind == "end":
                         writer.end(item[1])
                     elif kind == "error":
