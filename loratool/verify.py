@@ -31,6 +31,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
 from loratool.errors import InputError, UnsupportedError
 from loratool.io.store import TensorEntry, TensorStore
+from loratool.ops.quantize import import_bitsandbytes
 
 Progress = Callable[..., None]
 
@@ -187,12 +188,6 @@ def _quant_companions(merged: BaseModel, key: str, kind: str) -> list[str]:
     return [f"{module}{s}" for s in _INT8_SUFFIXES if f"{module}{s}" in store]
 
 
-def _bnb():
-    try:
-        import bitsandbytes.functional as F
-    except Exception as exc:  # ImportError, or a broken native library
-        raise UnsupportedError(f"the merged model is quantized with bitsandbytes, which cannot be imported ({exc})") from None
-    return F
 
 
 @dataclass
@@ -205,7 +200,7 @@ class _Dequant:
 
 
 def _dequantize(merged: BaseModel, key: str, kind: str, device) -> _Dequant:
-    F = _bnb()
+    F = import_bitsandbytes()
     store = merged.store
     if kind == "4bit":
         state = {k[len(key) + 1:]: store.get(k) for k in _quant_companions(merged, key, kind)}
@@ -1199,6 +1194,8 @@ def verify_outputs(
         del model, pm, merged_mem
         gc.collect()
     kwargs: dict[str, Any] = {"device_map": str(device)} if quantized else {"dtype": torch.float32}
+    if (merged_m.config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
+        import_bitsandbytes()  # before transformers imports it: no kernel download from the Hub
     with _quiet_transformers():
         mm = auto.from_pretrained(str(merged_m.path), **kwargs)
     if not quantized:

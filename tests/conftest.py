@@ -23,6 +23,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_runtest_setup(item):
+    """Tests marked ``realworld`` skip with one reason without ../shared/realworld, and fail in CI."""
+    if item.get_closest_marker("realworld") is None:
+        return
+    from realworld import MISSING_REASON, REQUIRE_ENV, realworld_available
+
+    if realworld_available():
+        return
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 and this test {MISSING_REASON}", pytrace=False)
+    pytest.skip(MISSING_REASON)
+
+
 def run_cli(*args, env=None, timeout=600, input=None):
     """Run ``python -m loratool ARGS`` in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ)

@@ -27,6 +27,7 @@ def _raw_deltas(folder, scale):
     return {m: scale * sd[f"{m}.lora_b"].T.double() @ sd[f"{m}.lora_a"].T.double() for m in mods}, sd
 
 
+@pytest.mark.realworld
 def test_real_adapter_read():
     ad = loratool.read_adapter(REAL)
     assert ad.format == "mlx"
@@ -42,6 +43,7 @@ def test_real_adapter_read():
         assert torch.allclose(ad.modules[name].delta(dtype=torch.float64), d, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.realworld
 def test_real_adapter_to_peft_loads_on_real_shape(tmp_path):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -65,6 +67,7 @@ def test_real_adapter_to_peft_loads_on_real_shape(tmp_path):
     assert {mod.scaling["default"] for mod in pm.modules() if isinstance(mod, LoraLayer)} == {10.0}
 
 
+@pytest.mark.realworld
 def test_inspect_real_adapter():
     code, out, err = invoke("inspect", REAL, "--json")
     assert code == 0, err
@@ -75,6 +78,7 @@ def test_inspect_real_adapter():
     assert report["lora_params"] == sum(t.numel() for t in load_file(REAL / "adapters.safetensors").values())
 
 
+@pytest.mark.realworld
 def test_real_adapter_mlx_round_trip_keeps_config_and_bytes(tmp_path):
     out = tmp_path / "again"
     code, _, err = invoke("convert", REAL, out, "--to", "mlx")
@@ -174,6 +178,7 @@ def test_mixed_dora_refused(tmp_path):
         convert(ad, tmp_path / "m", to="mlx")
 
 
+@pytest.mark.realworld
 def test_detection_does_not_confuse_peft_and_mlx(tmp_path):
     assert detect_format(REAL) == "mlx"
     assert detect_format(REAL / "adapters.safetensors") == "mlx"
@@ -181,6 +186,7 @@ def test_detection_does_not_confuse_peft_and_mlx(tmp_path):
     assert detect_format(ADAPTERS / "llama-lora" / "adapter_model.safetensors") == "peft"
 
 
+@pytest.mark.realworld
 def test_missing_scale_and_full_fine_tune(tmp_path):
     folder = tmp_path / "noscale"
     shutil.copytree(REAL, folder)
@@ -199,6 +205,7 @@ def test_missing_scale_and_full_fine_tune(tmp_path):
     assert "full" in assert_one_line_error(err)
 
 
+@pytest.mark.realworld
 def test_explicit_scale_overrides_the_stored_one_with_a_warning():
     ad = loratool.read_adapter(REAL, scale=2.5)  # the file stores 10
     assert {m.scale for m in ad} == {2.5}

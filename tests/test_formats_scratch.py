@@ -33,6 +33,7 @@ def test_key_scheme():
     assert lora_keys("seq.0", "attr") == ("seq.0.lora_matrix_A", "seq.0.lora_matrix_B")
 
 
+@pytest.mark.realworld
 def test_real_checkpoint_read_without_base():
     sd = _raw()
     ad = loratool.read_adapter(COLA)
@@ -50,6 +51,7 @@ def test_real_checkpoint_read_without_base():
     assert not ad.modules_to_save
 
 
+@pytest.mark.realworld
 def test_real_checkpoint_to_peft_on_roberta_base(realworld_bases, tmp_path):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -82,6 +84,7 @@ def test_real_checkpoint_to_peft_on_roberta_base(realworld_bases, tmp_path):
     assert torch.equal(ln.modules_to_save["default"].weight.detach(), sd["model.embeddings.LayerNorm.weight"])
 
 
+@pytest.mark.realworld
 def test_inspect_real_checkpoint(realworld_bases):
     code, out, err = invoke("inspect", COLA, "--json")
     assert code == 0, err
@@ -94,6 +97,7 @@ def test_inspect_real_checkpoint(realworld_bases):
     assert "encoder.layer.0.attention.self.query" in names
 
 
+@pytest.mark.realworld
 def test_alpha_and_scale_options(tmp_path):
     code, out, _ = invoke("inspect", COLA, "--alpha", "16", "--json")
     assert {m["scale"] for m in json.loads(out)["modules"]} == {2.0}
@@ -104,6 +108,7 @@ def test_alpha_and_scale_options(tmp_path):
     assert_one_line_error(err)
 
 
+@pytest.mark.realworld
 def test_scratch_to_scratch_keeps_everything(tmp_path):
     out = tmp_path / "again.pth"
     code, _, err = invoke("convert", COLA, out, "--to", "scratch")
@@ -181,6 +186,7 @@ def test_refusals(name, needle, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.realworld
 def test_detection(tmp_path):
     assert detect_format(COLA) == "scratch"
     assert detect_format(ADAPTERS / "llama-lora" / "adapter_model.safetensors") == "peft"

@@ -420,7 +420,8 @@ def test_push_multi_adapter_card(tmp_path, no_network):
     assert "## Adapter `second`" in result["card"]
 
 
-@pytest.mark.parametrize("name", [n for n in PEFT_REALWORLD if (REALWORLD / n).is_dir()])
+@pytest.mark.realworld
+@pytest.mark.parametrize("name", PEFT_REALWORLD)
 def test_push_dry_run_realworld(name, no_network):
     result = hub.push(REALWORLD / name, "me/x", dry_run=True)
     cfg = json.loads((REALWORLD / name / "adapter_config.json").read_text())

@@ -81,6 +81,7 @@ def test_rslora_scale():
         assert m.scale == pytest.approx(m.alpha / math.sqrt(m.rank))
 
 
+@pytest.mark.realworld
 @pytest.mark.parametrize("name", PEFT_REALWORLD)
 def test_inspect_matches_peft_on_realworld(name):
     from peft import PeftModel
@@ -95,6 +96,7 @@ def test_inspect_matches_peft_on_realworld(name):
         assert (ours[mod]["rank"], ours[mod]["alpha"], ours[mod]["scale"]) == (r, pytest.approx(alpha), pytest.approx(scaling))
 
 
+@pytest.mark.realworld
 def test_realworld_quirks():
     tig = loratool.read_adapter(REALWORLD / "gpt2-tigrinya")
     mlp = tig.modules["transformer.h.0.mlp.c_proj"]
@@ -107,6 +109,7 @@ def test_realworld_quirks():
     assert qwen.modules["model.layers.0.self_attn.v_proj"].B.shape == (128, 8)
 
 
+@pytest.mark.realworld
 def test_inspect_with_base_reports_target_that_matches_nothing(realworld_bases):
     code, out, err = invoke("inspect", REALWORLD / "distilbert-sidkris-bin", "--base", realworld_bases("distilbert-sidkris-bin"), "--json")
     assert code == 0, err
@@ -149,6 +152,7 @@ def test_sub_adapter_by_name():
     assert {m["rank"] for m in report["modules"]} == {2}
 
 
+@pytest.mark.realworld
 def test_legacy_bin_realworld_loads_weights_only():
     adapter = loratool.read_adapter(REALWORLD / "gpt2-begreat-bin")
     assert len(adapter) == 12

@@ -575,6 +575,7 @@ def _peft_layer_oracle(name: str, base: Path, adapter: Path) -> dict[str, torch.
     return out
 
 
+@pytest.mark.realworld
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PEFT_REALWORLD)
 def test_realworld_merge_matches_peft(name, realworld_bases, tmp_path):
@@ -598,6 +599,7 @@ def test_realworld_merge_matches_peft(name, realworld_bases, tmp_path):
     assert rep["tensors"]["copied"] == len(base_keys) - len(touched)
 
 
+@pytest.mark.realworld
 @pytest.mark.slow
 def test_realworld_mlx_adapter_merges_by_its_own_formula(realworld_bases, tmp_path):
     # an MLX-LM adapter (not PEFT): W' = W + scale * lora_b.T @ lora_a.T, read straight from its file

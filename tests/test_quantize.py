@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
+from conftest import ADAPTERS, BASES, assert_one_line_error, invoke, run_cli
 
 import loratool
 from loratool.base import BaseModel, bind_adapter
@@ -24,6 +23,7 @@ from loratool.ops.quantize import (
     QuantSpec,
     dequantize_weight,
     fake_quantize,
+    import_bitsandbytes,
     is_quantized_aux_key,
     measure_retention,
     quantize_weight,
@@ -35,6 +35,9 @@ from loratool.ops.quantize import (
     serialized_suffixes,
 )
 
+
+import_bitsandbytes()  # before transformers imports it: no kernel download from the Hub
+import bitsandbytes as bnb  # noqa: E402
 
 X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -62,6 +65,27 @@ def load_model(folder, spec: QuantSpec | None = None, **kw):
     if spec is not None:
         kw.update(quantization_config=bnb_config(spec), device_map="cpu")
     return cls.from_pretrained(str(folder), **kw).eval()
+
+
+def has_bf16_inference_kernel() -> bool:
+    """Whether this machine's bitsandbytes serves 4-bit layers at inference through its bf16 CPU kernel."""
+    probe = bnb.nn.Linear4bit(64, 64)
+    return bool(getattr(probe, "support_avx512bf16_for_cpu", False))
+
+
+def on_training_path(model):
+    """``model`` with its 4-bit layers computing as in training: x @ dequantize_4bit(W).T in compute_dtype.
+
+    bitsandbytes 0.49+ on a CPU with AVX512-BF16 serves a ``Linear4bit`` at inference (eval mode, no
+    grad) through a repacked bf16 kernel: absmax rounded to bfloat16, activations cast to bfloat16,
+    whatever the compute dtype. Training always multiplies with the dequantized weight, which is
+    what an adapter was trained against and what ``--qlora`` merges into; tests of that contract
+    compare with this path, and the inference kernel is bounded separately.
+    """
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 def transformers_quantized_state(folder, spec: QuantSpec, tmp: Path) -> tuple[dict, dict]:
@@ -199,7 +223,7 @@ def test_dequantize_matches_bitsandbytes(spec, tmp_path):
 
 @pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("nf4", double_quant=True, compute_dtype=torch.bfloat16), QuantSpec("int8")], ids=QuantSpec.describe)
 def test_fake_quantize_is_what_the_layer_multiplies_with(spec):
-    model = load_model(BASES / "llama", spec)
+    model = on_training_path(load_model(BASES / "llama", spec))
     layer = model.model.layers[0].self_attn.o_proj
     w = BaseModel.open(BASES / "llama").store.get("model.layers.0.self_attn.o_proj.weight")
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
@@ -209,6 +233,24 @@ def test_fake_quantize_is_what_the_layer_multiplies_with(spec):
     ours = torch.nn.functional.linear(x.to(eff.dtype), eff).float()
     tol = 2e-2 if spec.compute_dtype == torch.bfloat16 else (5e-2 if not spec.is_4bit else 1e-5)
     assert torch.allclose(ours, ref.float(), atol=tol, rtol=tol)
+
+
+def test_fake_quantize_against_the_bf16_inference_kernel():
+    """Where bitsandbytes serves 4-bit layers with its bf16 CPU kernel, it multiplies the same 4-bit
+    codes with absmax and activations rounded to bfloat16: equal to our weights to bf16 rounding."""
+    if not has_bf16_inference_kernel():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has no bf16 inference kernel here")
+    spec = QuantSpec("nf4", compute_dtype=torch.float32)
+    layer = load_model(BASES / "llama", spec).model.layers[0].self_attn.o_proj
+    w = BaseModel.open(BASES / "llama").store.get("model.layers.0.self_attn.o_proj.weight")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        served = layer(x).float()
+    assert layer.weight.quant_state.packing_format_for_cpu  # the kernel really ran
+    eff = fake_quantize(w, spec)
+    exact = torch.nn.functional.linear(x, eff)
+    rel = (served - exact).norm() / exact.norm()
+    assert 0 < rel < 2 * 2.0**-8  # a few bf16 roundings, not a different weight
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -381,7 +423,7 @@ def test_qlora_merge_reproduces_peft_on_the_4bit_base(adapter, tmp_path):
     out, _ = merge(BASES / "llama", ADAPTERS / adapter, qlora, "--qlora", "nf4", "--double-quant")
     assert "trained on" in out
     merge(BASES / "llama", ADAPTERS / adapter, plain)
-    pm = PeftModel.from_pretrained(load_model(BASES / "llama", spec), ADAPTERS / adapter).eval()
+    pm = PeftModel.from_pretrained(on_training_path(load_model(BASES / "llama", spec)), ADAPTERS / adapter).eval()
     with torch.no_grad():
         ref = pm(X).logits
         got = load_model(qlora)(X).logits
@@ -504,3 +546,27 @@ def test_quantize_refusals(tmp_path):
     (gptq / "model.safetensors").write_bytes((BASES / "llama" / "model.safetensors").read_bytes())
     code, _, err = invoke("merge", gptq, ADAPTERS / "llama-lora", tmp_path / "o3", "--quantize", "nf4")
     assert code == 2 and "bitsandbytes only" in assert_one_line_error(err)
+
+
+def test_quantized_merge_fetches_no_kernel_from_the_hub(tmp_path):
+    """bitsandbytes' CPU back end asks `kernels` for a Hub download at import; loratool's never reaches it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "get-kernel-called"
+    # the real `kernels` package, with get_kernel (the Hub download) recording any call
+    (site / "sitecustomize.py").write_text(
+        "import kernels\n"
+        "def get_kernel(*a, **k):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    raise RuntimeError('a Hub download was attempted')\n"
+        "kernels.get_kernel = get_kernel\n"
+    )
+    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    for flags in (["--quantize", "nf4"], ["--qlora", "nf4"]):
+        out = tmp_path / f"out{len(flags[0])}"
+        result = run_cli("merge", BASES / "llama", ADAPTERS / "llama-lora", out, *flags, env=env)
+        assert result.returncode == 0, result.stderr
+        assert not marker.exists(), flags
+        assert "kernel" not in result.stderr.lower(), result.stderr
+    result = run_cli("verify", BASES / "llama", ADAPTERS / "llama-lora", out, "--json", env=env)
+    assert result.returncode in (0, 1) and not marker.exists() and "kernel" not in result.stderr.lower()

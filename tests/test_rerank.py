@@ -164,7 +164,7 @@ def test_rerank_refuses_existing_out(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REALWORLD / "gpt2-tigrinya").exists(), reason="../shared/realworld is absent")
+@pytest.mark.realworld
 def test_rerank_real_adapter_loads_in_peft(tmp_path):
     """A real GPT-2 adapter (Conv1D, c_proj of two shapes): --energy output loads in PEFT as computed."""
     from peft import PeftModel

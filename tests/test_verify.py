@@ -132,6 +132,7 @@ def test_loratool_merges_pass(tmp_path, adapter, dtype):
     assert report["passed"], format_weights_report(report)
 
 
+@pytest.mark.realworld
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PEFT_REALWORLD + ["mlx-qwen25-05b-wyek1n", "montinger-roberta-scratch"])
 def test_realworld_merges_pass(realworld_bases, tmp_path, name):
@@ -474,6 +475,7 @@ def test_outputs_with_prompts_through_the_tokenizer(tmp_path, merged):
 # ----------------------------------------------------------------------------- streaming
 
 
+@pytest.mark.realworld
 @pytest.mark.slow
 def test_weight_check_memory_stays_bounded(realworld_bases, tmp_path):
     """Peak anonymous memory of `verify` on a GPT-2 (500 MB per model) stays far below one model."""

@@ -46,13 +46,46 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "uint8": torch.uint8, "int8": torch.int8}
 
 
-def _bnb():
-    """bitsandbytes.functional, or a one-line error when bitsandbytes is missing."""
+# bitsandbytes 0.49+ on a CPU with AVX512-BF16 asks the `kernels` package, while it is imported,
+# for a compiled gemm from the Hub (kernels-community/quantization-bitsandbytes) and logs a
+# warning from this logger when that fails; its own built-in CPU kernel is used either way.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def import_bitsandbytes():
+    """``bitsandbytes.functional``, imported without any Hub download.
+
+    loratool reaches the network only for repo ids and ``push``. bitsandbytes' CPU back end
+    fetches a kernel at import time on some processors (see ``_BNB_CPU_LOGGER``); the import runs
+    with ``kernels`` hidden (a ``None`` entry in ``sys.modules`` makes ``import kernels`` fail),
+    so bitsandbytes falls back to the kernel it ships, and the warning about it is muted. Call this
+    before anything (transformers included) imports bitsandbytes.
+
+    Raises:
+        UnsupportedError: bitsandbytes cannot be imported (missing, or a broken native library).
+    """
+    import logging
+    import sys
+
+    if "bitsandbytes.functional" in sys.modules:
+        return sys.modules["bitsandbytes.functional"]
+    logger = logging.getLogger(_BNB_CPU_LOGGER)
+    saved_kernels, saved_disabled = sys.modules.get("kernels"), logger.disabled
+    sys.modules["kernels"] = None  # type: ignore[assignment]
+    logger.disabled = True
     try:
         import bitsandbytes.functional as F
-    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
-        raise UnsupportedError(f"quantization needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+    except Exception as exc:  # ImportError, or a broken native library
+        raise UnsupportedError(f"bitsandbytes cannot be imported ({exc}); pip install bitsandbytes") from None
+    finally:
+        logger.disabled = saved_disabled
+        if saved_kernels is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved_kernels
     return F
+
+
 
 
 def dtype_from_name(name: object, *, what: str = "dtype") -> torch.dtype:
@@ -359,7 +392,7 @@ def quantize_4bit(weight: torch.Tensor, spec: QuantSpec):
     Returns:
         (packed tensor, QuantState)
     """
-    F = _bnb()
+    F = import_bitsandbytes()
     return F.quantize_4bit(
         weight.contiguous(),
         blocksize=spec.blocksize,
@@ -375,7 +408,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (int8 weight (out, in), float32 row scales SCB (out,))
     """
-    F = _bnb()
+    F = import_bitsandbytes()
     cb, scb, _ = F.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
     return cb, scb
 
@@ -416,7 +449,7 @@ def dequantize_weight(entries: Mapping[str, torch.Tensor]) -> torch.Tensor:
     Raises:
         FormatError-like InputError: entries that are neither layout.
     """
-    F = _bnb()
+    F = import_bitsandbytes()
     if "SCB" in entries:
         return F.int8_vectorwise_dequant(entries["weight"], entries["SCB"].to(torch.float32))
     state = quant_state_from_entries(entries)
@@ -425,7 +458,7 @@ def dequantize_weight(entries: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def quant_state_from_entries(entries: Mapping[str, torch.Tensor]):
     """The QuantState of serialized 4-bit entries (``weight.absmax``, ``weight.quant_state...``)."""
-    F = _bnb()
+    F = import_bitsandbytes()
     stats = {k[len("weight."):]: v for k, v in entries.items() if k.startswith("weight.")}
     if not stats:
         raise InputError("quantized weight has no quant state (weight.absmax / weight.quant_state.*)")
@@ -449,7 +482,7 @@ def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def _quantize_effective(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(effective weight, the integer code of every entry) of ``weight`` under ``spec``."""
-    F = _bnb()
+    F = import_bitsandbytes()
     if spec.is_4bit:
         packed, state = quantize_4bit(weight, spec)
         return F.dequantize_4bit(packed, state).to(spec.compute_dtype), unpack_4bit_codes(packed, state.shape)
