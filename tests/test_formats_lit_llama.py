@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +304,15 @@ def test_cli_convert_refusals(tmp_path, fixture, base, expect):
     assert code == 2
     assert expect in assert_one_line_error(err)
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter.lora", "lit-llama.weights"])
+def test_written_under_any_name_reads_back(name, mha, tmp_path):
+    """Detection is by content: a Lit-LLaMA file without the .pth suffix is still read (CLI, as a user would)."""
+    out = tmp_path / name
+    code, _, err = invoke("convert", mha["peft"], out, "--to", "lit-llama", "--base", mha["base"])
+    assert code == 0, err
+    assert detect_format(out) == "lit-llama"
+    code, stdout, err = invoke("inspect", out, "--base", mha["base"], "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["format"] == "lit-llama"

@@ -163,3 +163,18 @@ def test_half_precision_dtype_reported():
     for name, dtype in (("llama-fp16", "float16"), ("llama-bf16", "bfloat16")):
         code, out, _ = invoke("inspect", ADAPTERS / name, "--json")
         assert json.loads(out)["dtype"] == dtype
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTER_BASE))
+def test_lora_params_counts_every_stored_lora_tensor(name):
+    """lora_params = every lora_* tensor in the file (AdaLoRA's lora_E included), as PEFT saved it."""
+    from safetensors import safe_open
+
+    stored = 0
+    for path in (ADAPTERS / name).glob("adapter_model.safetensors"):  # the default adapter (inspect reads that one)
+        with safe_open(str(path), "pt") as f:
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
+    code, out, err = invoke("inspect", ADAPTERS / name, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["lora_params"] == stored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -41,3 +42,12 @@ def test_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "merged-lora.gguf").is_file()
+
+
+def test_fixture_configs_name_no_path_of_the_build_machine():
+    """Adapter configs record a placeholder base id, not an absolute path of the machine that built them."""
+    from conftest import ADAPTERS
+
+    for config in ADAPTERS.rglob("adapter_config.json"):
+        recorded = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+        assert not recorded.startswith(("/", "~")) and ":\\" not in recorded, (config, recorded)

@@ -26,7 +26,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
 from loratool.formats.litgpt import describe_modules, out_dtype, padded_factors, pickle_head, refuse_unrepresentable, report_packing, strip_wrapper
-from loratool.io.store import TensorStore, load_pickle
+from loratool.io.store import TensorStore, is_torch_pickle, load_pickle
 
 NAME = "lit-llama"
 OUTPUT_IS_FILE = True
@@ -37,7 +37,6 @@ LLAMA1_HEADS = {4096: 32, 5120: 40, 6656: 52, 8192: 64}
 _KEY_RE = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.lora_([AB])$")
 _DETECT_RE = re.compile(rb"transformer\.h\.\d+\.attn\.c_attn\.lora_A")
 _HF_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(q_proj|v_proj)$")
-_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def meta_to_hf(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -54,7 +53,8 @@ def hf_to_meta(t: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def detect(path: Path) -> bool:
     path = Path(path)
-    if not path.is_file() or path.suffix not in _PICKLE_SUFFIXES or path.name in ("adapter_model.bin", "pytorch_model.bin"):
+    # by content, not by suffix: loratool writes this format under whatever name OUT has
+    if path.name in ("adapter_model.bin", "pytorch_model.bin") or not is_torch_pickle(path):
         return False
     if _DETECT_RE.search(pickle_head(path)) is None:
         return False

@@ -33,7 +33,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.formats import refuse_lora_bias
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import LazyTensor, TensorStore, is_safetensors_file, read_safetensors_header
+from loratool.io.store import LazyTensor, TensorStore, is_safetensors_file, is_torch_pickle, read_safetensors_header
 from loratool.io.writer import write_safetensors
 
 NAME = "scratch"
@@ -98,7 +98,7 @@ def _candidate_keys(path: Path) -> list[str] | None:
         except FormatError:
             return None
         return [e.name for e in entries]
-    if path.suffix in PICKLE_SUFFIXES:
+    if is_torch_pickle(path):
         if not _pickle_may_hold_scratch(path):
             return None
         try:
@@ -121,7 +121,7 @@ def detect(path: Path) -> bool:
         if (path / "adapter_config.json").exists():
             return False
         return _single_file(path) is not None
-    if path.suffix not in SUFFIXES and not (path.suffix == "" and path.is_file() and is_safetensors_file(path)):
+    if not (path.is_file() and (is_torch_pickle(path) or is_safetensors_file(path))):  # by content, whatever its name
         return False
     keys = _candidate_keys(path)
     return bool(keys) and any(parse_key(k) for k in keys)

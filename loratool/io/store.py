@@ -280,6 +280,28 @@ def is_safetensors_file(path: Path) -> bool:
     return int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
 
 
+def is_torch_pickle(path: Path) -> bool:
+    """By content, whatever the file is called: what ``torch.save`` writes.
+
+    The zip container (an entry ``<archive>/data.pkl``) or a legacy pickle, which starts with the
+    PROTO opcode (0x80) and a protocol number 2-5.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:2] == b"PK":
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith("/data.pkl") or n == "data.pkl" for n in zf.namelist())
+        return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def load_pickle(path: Path) -> object:
     """Load a PyTorch pickle with ``weights_only=True`` (never executes code from the file)."""
     path = Path(path)
