@@ -4,8 +4,10 @@
 otherwise ``org/name`` or ``org/name@revision`` is fetched with ``snapshot_download``, limited to
 the files the command needs, through the Hugging Face cache (``HF_HUB_OFFLINE=1``: the cache only).
 
-``push`` uploads an adapter or merged-model folder in one commit, leaving out training leftovers
-and adding a generated model card (``model_card``) when the folder has no README.md.
+``push`` uploads an adapter or merged-model folder in one commit, leaving out training leftovers,
+with a generated model card (``model_card``) when the folder has no README.md or only PEFT's
+template, and the metadata completed when the folder's own README.md lacks ``base_model``
+(``push_card``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from loratool.base import SIDE_FILES, TOKENIZER_FILES
 from loratool.errors import FormatError, InputError
@@ -288,16 +291,28 @@ def _keep(rel: str, parts: list[str], kind: str, has_safetensors: bool) -> bool:
     return not has_safetensors and fnmatch.fnmatchcase(name, "pytorch_model*.bin")
 
 
+def _hub_id_shaped(value: Any) -> bool:
+    """Whether ``value`` is shaped like a Hub model id (``org/name`` or a legacy ``gpt2``), not a path."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith((".", "~")):
+        return False
+    return bool(_HUB_ID_RE.match(value)) and "--" not in value and ".." not in value
+
+
 def _hub_id(value: Any) -> str | None:
     """``value`` when it can name a Hub model (``org/name`` or a legacy ``gpt2``), else None."""
-    if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith((".", "~")):
-        return None
-    value = value.split("@", 1)[0]
-    if not _HUB_ID_RE.match(value) or "--" in value or ".." in value:
+    if isinstance(value, str):
+        value = value.split("@", 1)[0]
+    if not _hub_id_shaped(value):
         return None
     if Path(value).exists():
         return None  # a local path wins over a repo id
     return value
+
+
+def _in_hub_cache(spec: str) -> bool:
+    """Whether the Hugging Face cache holds anything of the repo ``org/name[@revision]``."""
+    repo_id = spec.partition("@")[0]
+    return (hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))).is_dir()
 
 
 def _open_card_base(base: str | os.PathLike | None, fallback: str | None, token: str | None):
@@ -311,7 +326,7 @@ def _open_card_base(base: str | os.PathLike | None, fallback: str | None, token:
     try:
         if Path(fallback).exists():
             return BaseModel.open(fallback)
-        if looks_like_repo_id(fallback):
+        if looks_like_repo_id(fallback) and _in_hub_cache(fallback):
             return BaseModel.open(resolve_path(fallback, kind="model", token=token, local_only=True))
     except (InputError, OSError):
         return None
@@ -364,6 +379,9 @@ def _model_type_from_config(config: dict) -> str | None:
     return None
 
 
+_INSPECT_NOTE = "_Figures from `loratool inspect`._"
+
+
 def _fmt_params(n: int) -> str:
     return f"{n:,}"
 
@@ -372,10 +390,20 @@ def _join(values: Iterable[Any]) -> str:
     return ", ".join(f"`{v}`" for v in values)
 
 
-def _card_text(data, body: str):
-    from huggingface_hub import ModelCard
+class _CardParts(NamedTuple):
+    """A generated card before assembly: metadata, title, one-line summary, the loratool sections."""
 
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+    data: Any  # huggingface_hub.ModelCardData
+    title: str
+    summary: str
+    sections: list[str]
+
+    def card(self):
+        """The whole card, a ``huggingface_hub.ModelCard``."""
+        from huggingface_hub import ModelCard
+
+        body = "\n".join([f"# {self.title}", "", self.summary, "", *self.sections]).strip()
+        return ModelCard(f"---\n{self.data.to_yaml()}\n---\n\n{body}\n")
 
 
 def model_card(
@@ -408,11 +436,16 @@ def model_card(
     Raises:
         InputError / FormatError: the folder is not an adapter or model, or cannot be read.
     """
+    return _card_parts(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token).card()
+
+
+def _card_parts(path, *, repo_id, revision, base, adapter, token, named_base: str | None = None) -> _CardParts:
+    """The card of a folder in parts; ``named_base``: a base model id from an old card's metadata,
+    used when neither ``base`` nor the folder's config names one."""
     path = Path(path)
-    kind = folder_kind(path)
-    if kind == "adapter":
-        return _adapter_card(path, repo_id=repo_id, revision=revision, base=base, token=token)
-    return _model_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token)
+    if folder_kind(path) == "adapter":
+        return _adapter_card(path, repo_id=repo_id, revision=revision, base=base, token=token, named_base=named_base)
+    return _model_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token, named_base=named_base)
 
 
 def _read_adapters(path: Path):
@@ -428,7 +461,7 @@ def _read_adapters(path: Path):
     return found + [(name, read_adapter(path, format="peft", adapter_name=name)) for name in subs]
 
 
-def _adapter_card(path: Path, *, repo_id, revision, base, token):
+def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None):
     from huggingface_hub import ModelCardData
 
     from loratool.inspect import inspect_adapter
@@ -436,7 +469,7 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token):
     adapters = _read_adapters(path)
     first = adapters[0][1]
     base_model_id = _hub_id(os.fspath(base)) if base is not None else None
-    base_model_id = base_model_id or _hub_id(first.base_model)
+    base_model_id = base_model_id or _hub_id(first.base_model) or _hub_id(named_base)
     base_obj = _open_card_base(base, first.base_model, token)
     model_type = (base_obj.model_type if base_obj is not None else None) or _model_type_from_config(first.config)
     architecture = None
@@ -469,8 +502,8 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token):
     else:
         base_text = "an unnamed base model"
     kind_text = "DoRA" if first.use_dora else ("AdaLoRA" if first.variant == "adalora" else "LoRA")
-    lines = [f"# {name}", "", f"A {kind_text} adapter for {base_text}.", ""]
-
+    summary = f"A {kind_text} adapter for {base_text}."
+    lines: list[str] = []
     for sub, ad in adapters:
         report = inspect_adapter(ad, base=base_obj, scan=False)
         lines += _adapter_section(sub, ad, report)
@@ -506,7 +539,7 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token):
     ]
     if not base_model_id:
         lines += ["", "Replace `BASE_MODEL` with the base model this adapter was trained on."]
-    return _card_text(data, "\n".join(lines))
+    return _CardParts(data, name, summary, lines)
 
 
 def _adapter_section(sub: str | None, ad, report: dict) -> list[str]:
@@ -545,7 +578,7 @@ def _adapter_section(sub: str | None, ad, report: dict) -> list[str]:
     title = "## Adapter" + (f" `{sub}`" if sub else "")
     out = [title, "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
-    out += ["", "_Figures from `loratool inspect`._", ""]
+    out += ["", _INSPECT_NOTE, ""]
     return out
 
 
@@ -563,7 +596,7 @@ def _adapter_base_id(adapter: str | os.PathLike | None) -> str | None:
     return _hub_id(config.get("base_model_name_or_path")) if isinstance(config, dict) else None
 
 
-def _model_card(path: Path, *, repo_id, revision, base, adapter, token):
+def _model_card(path: Path, *, repo_id, revision, base, adapter, token, named_base=None):
     from huggingface_hub import ModelCardData
 
     from loratool.base import BaseModel
@@ -571,6 +604,7 @@ def _model_card(path: Path, *, repo_id, revision, base, adapter, token):
     model = BaseModel.open(path)
     base_model_id = _hub_id(os.fspath(base)) if base is not None else None
     base_model_id = base_model_id or _hub_id(model.config.get("_name_or_path")) or _adapter_base_id(adapter)
+    base_model_id = base_model_id or _hub_id(named_base)
     arch = model.architectures[0] if model.architectures else None
     auto_cls = _auto_class(None, arch)
     tags = ["loratool", "lora-merged"]
@@ -596,12 +630,11 @@ def _model_card(path: Path, *, repo_id, revision, base, adapter, token):
         ("dtype", ", ".join(dtypes) or "-"),
     ]
     rev_arg = f', revision="{revision}"' if revision else ""
-    lines = [
-        f"# {name}",
-        "",
+    summary = (
         f"This model is {base_text} with a LoRA adapter{adapter_text} merged into its weights by loratool. "
-        "It is a plain transformers model: loading it needs no PEFT.",
-        "",
+        "It is a plain transformers model: loading it needs no PEFT."
+    )
+    lines = [
         "## Model",
         "",
         "| | |",
@@ -616,7 +649,250 @@ def _model_card(path: Path, *, repo_id, revision, base, adapter, token):
         f'model = {auto_cls}.from_pretrained("{repo_id or "REPO_ID"}"{rev_arg})',
         "```",
     ]
-    return _card_text(data, "\n".join(lines))
+    return _CardParts(data, name, summary, lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# README.md of a folder to push: kept, completed, or replaced by a generated card
+
+PEFT_PLACEHOLDER = "[More Information Needed]"
+# PEFT's additions to the template: its version, and the quantization config used in training
+_PEFT_VERSION_LINE = re.compile(r"^- PEFT \S+$")
+_PEFT_QUANT_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
+_CONFIG_ITEM_LINE = re.compile(r"^- \w+: .*$")
+_HEADING_LINE = re.compile(r"^#{1,6}\s")
+_LABELLED_PLACEHOLDER = re.compile(r"^(- )?\*\*[^*]+:\*\*$")  # "- **License:** [More Information Needed]"
+_MIN_TEMPLATE_PLACEHOLDERS = 3
+_FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.S)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+# the card metadata loratool fills in itself when it replaces PEFT's template
+_GENERATED_KEYS = ("base_model", "library_name", "pipeline_tag", "tags")
+
+
+def split_front_matter(text: str) -> tuple[str | None, str]:
+    """Split README text into its YAML front matter and its Markdown body.
+
+    Args:
+        text: the README.md text.
+    Returns:
+        (the YAML between the ``---`` lines, or None when there is no front matter; the body).
+    """
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return None, text
+    return match.group(1) or "", text[match.end():]
+
+
+def _content_lines(body: str) -> list[str]:
+    """The non-blank lines of a Markdown body, stripped, HTML comments removed."""
+    return [line.strip() for line in _HTML_COMMENT.sub("", body).splitlines() if line.strip()]
+
+
+@lru_cache(maxsize=1)
+def _hub_template_lines() -> frozenset[str]:
+    """The lines of huggingface_hub's default model card template, the one PEFT fills in."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    try:
+        return frozenset(_content_lines(ModelCard.from_template(ModelCardData()).text))
+    except Exception:  # no jinja2: the template's fixed lines, unrendered
+        pass
+    try:
+        raw = Path(ModelCard.default_template_path).read_text(encoding="utf-8")
+    except (OSError, AttributeError, TypeError):
+        return frozenset()  # the generic rules alone
+    return frozenset(line for line in _content_lines(raw) if "{{" not in line and "{%" not in line)
+
+
+def _is_template_line(line: str, template_lines: frozenset[str], quantized: bool) -> bool:
+    """Whether one line of a README body can come from PEFT's template without anyone editing it."""
+    if line in template_lines or _HEADING_LINE.match(line) or _PEFT_VERSION_LINE.match(line):
+        return True
+    if line == _PEFT_QUANT_PREFIX or (quantized and _CONFIG_ITEM_LINE.match(line)):
+        return True
+    if PEFT_PLACEHOLDER not in line:
+        return False
+    rest = line.replace(PEFT_PLACEHOLDER, "").strip()
+    return not rest or bool(_LABELLED_PLACEHOLDER.match(rest))
+
+
+def is_untouched_peft_template(text: str) -> bool:
+    """Whether README text is the template card PEFT's ``save_pretrained`` writes, unedited.
+
+    PEFT fills huggingface_hub's default model card template: headings ("# Model Card for Model
+    ID", "## Model Details", ...), HTML comments, and "[More Information Needed]" in every section,
+    then appends "### Framework versions" / "- PEFT x.y.z" (and the bitsandbytes config of a
+    quantized training). The text is that template when its body has at least three placeholders
+    and every other line is a heading, a placeholder (possibly labelled, "- **License:** [More
+    Information Needed]"), a fixed sentence of the template or one of PEFT's additions. One line
+    written by a person makes it the user's README. The front matter is not considered.
+
+    Args:
+        text: the README.md text.
+    Returns:
+        True for PEFT's untouched template.
+    """
+    lines = _content_lines(split_front_matter(text)[1])
+    if sum(PEFT_PLACEHOLDER in line for line in lines) < _MIN_TEMPLATE_PLACEHOLDERS:
+        return False
+    template_lines = _hub_template_lines()
+    quantized = _PEFT_QUANT_PREFIX in lines
+    return all(_is_template_line(line, template_lines, quantized) for line in lines)
+
+
+def is_valid_base_model(value: Any) -> bool:
+    """Whether a card's ``base_model`` metadata names Hub models: ``org/name`` (or legacy ``gpt2``).
+
+    Args:
+        value: the metadata value: a string, or a list of strings (a merge of several bases).
+    Returns:
+        False for a missing or empty value, a local path, or anything else the Hub rejects.
+    """
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(_hub_id_shaped(v) for v in values)
+
+
+def _read_readme(readme: Path) -> str:
+    """The text of a README.md to push.
+
+    Raises:
+        InputError: not UTF-8.
+    """
+    try:
+        return readme.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{readme}: not UTF-8 text (byte {exc.start}); a model card must be UTF-8") from None
+
+
+def _parse_card(text: str, readme: Path):
+    """A ``ModelCard`` of README text; its metadata must be a YAML mapping.
+
+    Raises:
+        InputError: the front matter is not valid YAML, or not a mapping the Hub accepts.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if split_front_matter(text)[0] is None:
+        text = f"---\n{ModelCardData().to_yaml()}\n---\n\n{text}"  # no front matter: empty metadata
+    try:
+        return ModelCard(text)
+    except Exception as exc:  # yaml.YAMLError, ValueError (not a mapping, bad model-index), TypeError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{readme}: its YAML front matter cannot be read ({first})") from None
+
+
+def readme_action(text: str, readme: Path) -> str:
+    """What push does with a folder's README.md.
+
+    Args:
+        text: the README.md text.
+        readme: its path (for error messages).
+    Returns:
+        "replace" (PEFT's untouched template: a generated card takes its place), "complete" (the
+        user's own text without a valid ``base_model``: metadata and the loratool section are
+        added) or "keep" (a complete card: pushed byte for byte).
+    Raises:
+        InputError: the front matter cannot be read.
+    """
+    if is_untouched_peft_template(text):
+        return "replace"
+    card = _parse_card(text, readme)
+    return "keep" if is_valid_base_model(card.data.get("base_model")) else "complete"
+
+
+def _template_metadata(text: str, readme: Path) -> dict:
+    """The metadata of PEFT's template README; {} when unreadable (it is PEFT's own, and replaced)."""
+    try:
+        return _parse_card(text, readme).data.to_dict()
+    except InputError:
+        return {}
+
+
+def _replace_template(old: dict, parts: _CardParts):
+    """The generated card, carrying over metadata the user added to PEFT's template (license...)."""
+    card = parts.card()
+    for key, value in old.items():
+        if key not in _GENERATED_KEYS and card.data.get(key) is None:
+            card.data[key] = value
+    return card
+
+
+def _complete_card(text: str, readme: Path, parts: _CardParts):
+    """The user's README with base_model, library_name, pipeline_tag and tags completed and the
+    loratool section appended (unless it is there already); their text is kept as written."""
+    card = _parse_card(text, readme)
+    data, generated = card.data, parts.data
+    if generated.base_model:
+        data.base_model = generated.base_model
+    else:
+        data.pop("base_model")  # missing, empty or a local path: the Hub refuses it
+    for key in ("library_name", "pipeline_tag"):
+        if not data.get(key) and generated.get(key):
+            data[key] = generated[key]
+    own_tags = data.get("tags") or []
+    own_tags = [own_tags] if isinstance(own_tags, str) else list(own_tags)
+    data.tags = own_tags + [t for t in generated.tags or [] if t not in own_tags]
+    card.text = _completed_body(card.text, parts, "\r\n" if "\r\n" in text else "\n")
+    return card
+
+
+def _completed_body(body: str, parts: _CardParts, newline: str) -> str:
+    """The user's Markdown body followed by loratool's summary and sections (all of the generated
+    card when the body is empty; nothing added when loratool's section is there already)."""
+    if not body.strip():
+        return newline + newline.join([f"# {parts.title}", "", parts.summary, "", *parts.sections]).strip() + newline
+    if parts.summary in body or _INSPECT_NOTE in body:
+        return body
+    added = newline.join([parts.summary, "", *parts.sections]).strip()
+    return body.rstrip() + newline + newline + added + newline
+
+
+def push_card(
+    path: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    base: str | os.PathLike | None = None,
+    adapter: str | None = None,
+    token: str | None = None,
+) -> tuple[str, str]:
+    """The README.md that ``push`` uploads for a folder, and where it comes from.
+
+    No README.md: a card is generated (``model_card``). PEFT's untouched template
+    (``is_untouched_peft_template``): replaced by the generated card, keeping metadata the user
+    added (license, datasets...) and the template's base_model when nothing else names the base.
+    The user's own README without a valid ``base_model``: kept as written, its metadata completed
+    (base_model, library_name, pipeline_tag, tags) and the loratool section appended. Otherwise
+    the README is pushed unchanged. Nothing is written into ``path``.
+
+    Args:
+        path: the adapter or merged-model folder.
+        repo_id, revision: where it goes (for the loading snippets).
+        base: the base model (path or repo id), when the folder's own metadata lacks it.
+        adapter: for a merged model, the adapter that was merged.
+        token: a Hub token, used only to resolve ``base``.
+    Returns:
+        (the README.md text, its source: "generated", "replaced-template", "completed" or "kept").
+    Raises:
+        InputError: the README is not UTF-8 or its front matter cannot be read; the folder cannot be read.
+    """
+    path = Path(path)
+    readme = path / "README.md"
+    if not readme.is_file():
+        action, text = "generate", ""
+    else:
+        text = _read_readme(readme)
+        action = readme_action(text, readme)
+    if action == "keep":
+        return text, "kept"
+    old = _template_metadata(text, readme) if action == "replace" else {}
+    named = old.get("base_model") if isinstance(old.get("base_model"), str) else None
+    parts = _card_parts(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token, named_base=named)
+    if action == "generate":
+        return str(parts.card()), "generated"
+    if action == "replace":
+        return str(_replace_template(old, parts)), "replaced-template"
+    return str(_complete_card(text, readme, parts)), "completed"
 
 
 def check_push_repo_id(repo_id: str) -> None:
@@ -650,8 +926,10 @@ def push(
 
     The repo is created when missing (``create_repo(exist_ok=True)``), the branch too when
     ``revision`` names one that does not exist (unless ``create_pr``). Only the files of the
-    adapter or model are sent (see ``select_files``); when the folder has no README.md a model card
-    is generated (``model_card``) and committed from memory: nothing is written into ``path``.
+    adapter or model are sent (see ``select_files``). The README.md is chosen by ``push_card``: a
+    generated model card when the folder has none or only PEFT's untouched template, the folder's
+    own with its metadata completed when it lacks ``base_model``, else the folder's own unchanged.
+    A generated or completed card is committed from memory: nothing is written into ``path``.
 
     Args:
         path: the local folder.
@@ -667,10 +945,13 @@ def push(
         base: the base model (path or repo id) for the card, when the folder's metadata lacks it.
         adapter: for a merged model, the adapter that was merged (named in the card).
     Returns:
-        A dict: repo_id, revision, kind, files [{path, size}], left_out, card (the generated
-        README.md text, or None), dry_run, and after an upload commit_url and pr_url.
+        A dict: repo_id, revision, kind, files [{path, size, generated (the card loratool made)}],
+        left_out, card (the README.md text uploaded), card_source ("generated",
+        "replaced-template", "completed" or "kept"), dry_run, and after an upload commit_url and
+        pr_url.
     Raises:
-        InputError: not an adapter or model folder, a bad repo id, or the upload failed.
+        InputError: not an adapter or model folder, a bad repo id, an unreadable README.md, or
+            the upload failed.
     """
     path = Path(path)
     if not path.exists():
@@ -694,11 +975,11 @@ def push(
     if not kept:
         raise InputError(f"{path}: nothing to push")
 
-    card_text: str | None = None
-    if "README.md" not in kept:
-        card_text = str(model_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token))
+    card_text, card_source = push_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token)
+    if card_source != "kept":
+        kept = [rel for rel in kept if rel != "README.md"]  # committed from memory instead
     files = [{"path": rel, "size": (path / rel).stat().st_size} for rel in kept]
-    if card_text is not None:
+    if card_source != "kept":
         files.append({"path": "README.md", "size": len(card_text.encode("utf-8")), "generated": True})
     message = commit_message or f"Upload {'LoRA adapter' if kind == 'adapter' else 'merged model'} with loratool"
     result: dict[str, Any] = {
@@ -713,6 +994,7 @@ def push(
         "total_size": sum(f["size"] for f in files),
         "left_out": left_out,
         "card": card_text,
+        "card_source": card_source,
         "dry_run": dry_run,
     }
     if dry_run:
@@ -724,7 +1006,7 @@ def push(
     token = token or None
     api = api if api is not None else HfApi(token=token)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in kept]
-    if card_text is not None:
+    if card_source != "kept":
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
     try:
         api.create_repo(repo_id, token=token, private=True if private else None, repo_type="model", exist_ok=True)

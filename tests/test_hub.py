@@ -377,15 +377,242 @@ def test_push_cli_with_patched_hfapi(tmp_path, monkeypatch):
 
 def test_push_keeps_existing_readme(tmp_path, no_network):
     folder = _training_folder(tmp_path)
-    (folder / "README.md").write_text("# mine\n")
+    (folder / "README.md").write_bytes(COMPLETE_README)
     result = hub.push(folder, "me/x", dry_run=True)
-    assert result["card"] is None
-    assert "README.md" in [f["path"] for f in result["files"]]
+    assert result["card_source"] == "kept"
+    assert result["card"].encode() == COMPLETE_README
+    readme = [f for f in result["files"] if f["path"] == "README.md"]
+    assert readme == [{"path": "README.md", "size": len(COMPLETE_README)}]
     api = FakeApi()
     hub.push(folder, "me/x", api=api)
     ops = api.calls[-1][2]["operations"]
-    assert _op_bytes(ops["README.md"]) == b"# mine\n"
+    assert _op_bytes(ops["README.md"]) == COMPLETE_README
     assert "optimizer.pt" not in ops
+
+
+# ------------------------------------------------------------------------------------------
+# push: the README.md PEFT's save_pretrained writes, and the user's own
+
+PLACEHOLDER = "[More Information Needed]"
+# metadata with a valid base_model, in an order and a style the YAML dumper would change
+COMPLETE_README = (
+    b"---\r\ntags: [lora, mine]   # my tags\r\nbase_model: org/tiny-llama\r\nlicense: mit\r\n---\r\n"
+    b"# My adapter\r\n\r\nTrained by me. Caf\xc3\xa9.\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def peft_saved(tmp_path_factory):
+    """Real PEFT adapters saved by ``save_pretrained`` (so with PEFT's template README.md):
+    "local" names its base by a local path everywhere; "named" has a base whose name_or_path is
+    ``org/tiny-llama``, which PEFT puts in the README's base_model but not in adapter_config."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft-saved")
+    for name in ("local", "named"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(BASES / "llama"))
+        if name == "named":
+            model.config.name_or_path = "org/tiny-llama"
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        get_peft_model(model, config).save_pretrained(str(root / name))
+    return root
+
+
+def _peft_folder(tmp_path: Path, peft_saved: Path, name: str = "local") -> Path:
+    folder = tmp_path / "peft-run"
+    shutil.copytree(peft_saved / name, folder)
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_loratool_card(card, base_model: str = "org/tiny-llama"):
+    assert card.data.base_model == base_model
+    assert card.data.library_name == "peft"
+    assert {"lora", "peft", "llama", "loratool"} <= set(card.data.tags)
+    assert "| rank | 4 |" in card.text and "| alpha | 8 |" in card.text
+    assert "| target modules | `q_proj`, `v_proj` |" in card.text
+    assert "1,792 (1.678% of the base's 106,816)" in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{base_model}")' in card.text
+    assert 'PeftModel.from_pretrained(base, "me/my-lora")' in card.text
+
+
+def test_peft_save_pretrained_writes_its_template(peft_saved):
+    """The premise: PEFT writes a README.md, its template, without a usable base_model."""
+    text = (peft_saved / "local" / "README.md").read_text()
+    assert text.count(PLACEHOLDER) > 10 and "### Framework versions" in text
+    assert hub.is_untouched_peft_template(text)
+    meta = _card(text).data
+    assert not hub.is_valid_base_model(meta.get("base_model"))  # a local path
+    assert hub.is_valid_base_model(_card((peft_saved / "named" / "README.md").read_text()).data.base_model)
+
+
+def test_push_replaces_peft_template(tmp_path, peft_saved, hf_cache, monkeypatch):
+    _cache_repo(hf_cache, "org/tiny-llama", BASES / "llama")
+    folder = _peft_folder(tmp_path, peft_saved)
+    before = _snapshot(folder)
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama", "--dry-run", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["card_source"] == "replaced-template"
+    assert [f["path"] for f in result["files"]] == ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    assert result["files"][-1] == {"path": "README.md", "size": len(result["card"].encode()), "generated": True}
+    card = _card(result["card"])
+    _assert_loratool_card(card)
+    assert PLACEHOLDER not in result["card"] and "Model Card for Model ID" not in result["card"]
+
+    # the dry run prints that card
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama", "--dry-run")
+    assert code == 0, err
+    assert "README.md (generated, replacing PEFT's template README.md)" in out
+    assert result["card"].strip() in out and PLACEHOLDER not in out
+
+    # the upload commits the same card, from memory
+    api = FakeApi()
+    _patch_hfapi(monkeypatch, api)
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama")
+    assert code == 0, err
+    ops = api.calls[-1][2]["operations"]
+    assert _op_bytes(ops["README.md"]).decode() == result["card"]
+    assert _snapshot(folder) == before
+
+
+def test_push_replaces_template_naming_its_base(tmp_path, peft_saved, no_network):
+    """PEFT's template naming a Hub base (adapter_config names a local path): still replaced,
+    and its base_model kept; metadata the user added to the template (license) is kept too."""
+    folder = _peft_folder(tmp_path, peft_saved, "named")
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().replace("library_name: peft", "library_name: peft\nlicense: apache-2.0", 1))
+    before = _snapshot(folder)
+    code, out, err = invoke("push", folder, "me/my-lora", "--dry-run", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["card_source"] == "replaced-template"
+    card = _card(result["card"])
+    _assert_loratool_card(card)
+    assert card.data.license == "apache-2.0"
+    assert not any(t.startswith("base_model:") for t in card.data.tags)
+    assert PLACEHOLDER not in result["card"]
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    "front_matter",
+    ["", "---\nlicense: mit\n---\n", "---\nbase_model: ''\nlicense: mit\ntags:\n- mine\n---\n", "---\nbase_model: /data/llama\nlicense: mit\n---\n"],
+    ids=["none", "no-base-model", "empty-base-model", "local-path"],
+)
+def test_push_completes_user_readme(tmp_path, peft_saved, hf_cache, monkeypatch, front_matter):
+    _cache_repo(hf_cache, "org/tiny-llama", BASES / "llama")
+    folder = _peft_folder(tmp_path, peft_saved)
+    body = "# My adapter\n\nTrained on my data; see [the paper](https://example.org).\n"
+    (folder / "README.md").write_text(front_matter + body)
+    before = _snapshot(folder)
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama", "--dry-run", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["card_source"] == "completed"
+    card = _card(result["card"])
+    _assert_loratool_card(card)
+    assert card.text.lstrip("\n").startswith(body)  # the user's text first, as written
+    assert PLACEHOLDER not in result["card"]
+    if front_matter:
+        assert card.data.license == "mit"
+    if "mine" in front_matter:
+        assert card.data.tags[0] == "mine"
+
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama", "--dry-run")
+    assert code == 0, err
+    assert "README.md (the folder's README.md, metadata and loratool section added)" in out
+    assert "Trained on my data" in out and "base_model: org/tiny-llama" in out
+
+    api = FakeApi()
+    _patch_hfapi(monkeypatch, api)
+    code, out, err = invoke("push", folder, "me/my-lora", "--base", "org/tiny-llama")
+    assert code == 0, err
+    assert _op_bytes(api.calls[-1][2]["operations"]["README.md"]).decode() == result["card"]
+    assert _snapshot(folder) == before
+
+
+def test_completing_twice_adds_nothing(tmp_path, peft_saved, hf_cache):
+    """A README loratool already completed (its section there) only gains metadata."""
+    _cache_repo(hf_cache, "org/tiny-llama", BASES / "llama")
+    folder = _peft_folder(tmp_path, peft_saved)
+    (folder / "README.md").write_text("# Mine\n")
+    first = hub.push(folder, "me/my-lora", dry_run=True, base="org/tiny-llama")["card"]
+    without_base = first.replace("base_model: org/tiny-llama\n", "")
+    (folder / "README.md").write_text(without_base)
+    again = hub.push(folder, "me/my-lora", dry_run=True, base="org/tiny-llama")
+    assert again["card_source"] == "completed"
+    assert again["card"].count("## Adapter") == 1 and _card(again["card"]).data.base_model == "org/tiny-llama"
+
+
+def test_push_keeps_complete_user_readme_byte_identical(tmp_path, peft_saved, monkeypatch):
+    folder = _peft_folder(tmp_path, peft_saved)
+    (folder / "README.md").write_bytes(COMPLETE_README)
+    before = _snapshot(folder)
+    code, out, err = invoke("push", folder, "me/my-lora", "--dry-run", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["card_source"] == "kept" and result["card"].encode() == COMPLETE_README
+    assert not any(f.get("generated") for f in result["files"])
+    code, out, err = invoke("push", folder, "me/my-lora", "--dry-run")
+    assert code == 0, err
+    assert "README.md (the folder's own, unchanged)" in out and "Trained by me" in out
+    api = FakeApi()
+    _patch_hfapi(monkeypatch, api)
+    code, out, err = invoke("push", folder, "me/my-lora")
+    assert code == 0, err
+    op = api.calls[-1][2]["operations"]["README.md"]
+    assert Path(op.path_or_fileobj) == folder / "README.md"  # the file itself, not a rewrite
+    assert _op_bytes(op) == COMPLETE_README
+    assert _snapshot(folder) == before
+
+
+def test_edited_template_is_the_users(tmp_path, peft_saved, hf_cache):
+    """One line of the template filled in makes the README the user's: it is kept and completed."""
+    _cache_repo(hf_cache, "org/tiny-llama", BASES / "llama")
+    folder = _peft_folder(tmp_path, peft_saved)
+    readme = folder / "README.md"
+    text = readme.read_text().replace(f"- **Developed by:** {PLACEHOLDER}", "- **Developed by:** Ada", 1)
+    assert not hub.is_untouched_peft_template(text)
+    readme.write_text(text)
+    result = hub.push(folder, "me/my-lora", dry_run=True, base="org/tiny-llama")
+    assert result["card_source"] == "completed"
+    assert "- **Developed by:** Ada" in result["card"] and "| rank | 4 |" in result["card"]
+    assert _card(result["card"]).data.base_model == "org/tiny-llama"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("# Model Card for Model ID\n\n## Uses\n\n[More Information Needed]\n", False),  # too few placeholders
+        ("# Notes\n\n" + "\n\n".join([PLACEHOLDER] * 3) + "\n\nMy own words.\n", False),
+        ("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\n- **License:** [More Information Needed]\n\n"
+         "## Uses\n\n<!-- a comment -->\n\n[More Information Needed]\n\n**BibTeX:**\n\n[More Information Needed]\n\n"
+         "## Training procedure\n\nThe following `bitsandbytes` quantization config was used during training:\n"
+         "- load_in_4bit: True\n\n### Framework versions\n\n- PEFT 0.13.0\n", True),
+        ("# Mine\n\nAll about it.\n", False),
+    ],
+)
+def test_is_untouched_peft_template(text, expected):
+    assert hub.is_untouched_peft_template(text) is expected
+
+
+def test_push_unreadable_readme_is_one_line(tmp_path, peft_saved, no_network):
+    folder = _peft_folder(tmp_path, peft_saved)
+    (folder / "README.md").write_text("---\nbase_model: [unclosed\n---\n# Mine\n")
+    code, out, err = invoke("push", folder, "me/my-lora", "--dry-run")
+    assert code == 2
+    assert "front matter cannot be read" in assert_one_line_error(err)
+    (folder / "README.md").write_bytes(b"# Caf\xe9\n")
+    code, out, err = invoke("push", folder, "me/my-lora", "--dry-run")
+    assert code == 2
+    assert "not UTF-8" in assert_one_line_error(err)
 
 
 def test_push_merged_model_card(tmp_path, no_network):
