@@ -17,10 +17,11 @@ import enum
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
+from loratool.errors import UnsupportedError
 from loratool.io.store import LazyTensor
 
 
@@ -49,6 +50,7 @@ class LoraModule:
     scale: float
     bias: LazyTensor | None = None  # (out,) lora_bias: the merged bias gains scale * bias
     magnitude: LazyTensor | None = None  # DoRA magnitude, (out,)
+    folded_params: int = 0  # stored LoRA parameters folded into A on reading (AdaLoRA's lora_E, (r, 1))
 
     @property
     def rank(self) -> int:
@@ -71,7 +73,8 @@ class LoraModule:
 
     @property
     def lora_params(self) -> int:
-        n = self.A.numel + self.B.numel
+        """Every stored LoRA parameter of this module: A, B, and bias, magnitude, lora_E when present."""
+        n = self.A.numel + self.B.numel + self.folded_params
         if self.bias is not None:
             n += self.bias.numel
         if self.magnitude is not None:
@@ -92,6 +95,7 @@ class LoraModule:
             B=LazyTensor.of(B),
             alpha=self.alpha if alpha is None else alpha,
             scale=self.scale if scale is None else scale,
+            folded_params=0,  # new factors hold everything: nothing stays folded
         )
 
 
@@ -100,7 +104,21 @@ class Adapter:
     """An adapter in canonical form.
 
     ``modules`` maps module names to their LoRA pairs; ``modules_to_save`` maps full tensor
-    names (e.g. ``classifier.weight``) to replacement tensors.
+    names (e.g. ``classifier.weight``) to the tensors that replace the base's when the adapter
+    is applied.
+
+    Those are of two kinds, told apart by ``base_layer_copies`` (a set of names in
+    ``modules_to_save``):
+
+    - trained replacements (PEFT ``modules_to_save``, a head kept whole...);
+    - saved copies of a base layer: the full embedding / ``lm_head`` weight PEFT writes beside
+      the LoRA (``save_embedding_layers``, ``<module>.base_layer.weight``). They are not
+      trained; they equal the base's tensor unless the vocabulary was resized or the base
+      changed. ``saved_copies`` and ``trained_to_save`` give each kind.
+
+    Both stay in ``modules_to_save`` because merging applies both the same way (the tensor
+    replaces the base's); only a writer whose format cannot hold full tensors needs to tell
+    them apart (a copy equal to the base can be dropped, see ``without_saved_copies``).
     """
 
     format: str
@@ -118,6 +136,7 @@ class Adapter:
     config: dict = field(default_factory=dict)  # the source's own config, as read
     warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)  # non-tensor entries a format carried
+    base_layer_copies: frozenset[str] = frozenset()  # names in modules_to_save that are saved base-layer copies
 
     def __iter__(self) -> Iterator[LoraModule]:
         return iter(self.modules.values())
@@ -148,6 +167,53 @@ class Adapter:
     def replace_modules(self, modules: dict[str, LoraModule], **changes: Any) -> "Adapter":
         """A copy of this adapter with other modules (and optionally other fields)."""
         return replace(self, modules=modules, **changes)
+
+    @property
+    def saved_copies(self) -> dict[str, LazyTensor]:
+        """The modules_to_save entries that are saved copies of a base layer (not trained)."""
+        return {n: t for n, t in self.modules_to_save.items() if n in self.base_layer_copies}
+
+    @property
+    def trained_to_save(self) -> dict[str, LazyTensor]:
+        """The modules_to_save entries that are trained replacements (not saved copies)."""
+        return {n: t for n, t in self.modules_to_save.items() if n not in self.base_layer_copies}
+
+    def without_saved_copies(self, names: Iterable[str], *, warnings: Iterable[str] = ()) -> "Adapter":
+        """A copy of this adapter without the saved base-layer copies ``names``, with ``warnings`` added.
+
+        This adapter is left as it is.
+
+        Raises:
+            ValueError: a name is not a saved copy of this adapter (a trained tensor is never dropped).
+        """
+        names = set(names)
+        stray = sorted(names - set(self.saved_copies))
+        if stray:
+            raise ValueError(f"not saved base-layer copies: {', '.join(stray)}")
+        return replace(
+            self,
+            modules_to_save={n: t for n, t in self.modules_to_save.items() if n not in names},
+            base_layer_copies=frozenset(self.base_layer_copies - names),
+            warnings=[*self.warnings, *warnings],
+        )
+
+
+def refuse_saved_copies(adapter: Adapter, holder: str) -> None:
+    """Refuse saved base-layer copies for a format (``holder``) that holds only LoRA factors.
+
+    ``loratool convert`` drops a copy identical to the base before writing; one that reaches a
+    writer was not checked against a base.
+
+    Raises:
+        UnsupportedError: naming the first copy.
+    """
+    copies = sorted(adapter.saved_copies)
+    if copies:
+        more = f" (and {len(copies) - 1} more)" if len(copies) > 1 else ""
+        raise UnsupportedError(
+            f"{holder} cannot hold {copies[0]}{more}, the adapter's saved copy of a base layer (PEFT save_embedding_layers); "
+            "convert with --base so a copy identical to the base can be dropped"
+        )
 
 
 def lora_scale(alpha: float, rank: int, *, rslora: bool) -> float:

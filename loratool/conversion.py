@@ -4,6 +4,10 @@ The source is read into canonical form (detecting its format unless told), the t
 writer refuses what its format cannot hold (DoRA, a LoRA bias, modules_to_save...) unless it
 can bake it in exactly, and the written result is read back and compared with the source,
 module by module, before it replaces OUT: a conversion never drops a delta silently.
+
+Saved copies of base layers (PEFT's ``save_embedding_layers``) are not deltas: for a target
+that holds only LoRA factors, a copy identical to the base's tensor is dropped with a
+warning, and one that differs is refused (``drop_identical_copies``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, bind_adapter
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.formats import WRITE_CONTEXT, format_names, format_options, get_format, read_adapter
+from loratool.formats import WRITE_CONTEXT, detect_format, format_names, format_options, get_format, read_adapter
+from loratool.hub import resolve_path
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
 from loratool.io.store import TensorStore, checkpoint_files, read_json
 
 READ_OPTIONS = ("adapter_name", "alpha", "scale", "legacy_qkv")
+
+# target formats that store full tensors beside the LoRA factors (modules_to_save, saved copies)
+HOLDS_FULL_TENSORS = frozenset({"peft", "scratch"})
+_HOLDER_NAMES = {"mlx": "MLX", "gguf": "GGUF", "litgpt": "LitGPT", "lit-llama": "Lit-LLaMA"}
+_MERGE_HINT = "merge the adapter into the base instead (loratool merge BASE ADAPTER OUT)"
+_CHUNK_ROWS = 4096
+# checkpoint names of an input embedding, which a tied output head shares
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight", "shared.weight")
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
 _Q8_TOLERANCE = 3e-2
@@ -98,6 +111,9 @@ def convert(
     else:
         src_path = Path(src)
         adapter = read_adapter(src_path, format=from_format, base=base_model, **read_opts)
+    if adapter.saved_copies and to not in HOLDS_FULL_TENSORS:
+        # before the shape checks: a resized vocabulary is explained by its copy
+        adapter = drop_identical_copies(adapter, base_model, holder=_HOLDER_NAMES.get(to, to))
     if base_model is not None and len(base_model.store):
         bind_adapter(adapter, base_model)
 
@@ -118,26 +134,176 @@ def convert(
                 written = work / out.name
                 mod.write(adapter, written, **write_opts)
                 if check:
-                    compare(adapter, read_adapter(written, format=to, base=base_model), base=base_model, outtype=options.get("outtype"))
+                    compare(adapter, read_back(written, to, base=base_model), base=base_model, outtype=options.get("outtype"))
                 os.replace(written, tmp)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
             mod.write(adapter, tmp, **write_opts)
             if check:
-                compare(adapter, read_adapter(tmp, format=to, base=base_model), base=base_model, outtype=options.get("outtype"))
+                compare(adapter, read_back(tmp, to, base=base_model), base=base_model, outtype=options.get("outtype"))
     return {
         "source": str(src_path) if src_path is not None else None,
         "from": adapter.format,
         "to": to,
         "out": str(out),
         "modules": len(adapter),
-        "modules_to_save": sorted(adapter.modules_to_save),
+        "modules_to_save": sorted(adapter.trained_to_save),
+        "saved_copies": sorted(adapter.saved_copies),
         "verified": check,
         "baked": report["baked"],
         "notes": report["notes"],
         "warnings": list(adapter.warnings),
     }
+
+
+def drop_identical_copies(adapter: Adapter, base: BaseModel | None, *, holder: str) -> Adapter:
+    """The adapter without its saved base-layer copies, each checked to equal the base's tensor.
+
+    A copy (PEFT's ``save_embedding_layers``) restates the base layer; a format that holds only
+    LoRA factors loses nothing by leaving out one that is bit-identical to the base (same
+    values where the dtypes differ). Each dropped copy is reported as a warning of the
+    returned adapter; ``adapter`` itself is not changed.
+
+    Args:
+        adapter: the adapter read from SRC.
+        base: the base given to convert (``--base``); when None or config-only, the adapter's
+            own ``base_model_name_or_path`` is used if it is a local folder or in the Hub cache.
+        holder: the target format's name, for messages.
+    Raises:
+        UnsupportedError: no base to check against, the base lacks the tensor, or a copy differs
+            from it (a resized vocabulary, a trained embedding): naming the tensor, both shapes
+            and the largest absolute difference.
+    """
+    reference = _reference_base(adapter, base)
+    notes = []
+    for name, copy in sorted(adapter.saved_copies.items()):
+        if reference is None:
+            raise UnsupportedError(_no_base_message(adapter, name, copy, holder))
+        notes.append(_check_copy(name, copy, reference, holder))
+    return adapter.without_saved_copies(adapter.saved_copies, warnings=notes)
+
+
+def read_back(path: Path, to: str, *, base=None) -> Adapter:
+    """A written adapter read as a user would read it: its format detected from its content.
+
+    Raises:
+        FormatError: loratool would not recognize its own output as ``to``.
+    """
+    found = detect_format(path)
+    if found != to:
+        raise FormatError(path, f"written as {to} but read back as {found}: loratool would not recognize its own output")
+    return read_adapter(path, base=base)
+
+
+def _reference_base(adapter: Adapter, base: BaseModel | None) -> BaseModel | None:
+    """A base with weights to check saved copies against: ``base``, else the adapter's own base
+    when it is a local folder or cached from the Hub (never downloaded), else None."""
+    if base is not None and len(base.store):
+        return base
+    name = adapter.base_model
+    if not name:
+        return None
+    try:
+        path = Path(name) if Path(name).is_dir() else resolve_path(name, kind="model", local_only=True)
+        found = BaseModel.open(path)
+    except (InputError, OSError):
+        return None
+    return found if len(found.store) else None
+
+
+def _no_base_message(adapter: Adapter, name: str, copy, holder: str) -> str:
+    """The refusal for a saved copy that no base can vouch for."""
+    recorded = f" (its base {adapter.base_model} is neither a local folder nor in the Hub cache)" if adapter.base_model else ""
+    return (
+        f"{name}: the adapter carries a saved copy of this base layer {tuple(copy.shape)} (PEFT save_embedding_layers) "
+        f"that {holder} cannot hold{recorded}; pass --base so loratool can check that it equals the base's tensor and drop it"
+    )
+
+
+def _check_copy(name: str, copy, base: BaseModel, holder: str) -> str:
+    """The note for a saved copy identical to the base's tensor.
+
+    Raises:
+        UnsupportedError: the base lacks the tensor, or the copy differs from it.
+    """
+    key = _base_tensor_key(base, name)
+    if key is None:
+        raise UnsupportedError(
+            f"{name}: the adapter carries a saved copy of this base layer {tuple(copy.shape)} but the base {base.path} "
+            f"has no such tensor; {holder} holds only LoRA factors, so {_MERGE_HINT}"
+        )
+    saved, original = copy.load(), base.store.get(key)
+    if _bit_identical(saved, original):
+        same = "bit-identical" if saved.dtype == original.dtype else f"equal in value ({_dtype_name(saved.dtype)} vs {_dtype_name(original.dtype)})"
+        return (
+            f"{name}: dropped the adapter's saved copy of the base layer {tuple(saved.shape)} (PEFT save_embedding_layers): "
+            f"{same} to {key} of the base {base.path}, which {holder} uses as it is"
+        )
+    raise UnsupportedError(_differs_message(name, saved, key, original, holder))
+
+
+def _differs_message(name: str, saved: torch.Tensor, key: str, original: torch.Tensor, holder: str) -> str:
+    """The refusal for a saved copy that differs from the base: both shapes, the largest difference."""
+    resized = saved.shape != original.shape
+    over = f" over the common {tuple(min(a, b) for a, b in zip(saved.shape, original.shape))}" if resized else ""
+    dtypes = "" if saved.dtype == original.dtype else f"; saved as {_dtype_name(saved.dtype)}, base {_dtype_name(original.dtype)}"
+    # merging into a base of another shape is refused as well: it needs the adapter's own (resized) base
+    remedy = (
+        f"so {_MERGE_HINT}" if not resized
+        else "and the shapes differ (a resized vocabulary), so merge the adapter into a base of its own vocabulary instead (loratool merge BASE ADAPTER OUT)"
+    )
+    return (
+        f"{name}: the adapter's saved copy of the base layer {tuple(saved.shape)} differs from the base's {key} "
+        f"{tuple(original.shape)} (largest absolute difference {_max_abs_difference(saved, original):.6g}{over}{dtypes}); "
+        f"{holder} holds only LoRA factors, {remedy}"
+    )
+
+
+def _base_tensor_key(base: BaseModel, name: str) -> str | None:
+    """The base's key for tensor ``name``; a tied output head the checkpoint lacks is its input embedding."""
+    key = base.tensor_name(name)
+    if key is not None or not base.tie_word_embeddings:
+        return key
+    if name.rpartition(".")[0].rpartition(".")[2] not in ("lm_head", "embed_out"):
+        return None
+    return next((k for k in base.keys() if k.endswith(_EMBEDDING_SUFFIXES) and len(base.store.shape(k)) == 2), None)
+
+
+def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and same bits (same dtype), or the same values exactly (different dtypes)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype and a.dtype.itemsize in _BITS:
+        bits = _BITS[a.dtype.itemsize]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return _max_abs_difference(a, b) == 0.0
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b| over the block both tensors cover, in float64, a chunk of rows at a time."""
+    if a.dim() != b.dim():
+        return math.nan
+    common = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
+    a, b = a[common], b[common]
+    if a.numel() == 0:
+        return 0.0
+    if a.dim() == 0:
+        return abs(float(a.double() - b.double()))
+    worst = 0.0
+    for start in range(0, a.shape[0], _CHUNK_ROWS):
+        diff = (a[start:start + _CHUNK_ROWS].double() - b[start:start + _CHUNK_ROWS].double()).abs()
+        if diff.isnan().any():
+            return math.nan
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _gram_distance(m1: LoraModule, m2: LoraModule) -> tuple[float, float]:

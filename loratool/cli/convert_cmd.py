@@ -28,6 +28,9 @@ def command(src, out, to_format, base, force, outtype, as_json, quiet, **adapter
     SRC's format is detected unless --from says it. Every module's delta is read back from
     OUT and compared before OUT appears. What the target cannot hold (DoRA, a LoRA bias,
     modules_to_save) is baked in where that is exact, otherwise refused with exit 2.
+    A saved copy of a base layer (PEFT's embedding / lm_head base_layer.weight) that the
+    target cannot hold is dropped when it is identical to the base's tensor (--base, or the
+    adapter's own base when local or cached), otherwise refused.
 
     \b
     Example:
@@ -43,6 +46,8 @@ def command(src, out, to_format, base, force, outtype, as_json, quiet, **adapter
     out_.info(f"converted {src} ({report['from']}, {report['modules']} modules) -> {out} ({report['to']})")
     if report["modules_to_save"]:
         out_.info(f"modules_to_save: {', '.join(report['modules_to_save'])}")
+    if report["saved_copies"]:
+        out_.info(f"saved base-layer copies: {', '.join(report['saved_copies'])}")
     for line in report["baked"]:
         out_.info(f"baked: {line}")
     for line in report["notes"]:

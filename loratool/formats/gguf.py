@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.base import is_conv1d
 from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
@@ -260,12 +260,13 @@ def check_writable(adapter: Adapter) -> None:
     """Refuse what a llama.cpp LoRA GGUF cannot hold.
 
     Raises:
-        UnsupportedError: DoRA magnitudes, a LoRA bias, modules_to_save.
+        UnsupportedError: DoRA magnitudes, a LoRA bias, saved base-layer copies, modules_to_save.
     """
     dora = [m.name for m in adapter if m.magnitude is not None]
     if dora:
         raise UnsupportedError(f"GGUF (llama.cpp) has no DoRA: the magnitude of {dora[0]} would be lost")
     refuse_lora_bias(adapter, "GGUF (llama.cpp)")
+    refuse_saved_copies(adapter, "GGUF")
     refuse_modules_to_save(adapter, "GGUF")
 
 

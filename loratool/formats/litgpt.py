@@ -31,9 +31,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import LazyTensor, TensorStore
+from loratool.io.store import LazyTensor, TensorStore, is_torch_pickle
 
 NAME = "litgpt"
 OUTPUT_IS_FILE = False
@@ -139,7 +139,8 @@ def describe_modules(names: Iterable[str]) -> str:
 
 
 def refuse_unrepresentable(adapter: Adapter, fmt: str) -> None:
-    """Refuse what no LitGPT/Lit-LLaMA LoRA file can hold: DoRA, bias deltas, modules_to_save.
+    """Refuse what no LitGPT/Lit-LLaMA LoRA file can hold: DoRA, bias deltas, modules_to_save,
+    saved base-layer copies (``convert`` drops those identical to the base before writing).
 
     Raises:
         UnsupportedError: naming what the conversion would lose.
@@ -149,6 +150,7 @@ def refuse_unrepresentable(adapter: Adapter, fmt: str) -> None:
         shown = ", ".join(items[:3])
         return shown + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
+    refuse_saved_copies(adapter, fmt)
     if adapter.modules_to_save:
         raise UnsupportedError(f"{fmt} files hold only LoRA factors; converting would lose the modules_to_save tensors {names(adapter.modules_to_save)}")
     dora = [m.name for m in adapter.modules.values() if m.magnitude is not None]
@@ -243,7 +245,7 @@ def detect(path: Path) -> bool:
         return False
     if path.name == WEIGHTS_NAME:
         return True
-    if path.suffix not in (".pth", ".pt", ".lora", ".ckpt") or not _sidecars(path.parent):
+    if not _sidecars(path.parent) or not is_torch_pickle(path):  # by content, whatever its name
         return False
     return _DETECT_RE.search(pickle_head(path)) is not None
 

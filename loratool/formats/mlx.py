@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loratool.adapter import Adapter, LoraModule, ModuleKind
+from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import TensorStore, read_json, read_safetensors_header
@@ -181,9 +181,11 @@ def check_writable(adapter: Adapter) -> None:
     """Refuse what MLX-LM cannot hold.
 
     Raises:
-        UnsupportedError: lora_bias, modules_to_save, DoRA on some modules only, DoRA embeddings.
+        UnsupportedError: lora_bias, saved base-layer copies, modules_to_save, DoRA on some
+            modules only, DoRA embeddings.
     """
     refuse_lora_bias(adapter, "MLX")
+    refuse_saved_copies(adapter, "MLX")
     refuse_modules_to_save(adapter, "MLX")
     dora = [m for m in adapter if m.magnitude is not None]
     if dora and len(dora) != len(adapter):

@@ -215,18 +215,14 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
     parts: dict[str, dict[str, str]] = {}
-    to_save: dict[str, LazyTensor] = {}
+    full: dict[str, str] = {}  # tensor name -> key, for the tensors that are not LoRA factors
     for key in store.keys():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY_RE.match(name)
         if m is None:
             if ".original_module." in name:
                 continue  # PEFT's copy of the untouched base module
-            # modules_to_save copies, and the full embedding PEFT saves as <module>.base_layer.weight
-            # (save_embedding_layers): both replace the base tensor of the same name
-            name = re.sub(r"\.modules_to_save(?:\.[^.]+)?\.(?=[^.]+$)", ".", name)
-            name = re.sub(r"\.base_layer\.(?=[^.]+$)", ".", name)
-            to_save[name] = store.lazy(key)
+            full[_full_tensor_name(name)] = key
             continue
         part = m.group("part")
         if m.group("leaf") == "bias":
@@ -255,9 +251,11 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
                 raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
             E = store.lazy(p["lora_E"])
             A = _adalora_fold(A, E)
+            folded = E.numel
             scaling = alpha if alpha > 0 else float(A.shape[0])
             scale = scaling / (A.shape[0] + 1e-5)  # ranknum is the stored rank
         else:
+            folded = 0
             if rank != A.shape[0]:
                 raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
             scale = lora_scale(alpha, rank, rslora=rslora)
@@ -271,8 +269,11 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
                 raise FormatError(weights_path, f"{module}: {what} has shape {t.shape}, expected ({B.shape[0]},) for lora_B {B.shape}")
         if magnitude is not None:
             magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
-        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude)
+        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude, folded_params=folded)
 
+    to_save = {name: store.lazy(key) for name, key in full.items()}
+    declared = [m for m in (config.get("modules_to_save") or []) if isinstance(m, str)]
+    copies = frozenset(n for n, key in full.items() if _is_saved_copy(key, n, declared, set(parts)))
     if not modules and not to_save:
         warns.append(f"{weights_path}: holds no LoRA tensors")
     return Adapter(
@@ -291,7 +292,41 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
         config=config,
         warnings=warns,
         extras={"peft_modules": list(modules)},
+        base_layer_copies=copies,
     )
+
+
+# last components of the modules transformers returns from get_input_embeddings /
+# get_output_embeddings, the layers PEFT's save_embedding_layers saves whole
+_EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared"})
+
+
+def _full_tensor_name(name: str) -> str:
+    """The base tensor a full tensor of a PEFT file replaces: wrapper infixes removed.
+
+    ``classifier.modules_to_save.weight`` (modules_to_save) and ``lm_head.base_layer.weight``
+    (save_embedding_layers) both replace the base tensor of the plain name.
+    """
+    name = re.sub(r"\.modules_to_save(?:\.[^.]+)?\.(?=[^.]+$)", ".", name)
+    return re.sub(r"\.base_layer\.(?=[^.]+$)", ".", name)
+
+
+def _is_saved_copy(key: str, name: str, declared: list[str], adapted: set[str]) -> bool:
+    """Whether the full tensor ``name`` (stored under ``key``) is a saved copy of a base layer.
+
+    PEFT's ``save_embedding_layers`` writes the weight of the input and output embeddings
+    whole: as ``<module>.base_layer.weight`` when LoRA targets the layer, as
+    ``<module>.weight`` when it does not (a resized vocabulary). Trained tensors (the
+    modules_to_save the config declares, ``bias="all"`` biases) are not copies.
+    """
+    module, _, leaf = name.rpartition(".")
+    if leaf != "weight" or ".modules_to_save." in key:
+        return False
+    if key.endswith(".base_layer.weight"):
+        return True
+    if module in adapted or any(f".{d}." in f".{module}." for d in declared):
+        return False
+    return module.rpartition(".")[2] in _EMBEDDING_LEAVES
 
 
 def _adalora_fold(A: LazyTensor, E: LazyTensor) -> LazyTensor:
@@ -361,7 +396,7 @@ def _modules_to_save_names(adapter: Adapter) -> list[str]:
     tensor (``classifier`` for ``classifier.dense.weight``), else the tensor's module path."""
     declared = [m for m in (adapter.config.get("modules_to_save") or []) if isinstance(m, str)]
     names: list[str] = []
-    for tname in adapter.modules_to_save:
+    for tname in adapter.trained_to_save:  # saved base-layer copies are not declared
         module = tname.rsplit(".", 1)[0]
         if module in adapter.modules:
             continue  # a replaced base weight of an adapted module, not a modules_to_save wrapper
@@ -401,7 +436,8 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     for name, t in adapter.modules_to_save.items():
         module, leaf = name.rsplit(".", 1) if "." in name else (name, "")
         if module in adapter.modules:
-            # a replaced weight of an adapted module (PEFT's save_embedding_layers layout)
+            # a replaced tensor of an adapted module: PEFT's save_embedding_layers layout for a
+            # weight, bias="all" for a bias
             name = f"{module}.base_layer.{leaf}"
         sd[PREFIX + name] = t.load().contiguous()
     return sd
