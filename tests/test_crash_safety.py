@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import fcntl
 import os
 import shutil
 import signal
@@ -196,17 +197,20 @@ def test_kill_at_every_step(scenario, runner, work):
     accepted(runner, work, scenario, inputs, out, ref)
     assert digest(work / "in") == before, "an input was modified"
 
-    # SIGINT at a spread of the same steps: exit 130, one line, nothing left behind
+    # SIGINT at a spread of the same steps, SIGTERM and SIGHUP at some: exit 128+signal, one
+    # line, nothing left behind
     last = n - 1
-    for k in sorted({1, 2, last // 2, last - 1, last}):
-        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        res = runner.run(build(inputs, out), workdir=work, env={"LORATOOL_TEST_KILL_AFTER": str(k), "LORATOOL_TEST_KILL_SIGNAL": "INT"})
-        assert res.returncode == 130, f"SIGINT at step {k}: exit {res.returncode}\n{res.stderr}"
-        assert "interrupted" in error_line(res.stderr)
-        assert not siblings(out), f"SIGINT at step {k} left {siblings(out)}"
-        if out.exists():  # only when the signal came after the final rename: OUT is complete
-            assert k == last, f"SIGINT at step {k} (of {last}) left an OUT"
-            assert digest(out) == digest(ref)
+    spread = sorted({1, 2, last // 2, last - 1, last})
+    for sig, code, word, steps in (("INT", 130, "interrupted", spread), ("TERM", 143, "SIGTERM", [2, last // 2]), ("HUP", 129, "SIGHUP", [last // 2])):
+        for k in steps:
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            res = runner.run(build(inputs, out), workdir=work, env={"LORATOOL_TEST_KILL_AFTER": str(k), "LORATOOL_TEST_KILL_SIGNAL": sig})
+            assert res.returncode == code, f"SIG{sig} at step {k}: exit {res.returncode}\n{res.stderr}"
+            assert word in error_line(res.stderr)
+            assert not siblings(out), f"SIG{sig} at step {k} left {siblings(out)}"
+            if out.exists():  # only when the signal came after the final rename: OUT is complete
+                assert k == last, f"SIG{sig} at step {k} (of {last}) left an OUT"
+                assert digest(out) == digest(ref)
     assert digest(work / "in") == before
 
 
@@ -234,10 +238,32 @@ def test_stale_siblings_of_other_processes(runner, work):
     alive.mkdir()
     foreign = work / ".r.loratool-tmp-notapid"
     foreign.mkdir()
-    res = runner.run(["rerank", inputs["adapter"], out, "--rank", "2"], workdir=work)
-    assert res.returncode == 0, res.stderr
-    assert not stale.exists() and not stale_file.exists()
-    assert alive.exists() and foreign.exists()
+    # a live run in another PID namespace: its PID means nothing here, its lock does
+    elsewhere = work / f".r.loratool-tmp-{dead.pid}-0ther0ns"
+    elsewhere.mkdir()
+    held = os.open(f"{elsewhere}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    # a run that ended (its lock is free) although its PID is alive here
+    ended = work / f".r.loratool-tmp-{os.getpid()}-ended000"
+    ended.mkdir()
+    pathlib_lock = Path(f"{ended}.lock")
+    pathlib_lock.write_bytes(b"")
+    # another OUT whose name holds glob characters must not match r's siblings, nor r its
+    other = work / f".[r].loratool-tmp-{dead.pid}-abcdef00"
+    other.mkdir()
+    try:
+        res = runner.run(["rerank", inputs["adapter"], out, "--rank", "2"], workdir=work)
+        assert res.returncode == 0, res.stderr
+        assert not stale.exists() and not stale_file.exists()
+        assert alive.exists() and foreign.exists()
+        assert elsewhere.exists() and Path(f"{elsewhere}.lock").exists()
+        assert not ended.exists() and not pathlib_lock.exists()
+        assert other.exists()
+        res = runner.run(["rerank", inputs["adapter"], work / "?", "--rank", "2"], workdir=work)
+        assert res.returncode == 0, res.stderr
+        assert other.exists() and elsewhere.exists()
+    finally:
+        os.close(held)
 
 
 # ----------------------------------------------------------------------------- full disk

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -136,6 +139,33 @@ class _Interrupted(Exception):
     """Ctrl-C inside a command, carried past click (which would print an extra empty line)."""
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    """While a command runs, SIGTERM (``timeout``, ``kill``) and SIGHUP (a closed terminal) unwind
+    like Ctrl-C: every temporary output is removed and one line is printed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 class LoratoolGroup(click.Group):
     """A click group whose ``main`` turns every failure into one line and an exit code."""
 
@@ -154,7 +184,10 @@ class LoratoolGroup(click.Group):
         held = _HeldWarnings(immediate=debug)
         fail = functools.partial(_fail, held)
         try:
-            rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, obj=held, **extra)
+            with _terminate_like_interrupt():
+                rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, obj=held, **extra)
+        except _Terminated as exc:
+            code = fail(f"terminated by {signal.Signals(exc.signum).name}; partial output removed", 128 + exc.signum)
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except click.Abort:
