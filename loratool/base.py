@@ -9,6 +9,7 @@ lack or add the base-model prefix (``h.0.attn.c_attn.weight`` in the original GP
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -43,6 +44,34 @@ TOKENIZER_FILES = (
 
 # files a merged output copies from the base folder besides its weights
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
+
+
+def side_files(folder: Path, names: tuple[str, ...] = SIDE_FILES) -> tuple[list[str], list[str]]:
+    """The side files of a base folder that may be copied into an output, and why others may not.
+
+    A file is copied only when it resolves inside ``folder``, or inside the ``blobs`` of the
+    cached repo when ``folder`` is a Hub cache snapshot (``models--org--name/snapshots/REV``,
+    whose files link to ``../../blobs``). A symlink leading anywhere else (``tokenizer.json ->
+    /home/me/.ssh/id_rsa``) is left out: it would be copied into OUT and pushed with it.
+
+    Returns:
+        (names to copy, one warning per file left out).
+    """
+    folder = Path(folder)
+    roots = [Path(os.path.realpath(folder))]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        roots.append(Path(os.path.realpath(folder.parent.parent / "blobs")))
+    keep, warnings = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        target = Path(os.path.realpath(path))
+        if any(target.is_relative_to(root) for root in roots):
+            keep.append(name)
+        else:
+            warnings.append(f"{path}: not copied into the output: it links to {target}, outside the base folder")
+    return keep, warnings
 
 
 def is_conv1d(model_type: str | None, module_name: str) -> bool:

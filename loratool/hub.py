@@ -53,8 +53,20 @@ MODEL_PATTERN_SETS = (
 
 
 def looks_like_repo_id(spec: str) -> bool:
-    """Whether ``spec`` has the shape ``org/name`` or ``org/name@revision``."""
-    return bool(_REPO_RE.match(spec)) and not spec.startswith((".", "/"))
+    """Whether ``spec`` has the shape ``org/name`` or ``org/name@revision``.
+
+    Every part must be a plain name: a revision is a branch or tag (``main``, ``v1.0``,
+    ``refs/pr/3``) or a commit hash, never a path that walks out of the cache (``..``).
+    """
+    if not _REPO_RE.match(spec) or spec.startswith((".", "/")):
+        return False
+    repo_id, at, revision = spec.partition("@")
+    return _plain_parts(repo_id) and (not at or _plain_parts(revision))
+
+
+def _plain_parts(text: str) -> bool:
+    """No empty, ``.`` or ``..`` component, no leading or trailing slash, no backslash."""
+    return "\\" not in text and all(part not in ("", ".", "..") for part in text.split("/"))
 
 
 def parse_repo_id(spec: str) -> tuple[str, str | None]:

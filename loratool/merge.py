@@ -77,9 +77,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.base import SIDE_FILES, BaseModel, bind_adapter
+from loratool.base import BaseModel, bind_adapter, side_files
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
-from loratool.io.atomic import atomic_output_dir, atomic_output_file, check_output_path
+from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import LazyTensor, TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
 from loratool.ops.merge import Factors
@@ -163,6 +163,7 @@ class MergePlan:
     modules: dict[str, str]  # module name -> base tensor it updates
     modules_to_save: list[dict]
     warnings: list[str]
+    side_files: list[str] = field(default_factory=list)  # base side files safe to copy (base.side_files)
 
     def tasks(self) -> Iterator[TensorTask]:
         for shard in self.shards:
@@ -475,6 +476,7 @@ def plan_merge(
                 index_meta = dict(data["metadata"])
             break
     write_index = len(shards) > 1 or index_path.is_file() or bin_index.is_file()
+    copied, refused = side_files(base.path)
     return MergePlan(
         base=base,
         adapter=adapter,
@@ -485,7 +487,8 @@ def plan_merge(
         index_metadata=index_meta,
         modules=mapping,
         modules_to_save=mts_report,
-        warnings=warnings,
+        warnings=warnings + refused,
+        side_files=copied,
     )
 
 
@@ -1006,10 +1009,8 @@ def _get(q: queue.Queue, thread: threading.Thread):
 
 def _copy_side_files(plan: MergePlan, folder: Path) -> None:
     src = plan.base.path
-    for name in SIDE_FILES:
+    for name in plan.side_files:
         p = src / name
-        if not p.is_file():
-            continue
         if name == "config.json" and plan.dtype is not None:
             config = dict(plan.base.config)
             dtype_name = str(plan.dtype).replace("torch.", "")
@@ -1079,7 +1080,7 @@ def merge_model(
     inputs = [base.path] + ([adapter.path] if adapter.path is not None else []) + [Path(f).parent for f in adapter.files]
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
-        check_output_path(Path(report_path), force=True, inputs=inputs)
+        check_output_path(Path(report_path), force=force, inputs=inputs)
     # bitsandbytes (--qlora / --quantize, or a quantized base): a dequantizing view of the base
     # and a per-tensor hook that quantizes the output
     from loratool.quantized import setup_quantization
@@ -1124,8 +1125,8 @@ def merge_model(
         "total_s": round(t_end - t0, 4),
     }
     if report_path is not None:
-        with atomic_output_file(Path(report_path), force=True, inputs=inputs) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_side_output(Path(report_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
+                          force=force, inputs=inputs, completed=out)
     return report
 
 

@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.base import SIDE_FILES, BaseModel
+from loratool.base import SIDE_FILES, BaseModel, side_files
 from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
-from loratool.io.atomic import atomic_output_dir, atomic_output_file
+from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorStore, read_json
 from loratool.io.writer import SafetensorsStreamWriter
 from loratool.ops import gptq as G
@@ -643,6 +643,11 @@ def merge_qalora(
     if to == "float-zeros":
         metadata["loratool_layout"] = FLOAT_ZEROS_LAYOUT
     inputs = [base.path] + ([ad.path] if ad.path is not None else [])
+    names = tuple(n for n in SIDE_FILES if n != "config.json") + (("quantize_config.json",) if to == "gptq" else ())
+    side, refused = side_files(base.path, names)
+    warnings.extend(refused)
+    if report_path is not None:
+        check_output_path(Path(report_path), force=force, inputs=inputs)
     with atomic_output_dir(Path(out), force=force, inputs=inputs) as tmp:
         written = merger.write(tmp, metadata, progress)
         cfg = _output_config(base.config, qcfg, to, merger.dtype)
@@ -650,19 +655,14 @@ def merge_qalora(
             json.dump(cfg, fh, indent=2)
             fh.write("\n")
         written.append("config.json")
-        side = [n for n in SIDE_FILES if n != "config.json"]
-        if to == "gptq":
-            side.append("quantize_config.json")
         for name in side:
-            src = base.path / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-                written.append(name)
+            shutil.copyfile(base.path / name, tmp / name)
+            written.append(name)
 
     report = _report(base, ad, qcfg, plans, to, out, pool_name, pool_source, warnings, merger.dtype, zeros_dtype, written)
     if report_path is not None:
-        with atomic_output_file(Path(report_path), force=True, inputs=inputs) as tmp_report:
-            tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_side_output(Path(report_path), lambda tmp_report: tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
+                          force=force, inputs=inputs, completed=Path(out))
     return report
 
 

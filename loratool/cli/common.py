@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import unicodedata
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -117,8 +118,24 @@ def _json_default(o: Any) -> Any:
 
 
 def _one_line(text: str) -> str:
-    text = " ".join(str(text).split())
+    """``text`` on one line, at most 600 characters, safe for a terminal (``_escape_controls``)."""
+    text = _escape_controls(" ".join(str(text).split()))
     return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _escape_controls(text: str) -> str:
+    """Control characters (an ESC of a terminal sequence in a file name) shown as ``\\x1b``, and
+    the bytes of a name that is not valid UTF-8 (kept by Python as surrogate escapes) as ``\\xff``."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogate escape of the raw byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def describe_os_error(exc: OSError) -> str:

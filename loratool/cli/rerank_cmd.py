@@ -11,7 +11,7 @@ from loratool.cli.rescale_cmd import input_paths, output_options, surgery_input_
 from loratool.cli.resolve import open_adapter
 from loratool.errors import InputError
 from loratool.formats import write_adapter
-from loratool.io.atomic import atomic_output_file, check_output_path
+from loratool.io.atomic import check_output_path, write_side_output
 from loratool.surgery import parse_dtype, rerank
 
 
@@ -45,17 +45,16 @@ def command(adapter, out, rank, energy, sv_ratio, fro_error, max_rank, pad, plot
     rules = [n for n, v in (("--rank", rank), ("--energy", energy), ("--sv-ratio", sv_ratio), ("--fro-error", fro_error)) if v is not None]
     if len(rules) != 1:
         raise InputError("give exactly one of --rank, --energy, --sv-ratio, --fro-error" + (f" (got {', '.join(rules)})" if rules else ""))
-    if plot_path:
-        check_output_path(Path(plot_path), force=force)
-        _require_matplotlib()
     ad = open_adapter(adapter, **adapter_opts)
+    if plot_path:  # before any work, with the rules of OUT
+        check_output_path(Path(plot_path), force=force, inputs=input_paths(ad))
+        _require_matplotlib()
     new, report = rerank(ad, rank=rank, energy=energy, sv_ratio=sv_ratio, fro_error=fro_error, max_rank=max_rank,
                          pad=pad, dtype=parse_dtype(dtype))
     write_adapter(new, out, format="peft", force=force, inputs=input_paths(ad))
     report["output"] = str(out)
     if plot_path:
-        with atomic_output_file(Path(plot_path), force=force, inputs=input_paths(ad)) as tmp:
-            plot_spectra(report, tmp)
+        write_side_output(Path(plot_path), lambda tmp: plot_spectra(report, tmp), force=force, inputs=input_paths(ad), completed=Path(out))
         report["plot"] = str(plot_path)
     if as_json:
         o.json({**report, "modules": [{k: v for k, v in m.items() if k != "singular_values"} for m in report["modules"]]})

@@ -17,7 +17,7 @@ import signal
 import stat
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from loratool.errors import InputError, OutputExistsError
 
@@ -327,3 +327,21 @@ def atomic_output_file(out: Path, *, force: bool = False, inputs: Iterable[Path]
         raise
     finally:
         lock.release()
+
+
+def write_side_output(path: Path, write: Callable[[Path], object], *, force: bool, inputs: Iterable[Path] = (), completed: Path) -> None:
+    """Write a file that accompanies a completed OUT (a report, a plot) atomically.
+
+    Its path follows the rules of OUT and was checked before the work (``check_output_path``);
+    should writing it still fail (a full disk), OUT stays as completed and the error says so,
+    instead of claiming that the partial output was removed.
+
+    Raises:
+        InputError: naming the completed OUT, the file that could not be written and why.
+    """
+    try:
+        with atomic_output_file(path, force=force, inputs=inputs) as tmp:
+            write(tmp)
+    except (OSError, InputError) as exc:
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        raise InputError(f"{completed} was written completely, but {path} was not ({reason}); it was removed") from None

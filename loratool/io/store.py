@@ -238,10 +238,8 @@ class TensorStore:
             return self._pickles[e.path][name]
         handle = self._handles.get(e.path)
         if handle is None:
-            from safetensors import safe_open
-
             try:
-                handle = safe_open(str(e.path), framework="pt", device="cpu")
+                handle = _safe_open(e.path)
             except Exception as exc:  # safetensors raises its own error types
                 raise FormatError(e.path, f"cannot open safetensors file: {exc}") from None
             self._handles[e.path] = handle
@@ -263,6 +261,27 @@ class TensorStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _safe_open(path: Path):
+    """``safetensors.safe_open`` on ``path``, also when its name is not valid UTF-8.
+
+    safetensors takes only UTF-8 path strings; a name with other bytes (which Python keeps as
+    surrogate escapes) is opened here and handed over as ``/proc/self/fd/N``, which names the
+    same file. safetensors opens its own descriptor from it, so ours is closed at once.
+    """
+    from safetensors import safe_open
+
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return safe_open(f"/proc/self/fd/{fd}", framework="pt", device="cpu")
+        finally:
+            os.close(fd)
+    return safe_open(text, framework="pt", device="cpu")
 
 
 def is_safetensors_file(path: Path) -> bool:
