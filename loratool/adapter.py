@@ -82,10 +82,10 @@ class LoraModule:
         return n
 
     def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """dW = scale * B @ A in (out, in) orientation, computed in ``dtype``."""
-        a = self.A.load().to(device=device, dtype=dtype)
-        b = self.B.load().to(device=device, dtype=dtype)
-        return (b @ a) * self.scale
+        """dW = scale * B @ A in (out, in) orientation, computed in ``dtype`` (``engine.delta.dense_delta``)."""
+        from loratool.engine.delta import dense_delta
+
+        return dense_delta(self, dtype=dtype, device=device)
 
     def with_factors(self, A: torch.Tensor, B: torch.Tensor, *, alpha: float | None = None, scale: float | None = None) -> "LoraModule":
         """A copy with new in-memory factors (and optionally alpha/scale)."""

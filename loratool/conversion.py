@@ -23,6 +23,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, bind_adapter
+from loratool.engine.delta import combination_norm
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import WRITE_CONTEXT, detect_format, format_names, format_options, get_format, read_adapter
 from loratool.hub import resolve_path
@@ -308,13 +309,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _gram_distance(m1: LoraModule, m2: LoraModule) -> tuple[float, float]:
     """(||dW1 - dW2||_F, ||dW1||_F) from the factors, never forming the (out, in) deltas."""
-    a1, b1 = m1.A.load().double(), m1.B.load().double() * m1.scale
-    a2, b2 = m2.A.load().double(), m2.B.load().double() * m2.scale
-    U = torch.cat([b1, -b2], dim=1)  # (out, r1 + r2)
-    V = torch.cat([a1, a2], dim=0)  # (r1 + r2, in)
-    diff = torch.trace((U.T @ U) @ (V @ V.T)).clamp_min(0).sqrt().item()
-    norm = torch.trace((b1.T @ b1) @ (a1 @ a1.T)).clamp_min(0).sqrt().item()
-    return diff, norm
+    return combination_norm([m1, m2], [1.0, -1.0]), combination_norm([m1], [1.0])
 
 
 def _tolerance(*dtypes: torch.dtype, outtype: str | None = None) -> float:

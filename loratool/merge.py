@@ -61,14 +61,12 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import queue
 import re
 import shutil
 import threading
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +78,10 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import BaseModel, bind_adapter, side_files
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
+from loratool.io.source import TensorSource
 from loratool.io.store import LazyTensor, TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
-from loratool.ops.merge import Factors
+from loratool.engine.delta import DeltaKernel, dora_rows
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -543,60 +542,6 @@ def _finite(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- execution
 
 
-class _Reader:
-    """Row blocks of base tensors: views of memory-mapped safetensors files, slices of pickles.
-
-    A view reads straight from the page cache (no copy, and file-backed rather than anonymous
-    memory); callers must not write to it.
-    """
-
-    def __init__(self, base: BaseModel):
-        self.store = base.store
-        self._maps: dict[Path, mmap.mmap] = {}
-
-    def rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-        """Rows [start:stop] of a tensor (the whole tensor for a 0-d one), read-only."""
-        if entry.begin is None:
-            t = self.store.get(entry.name)
-            return t if t.dim() == 0 else t[start:stop]
-        shape = entry.shape
-        row_bytes = (math.prod(shape[1:]) if shape else 1) * entry.dtype.itemsize
-        nrows = (stop - start) if shape else 1
-        out_shape = (nrows, *shape[1:]) if shape else ()
-        n = nrows * row_bytes
-        if n == 0:
-            return torch.empty(out_shape, dtype=entry.dtype)
-        mm = self._maps.get(entry.path)
-        if mm is None:
-            with open(entry.path, "rb") as fh:
-                # no MADV_SEQUENTIAL: it turns off the kernel's fault-around and costs ~15x the page faults
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[entry.path] = mm
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "buffer is not writable": we never write to it
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=entry.begin + start * row_bytes)
-        return raw.view(entry.dtype).reshape(out_shape)
-
-    def release(self, entry: TensorEntry) -> None:
-        """Drop a finished tensor's pages from this process's mapping (the page cache keeps them)."""
-        mm = self._maps.get(entry.path)
-        if mm is None or entry.begin is None or entry.end <= entry.begin or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = entry.begin - entry.begin % mmap.PAGESIZE
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a view is still alive somewhere; the GC closes it
-                pass
-        self._maps.clear()
-
-
 def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     if not shape:
         return [(0, 1)]
@@ -639,7 +584,7 @@ class _Producer:
         self.device = device
         self.hook = hook
         self.track_rounding = track_rounding
-        self.reader = _Reader(plan.base)
+        self.reader = TensorSource(plan.base.store)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()
         self.stats: dict[str, _ModuleStats] = {}
@@ -812,10 +757,10 @@ class _Producer:
         into L) there, and the sum is rounded into the output block; W is never expanded to
         float32 in memory as a whole.
         """
-        factors = [Factors.of(m, device=self.device) for m in task.loras]
+        factors = [DeltaKernel.of(m, device=self.device) for m in task.loras]
         stats = [self._stat(m, task) for m in task.loras]
         for f, st in zip(factors, stats):
-            st.delta_sq = f.delta_norm_sq()
+            st.delta_sq = f.norm_sq()
         pairs = [f.row_factors(sign=self.plan.sign) for f in factors]
         repl = self._replacement(task)
         rows_total, cols = task.shape[0], math.prod(task.shape[1:])
@@ -858,7 +803,8 @@ class _Producer:
 
     def _dora(self, task: TensorTask):
         mod = task.dora
-        f = Factors.of(mod, device=self.device)
+        f = DeltaKernel.of(mod, device=self.device)
+        magnitude = mod.magnitude.load().to(device=self.device, dtype=F32).reshape(-1)  # (out,)
         st = self._stat(mod, task)
         repl = self._replacement(task)
         blocks = _blocks(task.shape)
@@ -868,7 +814,7 @@ class _Producer:
             acc = torch.zeros(task.shape[1], dtype=acc_dtype, device=self.device)
             for start, stop in blocks:
                 v = self._source_rows(task, start, stop, repl)
-                f.add_delta_(v, start)
+                f.add_(v, start)
                 acc += (v.to(acc_dtype) ** 2).sum(0)
             col_norm = acc.sqrt().to(F32)
         weight_sq = delta_sq = 0.0
@@ -877,11 +823,11 @@ class _Producer:
             if self.weight_norms:
                 weight_sq += float(torch.linalg.vector_norm(w)) ** 2
             v = w.clone()
-            f.add_delta_(v, start)
-            if f.transposed:
-                v.mul_((f.magnitude / col_norm).view(1, -1))
+            f.add_(v, start)  # W + dW rows
+            if f.transposed:  # the (out, in) rows are columns here: their norms came from the first pass
+                v.mul_((magnitude / col_norm).view(1, -1))
             else:
-                v.mul_((f.magnitude[start:stop] / torch.linalg.vector_norm(v, dim=1)).view(-1, 1))
+                dora_rows(v, magnitude[start:stop])
             delta_sq += float(torch.linalg.vector_norm(v - w)) ** 2
             yield self._emit(v, task.dtype)
         st.weight_sq, st.delta_sq = (weight_sq if self.weight_norms else None), delta_sq
@@ -889,9 +835,9 @@ class _Producer:
     def _bias(self, task: TensorTask):
         repl = self._replacement(task)
         b = self._source_rows(task, 0, task.shape[0] if task.shape else 1, repl)
-        for mod in task.biases:
-            f = Factors.of(mod, device=self.device)
-            b.add_(f.bias.reshape(b.shape), alpha=float(self.plan.sign) * f.scale)
+        for mod in task.biases:  # lora_bias: b' = b + sign * scale * lora_B.bias
+            extra = mod.bias.load().to(device=self.device, dtype=F32).reshape(b.shape)
+            b.add_(extra, alpha=float(self.plan.sign) * float(mod.scale))
         yield self._emit(b, task.dtype)
 
 

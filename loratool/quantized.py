@@ -30,7 +30,7 @@ from loratool.base import BaseModel, is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import TensorEntry, TensorStore, read_safetensors_header
 from loratool.ops import quantize as q
-from loratool.ops.delta import weight_delta
+from loratool.engine.delta import DeltaKernel, dora_merged
 
 INDEX_NAME = "model.safetensors.index.json"
 _LONGEST_FLOAT = -2.2250738585072014e-308  # the longest repr a double can have (24 characters)
@@ -360,14 +360,10 @@ class QuantizeHook:
         """Retention of every module updating ``name`` (one figure per tensor, shared)."""
         mods = self._modules[name]
         reference = self.base.store.get(name).to(torch.float32)  # the view: W, or deq(Q(W))
-        from loratool.ops.merge import dora_merge_weight
-
         if len(mods) == 1 and mods[0].magnitude is not None:
-            delta = dora_merge_weight(reference, mods[0], dtype=torch.float32) - reference
+            delta = dora_merged(reference, mods[0]) - reference
         else:
-            delta = weight_delta(mods[0], dtype=torch.float32)
-            for m in mods[1:]:
-                delta += weight_delta(m, dtype=torch.float32)
+            delta = sum(DeltaKernel.of(m).dense() for m in mods)  # stored layout
         if name in self.out_keys:
             conv = self.out_keys[name] == "conv1d"
             ref, d = (reference.T, delta.T) if conv else (reference, delta)

@@ -17,6 +17,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
 from loratool.base import BaseModel, is_conv1d
+from loratool.engine.delta import factor_product
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.store import LazyTensor
 from loratool.ops.lowrank import (
@@ -748,7 +749,7 @@ def _extract_module(name: str, D: torch.Tensor, kind: str, *, rank, energy, alph
         rel = svd.relative_error(k)
     else:
         # measured directly: 1 - kept energy loses all digits when the error is tiny
-        approx = (B.double() @ A.double()) * scale
+        approx = factor_product(A, B, scale, dtype=torch.float64)
         rel = float(torch.linalg.matrix_norm(D.double() - approx)) / math.sqrt(svd.total) if svd.total > 0 else 0.0
     module = LoraModule(name, ModuleKind.CONV1D if kind == "conv1d" else ModuleKind.LINEAR,
                         LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale)

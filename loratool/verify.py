@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
-from loratool.errors import InputError, UnsupportedError
+from loratool.errors import InputError
+from loratool.io.source import TensorSource
 from loratool.io.store import TensorEntry, TensorStore
+from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
 from loratool.ops.quantize import import_bitsandbytes
 
 Progress = Callable[..., None]
@@ -110,39 +111,21 @@ def _entries_in_file_order(store: TensorStore) -> list[TensorEntry]:
 
 
 class _Views:
-    """Zero-copy, read-only views of safetensors tensors (memory-mapped files, page cache shared).
-
-    Falls back to ``TensorStore.get`` for pickles. Views must not be written to.
-    """
+    """Read-only whole-tensor views of the base and merged checkpoints (one ``TensorSource`` each)."""
 
     def __init__(self):
-        self._maps: dict[Path, Any] = {}
+        self._sources: dict[int, TensorSource] = {}
 
     def get(self, store: TensorStore, name: str) -> torch.Tensor:
-        e = store.entry(name)
-        if e.begin is None:
-            return store.get(name)
-        mm = self._maps.get(e.path)
-        if mm is None:
-            import mmap
-
-            with open(e.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size == 0:
-                    return store.get(name)
-                # a private (copy-on-write) map gives torch a writable buffer; nothing writes to it
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[e.path] = mm
-        n = int(math.prod(e.shape))
-        if n == 0 or e.begin % e.dtype.itemsize:
-            return store.get(name)
-        return torch.frombuffer(mm, dtype=e.dtype, count=n, offset=e.begin).reshape(e.shape)
+        source = self._sources.get(id(store))
+        if source is None:
+            source = self._sources[id(store)] = TensorSource(store)
+        return source.tensor(name)
 
     def close(self) -> None:
-        maps, self._maps = self._maps, {}
-        for mm in maps.values():
-            with contextlib.suppress(BufferError):  # a view still alive keeps its map until collected
-                mm.close()
+        sources, self._sources = self._sources, {}
+        for source in sources.values():
+            source.close()
 
 
 def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -360,74 +343,16 @@ def _lora_bound(*, Enorm: float, dnorm: float, rnorm: float, fac: float, rank: i
     return theirs + ours + math.sqrt(numel) * _subnormal(merged_dtype)
 
 
-def _factors(module: LoraModule, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # detached: a pickled adapter may hold its factors as parameters that require grad
-    a = module.A.load().detach().to(device=device, dtype=torch.float32)
-    return a, module.B.load().detach().to(device=device, dtype=torch.float32)
-
-
-def _delta_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
-    """||scale * B @ A||_F from the r x r Gram matrices, without forming B @ A."""
-    a, b = A.double(), B.double()
-    return abs(scale) * math.sqrt(max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0))
-
-
-BLOCK_ELEMS = 1 << 18  # float32 elements per row block (1 MiB): the block stays in cache across the passes
-
-
-def _residual(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """R = M - W - dW as one float32 tensor in the weight layout (for diagnosis)."""
-    s = float(module.scale)
-    R = M.to(device=A.device, dtype=torch.float32, copy=True)
-    R.sub_(W.to(A.device))
-    if module.kind.transposed:
-        R.addmm_(A.T, B.T, alpha=-s)
-    else:
-        R.addmm_(B, A, alpha=-s)
-    return R
-
-
-def _residual_norms(module: LoraModule, W: torch.Tensor, M: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float, float]:
-    """(||M||, ||R||, <R, dW>) for R = M - W - dW, without forming dW or a float32 copy of the tensor.
-
-    On the CPU the rows are processed in blocks that stay in cache: each block is converted to
-    float32 once, then W is subtracted and s * B[rows] @ A (s * A.T[rows] @ B.T for the
-    transposed layouts) is subtracted in place. <R, dW> = s * sum(B[rows] * (R[rows] @ A.T)).
-    Sums accumulate in float64.
-    """
-    s = float(module.scale)
-    left, right = (A.T, B.T) if module.kind.transposed else (B, A)  # dW rows = s * left[rows] @ right
-    if A.device.type != "cpu":
-        R = _residual(module, W, M, A, B)
-        return _norm(M), _norm(R), s * float((left * (R @ right.T)).double().sum())
-    if M.dim() != 2:
-        raise InputError(f"{module.name}: expected a 2-D weight, got shape {tuple(M.shape)}")
-    rows, cols = M.shape
-    step = max(1, BLOCK_ELEMS // max(cols, 1))
-    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
-    rt = right.T.contiguous()
-    msq = rsq = dot = 0.0
-    for i in range(0, rows, step):
-        h = min(step, rows - i)
-        flat = buf[: h * cols]
-        blk = flat.view(h, cols)
-        blk.copy_(M[i : i + h])
-        msq += float(torch.dot(flat, flat))
-        blk.sub_(W[i : i + h])
-        blk.addmm_(left[i : i + h], right, alpha=-s)
-        rsq += float(torch.dot(flat, flat))
-        dot += float(torch.sum(left[i : i + h] * (blk @ rt), dtype=torch.float64))
-    return math.sqrt(msq), math.sqrt(rsq), s * dot
-
-
 def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
                 merged_dtype: torch.dtype, base_dtype: torch.dtype, device) -> tuple:
     """Plain LoRA: R = M - W - dW, computed in the weight's own layout without forming dW."""
-    A, B = _factors(module, device)
-    s = float(module.scale)
+    k = DeltaKernel.of(module, device=device)
+    A, B, s = k.A, k.B, k.scale
     check = _Check(name, key, "lora", _dtype_name(merged_dtype), list(M.shape))
-    mnorm, check.residual_norm, dot = _residual_norms(module, W, M, A, B)
-    check.delta_norm = _delta_norm(A, B, s)
+    if M.dim() != 2:
+        raise InputError(f"{module.name}: expected a 2-D weight, got shape {tuple(M.shape)}")
+    mnorm, check.residual_norm, dot = k.residual_norms(W, M)
+    check.delta_norm = math.sqrt(k.norm_sq())
     if check.delta_norm > 0 and math.isfinite(dot):
         check.applied_fraction = 1 + dot / check.delta_norm**2
     fac = abs(s) * float(torch.linalg.vector_norm(B)) * float(torch.linalg.vector_norm(A))
@@ -436,20 +361,19 @@ def _check_lora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
         rank=module.rank, numel=M.numel(), merged_dtype=merged_dtype, store_dtype=_coarser(merged_dtype, base_dtype),
         factor_dtype=module.A.dtype if module.A.dtype.is_floating_point else torch.float32,
     )
-    return check, A, B
+    return check, k
 
 
-def _diagnose_lora(check: _Check, module: LoraModule, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, M: torch.Tensor) -> None:
+def _diagnose_lora(check: _Check, module: LoraModule, kernel: DeltaKernel, W: torch.Tensor, M: torch.Tensor) -> None:
     """On failure: how much of the delta is there, and where the residual sits."""
-    R = _residual(module, W, M, A, B)
+    R = kernel.residual(W, M)
     dn = check.delta_norm
     k = check.applied_fraction
     if dn > 0 and k is not None and math.isfinite(check.residual_norm):
         perp = math.sqrt(max(check.residual_norm**2 - (k - 1) ** 2 * dn**2, 0.0)) / dn
         check.hint = _hint(k, perp, module)
         if check.hint is None and R.shape[0] == R.shape[1]:
-            dW = module.delta(device=R.device)
-            dW = dW.T if module.kind.transposed else dW
+            dW = kernel.dense()
             alt = _norm(R + dW - dW.T)
             if alt <= check.bound_norm:
                 check.hint = "delta transposed"
@@ -462,9 +386,9 @@ def _diagnose_lora(check: _Check, module: LoraModule, A: torch.Tensor, B: torch.
 def _check_dora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: str, key: str,
                 merged_dtype: torch.dtype, base_dtype: torch.dtype, device) -> tuple:
     """DoRA: W' = m / ||W + dW||_row * (W + dW), rows of the (out, in) weight (PEFT's merge)."""
-    A, B = _factors(module, device)
-    s = float(module.scale)
-    t = module.kind.transposed
+    k = DeltaKernel.of(module, device=device)
+    A, B, s = k.A, k.B, k.scale
+    t = k.transposed
     Wo = W.to(torch.float32)
     Wo = Wo.T if t else Wo
     Mo = M.to(torch.float32)
@@ -474,7 +398,7 @@ def _check_dora(module: LoraModule, W: torch.Tensor, M: torch.Tensor, *, name: s
     mag = module.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
     if mag.numel() != E.shape[0]:
         raise InputError(f"{name}: DoRA magnitude has {mag.numel()} entries, the weight has {E.shape[0]} output rows")
-    Wp = E * (mag / n).unsqueeze(1)
+    Wp = dora_rows(E.clone(), mag)
     R = Mo - Wp
     D = Wp - Wo
     check = _Check(name, key, "dora", _dtype_name(merged_dtype), list(M.shape))
@@ -750,10 +674,10 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
         if not check.passed:
             _diagnose_dora(check, R, D)
         return check
-    check, A, B = _check_lora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
+    check, kernel = _check_lora(mod, W, M, name=mod.name, key=mkey, merged_dtype=mdtype, base_dtype=W.dtype, device=device)
     _judge(check, tolerance)
     if not check.passed:
-        _diagnose_lora(check, mod, A, B, W, M)
+        _diagnose_lora(check, mod, kernel, W, M)
     return check
 
 
@@ -770,15 +694,9 @@ def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: 
     Mq = dq.weight
     Wf = W.to(torch.float32)
     if mod.magnitude is not None:
-        A, B = _factors(mod, device)
-        Wo = Wf.T if mod.kind.transposed else Wf
-        E = torch.addmm(Wo, B, A, alpha=float(mod.scale))
-        mag = mod.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1)
-        dW = E * (mag / torch.linalg.vector_norm(E, dim=1)).unsqueeze(1) - Wo
-        dW = dW.T if mod.kind.transposed else dW
+        dW = dora_merged(Wf, mod, device=device) - Wf.to(device)
     else:
-        dW = mod.delta(device=device)
-        dW = dW.T if mod.kind.transposed else dW
+        dW = DeltaKernel.of(mod, device=device).dense()
     if tuple(Mq.shape) == tuple(W.shape):
         pass
     elif tuple(Mq.shape) == tuple(W.shape[::-1]):

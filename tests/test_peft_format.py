@@ -49,9 +49,9 @@ def test_write_peft_roundtrip_loads_in_peft(tmp_path, name):
     ref_adapter = loratool.read_adapter(ADAPTERS / name)
     assert set(ours) == set(ref_adapter.modules)
     for mod_name, mod in ref_adapter.modules.items():
-        from loratool.ops.delta import weight_delta
+        from loratool.engine.delta import dense_delta
 
-        expected = weight_delta(mod)
+        expected = dense_delta(mod, layout="stored")
         got = ours[mod_name]
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

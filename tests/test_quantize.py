@@ -18,7 +18,7 @@ from conftest import ADAPTERS, BASES, assert_one_line_error, invoke, run_cli
 import loratool
 from loratool.base import BaseModel, bind_adapter
 from loratool.errors import InputError, UnsupportedError
-from loratool.ops.delta import weight_delta
+from loratool.engine.delta import dense_delta
 from loratool.ops.quantize import (
     QuantSpec,
     dequantize_weight,
@@ -136,7 +136,7 @@ def scaled_adapter(name: str, ratio: float | None):
         mods = {}
         for n, m in ad.modules.items():
             w = base.store.get(mapping[n]).float()
-            factor = ratio * float(w.norm()) / float(weight_delta(m).norm())
+            factor = ratio * float(w.norm()) / float(dense_delta(m, layout="stored").norm())
             mods[n] = m.with_factors(m.A.load(), m.B.load() * factor)
         ad = ad.replace_modules(mods)
     return base, ad, mapping
@@ -326,7 +326,7 @@ def test_retention_matches_direct_computation(spec, ratio, tmp_path):
     merged_dir.mkdir()
     sd = {k: base.store.get(k) for k in base.keys()}
     for n, k in mapping.items():
-        sd[k] = sd[k] + weight_delta(ad.modules[n])
+        sd[k] = sd[k] + dense_delta(ad.modules[n], layout="stored")
     save_file(sd, merged_dir / "model.safetensors", metadata={"format": "pt"})
     (merged_dir / "config.json").write_text((BASES / "llama" / "config.json").read_text())
     qbase = dict(load_model(BASES / "llama", spec).named_modules())
@@ -336,9 +336,9 @@ def test_retention_matches_direct_computation(spec, ratio, tmp_path):
         b, m = qbase[mod], qmerged[mod]
         qb = dequantize_bnb_weight(b.weight, getattr(b, "state", None)).double()
         qm = dequantize_bnb_weight(m.weight, getattr(m, "state", None)).double()
-        d = weight_delta(ad.modules[n]).double()
+        d = dense_delta(ad.modules[n], layout="stored").double()
         direct = float(((qm - qb) * d).sum() / (d * d).sum())
-        ours = measure_retention(base.store.get(k), weight_delta(ad.modules[n]), spec, dtype=torch.float32)
+        ours = measure_retention(base.store.get(k), dense_delta(ad.modules[n], layout="stored"), spec, dtype=torch.float32)
         assert ours.retained == pytest.approx(direct, rel=1e-9, abs=1e-12), n
         assert ours.rel_error == pytest.approx(float((qm - qb - d).norm() / d.norm()), rel=1e-9)
         if ratio is None:
@@ -462,7 +462,7 @@ def test_qlora_then_quantize_is_peft_merge_into_4bit_and_warns(scaled_lora, tmp_
     for m in report["modules"]:
         k = mapping[m["name"]]
         eff = fake_quantize(base.store.get(k), spec).float()
-        direct = measure_retention(eff, weight_delta(ad.modules[m["name"]]), spec, dtype=torch.float32)
+        direct = measure_retention(eff, dense_delta(ad.modules[m["name"]], layout="stored"), spec, dtype=torch.float32)
         assert m["retention"]["retained"] == pytest.approx(direct.retained, rel=1e-6, abs=1e-9)
         assert m["retention"]["rel_error"] == pytest.approx(direct.rel_error, rel=1e-6)
     # int8 keeps it
@@ -517,7 +517,7 @@ def test_prequantized_8bit_base(prequantized, tmp_path):
     ad = loratool.read_adapter(ADAPTERS / "llama-lora")
     k = "model.layers.0.self_attn.q_proj"
     deq = bnb.functional.int8_vectorwise_dequant(raw[f"{k}.weight"], raw[f"{k}.SCB"])
-    assert torch.allclose(ours[f"{k}.weight"], deq + weight_delta(ad.modules[k]), atol=1e-6)
+    assert torch.allclose(ours[f"{k}.weight"], deq + dense_delta(ad.modules[k], layout="stored"), atol=1e-6)
     assert not any(key.endswith((".SCB", ".weight_format")) for key in ours)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["quantization"]["base_quantized"]["method"] == "int8"

@@ -6,6 +6,8 @@ import json
 import re
 import shlex
 
+import pytest
+
 from conftest import ROOT, run_cli
 
 README = (ROOT / "README.md").read_text()
@@ -18,11 +20,25 @@ def _blocks(lang=""):
 def test_two_setup_commands_are_documented():
     blocks = [b.strip() for b in _blocks() if b.strip()]
     install, tests = blocks[0], blocks[1]
-    assert install.startswith("pip install torch==2.13.0 && pip install -e \".[test]\" && loratool merge ")
+    assert install.startswith("pip install torch==2.13.0 && pip install -c .ci/constraints.txt -e \".[test]\" && loratool merge ")
     assert tests == "python -m pytest -q tests"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\n" + tests + "\n" in ci, ".ci/run must run exactly the README's test command"
     assert "pip install --quiet torch==2.13.0" in ci
+    assert "-c .ci/constraints.txt" in ci and "LORATOOL_REQUIRE_REALWORLD=1" in ci
+
+
+def test_constraints_pin_every_direct_dependency():
+    """The constraints file pins each dependency pyproject.toml names (and so what .ci/run installs)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    for req in wanted:
+        name = re.split(r"[<>=!;\[ ]", req, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pinned, f"{name} is not pinned in .ci/constraints.txt"
 
 
 def test_main_job_runs(tmp_path):

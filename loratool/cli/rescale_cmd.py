@@ -9,7 +9,7 @@ import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
 from loratool.cli.resolve import adapter_input_options, open_adapter
-from loratool.formats import format_names, write_adapter
+from loratool.formats import write_adapter
 from loratool.surgery import DTYPES, parse_dtype, rescale
 
 

@@ -1,5 +1,4 @@
-"""Pure tensor operations on canonical adapters: deltas, merge, unmerge, rank surgery, quantization."""
+"""Pure tensor operations on canonical adapters: rank surgery, quantization, GPTQ/QA-LoRA math.
 
-from loratool.ops.delta import weight_delta
-
-__all__ = ["weight_delta"]
+The LoRA delta itself (merge, unmerge, verify, retention) is computed in ``loratool.engine.delta``.
+"""

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from loratool.engine.delta import factor_product
+
 POOLINGS = ("avg", "sum", "peft")
 
 
@@ -60,7 +62,7 @@ def block_delta(
     if A.shape[1] * pool_size != in_features:
         raise ValueError(f"lora_A has {A.shape[1]} columns; pooling {in_features} inputs by {pool_size} needs {in_features // max(pool_size, 1)}")
     c = scale * pooling_factor(pooling, in_features, pool_size)
-    return (B.to(dtype) @ A.to(dtype)) * c  # (out, in / Lp)
+    return factor_product(A, B, c, dtype=dtype)  # (out, in / Lp)
 
 
 def expand_blocks(blocks: torch.Tensor, pool_size: int) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""The delta kernel: every LoRA delta in loratool is computed here.
+
+A LoRA module holds A (r, in), B (out, r) and a scale; its delta in PEFT's (out, in)
+orientation is dW = scale * B @ A. The base stores the weight in one of two layouts:
+
+    linear           W (out, in)    rows of W are output features:  dW[rows]   = scale * B[rows] @ A
+    Conv1D/embedding W (in, out)    rows of W are input features:   dW.T[rows] = scale * A[:, rows].T @ B.T
+
+(GPT-2's Conv1D stores (in, out); PEFT's embedding LoRA has lora_embedding_A (r, num) and
+lora_embedding_B (dim, r), and the embedding weight is (num, dim): the transposed layout.)
+
+``DeltaKernel`` applies a row block of ``sign * dW`` to a float32 block of the stored weight in
+place: merge adds it (+1), unmerge subtracts it (-1), verify subtracts it from M - W to get the
+residual, retention and QA-LoRA read it. DoRA's row scaling (``dora_rows``) is the one other
+formula, and also lives here. Nothing else in loratool forms B @ A.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class DeltaKernel:
+    """A module's factors in float32 on one device, applied to row blocks of the stored weight."""
+
+    A: torch.Tensor  # (r, in) float32
+    B: torch.Tensor  # (out, r) float32
+    scale: float
+    transposed: bool  # the stored weight is (in, out): Conv1D, embedding
+
+    @classmethod
+    def of(cls, module, *, device: str | torch.device = "cpu") -> "DeltaKernel":
+        """Load a ``LoraModule``'s factors once, as float32 on ``device`` (detached: a pickled
+        adapter may hold them as parameters that require grad)."""
+        A = module.A.load().detach().to(device=device, dtype=F32)  # (r, in)
+        B = module.B.load().detach().to(device=device, dtype=F32)  # (out, r)
+        return cls(A, B, float(module.scale), module.kind.transposed)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def row_factors(self, *, sign: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) with sign * dW[rows] = L[rows] @ R in the stored layout, the scale folded into L.
+
+        Linear: L = s * B (out, r), R = A (r, in). Conv1D / embedding: L = s * A.T (in, r), R = B.T (r, out).
+        """
+        s = float(sign) * self.scale
+        if self.transposed:
+            return (self.A.T * s).contiguous(), self.B.T.contiguous()  # (in, r), (r, out)
+        return (self.B * s).contiguous(), self.A.contiguous()  # (out, r), (r, in)
+
+    def add_(self, block: torch.Tensor, start: int, *, sign: int = 1) -> torch.Tensor:
+        """block += sign * dW[start:start + len(block)] in place; ``block``: float32 rows of the stored weight."""
+        stop = start + block.shape[0]
+        alpha = float(sign) * self.scale
+        if self.transposed:
+            return block.addmm_(self.A[:, start:stop].T, self.B.T, alpha=alpha)  # (rows, r) @ (r, out)
+        return block.addmm_(self.B[start:stop], self.A, alpha=alpha)  # (rows, r) @ (r, in)
+
+    def dense(self, *, layout: str = "stored") -> torch.Tensor:
+        """The whole delta in float32: ``layout="stored"`` as the base stores it, ``"out_in"`` as PEFT's (out, in)."""
+        d = factor_product(self.A, self.B, self.scale)  # (out, in)
+        return d.T if layout == "stored" and self.transposed else d
+
+    def norm_sq(self) -> float:
+        """||dW||_F^2 from the r x r Gram matrices, never forming B @ A: scale^2 * sum((A A^T) * (B^T B))."""
+        return gram_norm_sq(self.A, self.B, self.scale)
+
+    def residual_norms(self, W: torch.Tensor, M: torch.Tensor, *, block_elems: int = 1 << 18) -> tuple[float, float, float]:
+        """(||M||, ||R||, <R, dW>) for R = M - W - dW, in row blocks that stay in cache.
+
+        Each block of M is widened to float32 once; W is subtracted and dW subtracted in place,
+        so neither dW nor a float32 copy of the tensor is formed. <R, dW> = sum(L[rows] * (R[rows] @ R_f.T))
+        with (L, R_f) = ``row_factors()``. Sums accumulate in float64.
+        """
+        if M.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(M.shape)}")
+        left, right = self.row_factors()
+        rows, cols = M.shape
+        step = max(1, block_elems // max(cols, 1))
+        buf = torch.empty(min(step, rows) * cols, dtype=F32, device=self.A.device)
+        rt = right.T.contiguous()
+        msq = rsq = dot = 0.0
+        for i in range(0, rows, step):
+            h = min(step, rows - i)
+            flat = buf[: h * cols]
+            blk = flat.view(h, cols)
+            blk.copy_(M[i : i + h])
+            msq += float(torch.dot(flat, flat))
+            blk.sub_(W[i : i + h].to(blk.device))
+            blk.addmm_(left[i : i + h], right, alpha=-1.0)  # R rows = M - W - dW
+            rsq += float(torch.dot(flat, flat))
+            dot += float(torch.sum(left[i : i + h] * (blk @ rt), dtype=torch.float64))
+        return math.sqrt(msq), math.sqrt(rsq), dot
+
+    def residual(self, W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """R = M - W - dW as one float32 tensor in the stored layout (for diagnosis)."""
+        R = M.to(device=self.A.device, dtype=F32, copy=True).sub_(W.to(self.A.device))
+        return self.add_(R, 0, sign=-1)
+
+
+def factor_product(A: torch.Tensor, B: torch.Tensor, scale: float, *, dtype: torch.dtype = F32) -> torch.Tensor:
+    """scale * B @ A in ``dtype``: (out, r) @ (r, in) -> (out, in). The only place B @ A is formed."""
+    return torch.mm(B.to(dtype), A.to(dtype)).mul_(scale)  # (out, in)
+
+
+def gram_norm_sq(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
+    """||scale * B @ A||_F^2 without forming B @ A (float64 Gram matrices, r x r)."""
+    a, b = A.double(), B.double()
+    return max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0) * scale * scale
+
+
+def combination_norm(modules: list, weights: list[float]) -> float:
+    """||sum_i w_i * dW_i||_F for LoRA modules of one weight, from the stacked factors."""
+    Bs = torch.cat([m.B.load().double() * (m.scale * w) for m, w in zip(modules, weights)], dim=1)  # (out, sum r)
+    As = torch.cat([m.A.load().double() for m in modules], dim=0)  # (sum r, in)
+    return math.sqrt(gram_norm_sq(As, Bs, 1.0))
+
+
+def dense_delta(module, *, dtype: torch.dtype = F32, device: str | torch.device = "cpu", layout: str = "out_in") -> torch.Tensor:
+    """The whole delta of one ``LoraModule`` in ``dtype``: PEFT's (out, in) by default, or ``layout="stored"``."""
+    A = module.A.load().detach().to(device=device)  # (r, in)
+    B = module.B.load().detach().to(device=device)  # (out, r)
+    d = factor_product(A, B, float(module.scale), dtype=dtype)  # (out, in)
+    return d.T if layout == "stored" and module.kind.transposed else d
+
+
+def dora_rows(E: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight from E = W + dW in PEFT's (out, in) orientation, in place:
+    E * m / ||E||_row, the norm over ``in`` for each output feature (PEFT's ``get_weight_norm``)."""
+    return E.mul_((magnitude.reshape(-1) / torch.linalg.vector_norm(E, dim=1)).unsqueeze(1))
+
+
+def dora_merged(W: torch.Tensor, module, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """m / ||W + dW|| * (W + dW) for a whole stored weight ``W``, float32, in the stored layout."""
+    k = DeltaKernel.of(module, device=device)
+    Wo = W.to(device=device, dtype=F32)
+    Wo = Wo.T if k.transposed else Wo  # (out, in)
+    E = torch.addmm(Wo, k.B, k.A, alpha=k.scale)  # (out, in)
+    mag = module.magnitude.load().to(device=device, dtype=F32)
+    out = dora_rows(E, mag)
+    return out.T if k.transposed else out
