@@ -1,4 +1,4 @@
-"""Quantization-aware merging: the glue between the merge engine and ``loratool.ops.quantize``.
+"""Quantization-aware merging: the glue between the merge engine and ``loratool.engine.codecs.bnb``.
 
 Three things plug into ``loratool.merge.merge_model`` through ``setup_quantization``:
 
@@ -29,7 +29,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import TensorEntry, TensorStore, read_safetensors_header
-from loratool.ops import quantize as q
+from loratool.engine.codecs import bnb as q
 from loratool.engine.delta import DeltaKernel, dora_merged
 
 INDEX_NAME = "model.safetensors.index.json"

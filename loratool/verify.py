@@ -32,16 +32,14 @@ from loratool.errors import InputError
 from loratool.io.source import TensorSource
 from loratool.io.store import TensorEntry, TensorStore
 from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
-from loratool.ops.quantize import import_bitsandbytes
+from loratool.engine.codecs import bnb
+from loratool.engine.codecs.bnb import import_bitsandbytes
 
 Progress = Callable[..., None]
 
 U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32, where every check computes
 
 # companions of a bitsandbytes-quantized weight in a transformers checkpoint
-_Q4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-_Q4_STATE = ".quant_state.bitsandbytes__"
-_INT8_SUFFIXES = (".SCB", ".weight_format")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,74 +140,15 @@ def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _quant_kind(merged: BaseModel, key: str) -> str | None:
     """"4bit" / "int8" when the merged checkpoint stores ``key`` quantized by bitsandbytes."""
-    store = merged.store
-    if key not in store:
+    if key not in merged.store or merged.store.dtype(key).is_floating_point:
         return None
-    if store.dtype(key).is_floating_point:
-        return None
-    if any(k.startswith(key + _Q4_STATE) for k in _quant_state_keys(merged)):
-        return "4bit"
-    module = key[: -len(".weight")] if key.endswith(".weight") else key
-    if f"{module}.SCB" in store:
-        return "int8"
-    return None
+    return bnb.stored_kind(key, merged.store)
 
 
-def _quant_state_keys(merged: BaseModel) -> list[str]:
-    cached = getattr(merged, "_verify_qstate_keys", None)
-    if cached is None:
-        cached = [k for k in merged.store.keys() if _Q4_STATE in k]
-        merged._verify_qstate_keys = cached
-    return cached
-
-
-def _quant_companions(merged: BaseModel, key: str, kind: str) -> list[str]:
-    store = merged.store
-    if kind == "4bit":
-        return [k for k in store.keys() if k.startswith(key + ".") and (k.endswith(_Q4_SUFFIXES) or _Q4_STATE in k)]
-    module = key[: -len(".weight")]
-    return [f"{module}{s}" for s in _INT8_SUFFIXES if f"{module}{s}" in store]
-
-
-
-
-@dataclass
-class _Dequant:
-    """A quantized merged weight dequantized, and a quantizer that reproduces its scheme."""
-
-    weight: torch.Tensor  # float32, the shape of the float weight
-    quantize: Callable[[torch.Tensor], torch.Tensor]  # W -> dequantize(quantize(W)) in float32
-    scheme: str
-
-
-def _dequantize(merged: BaseModel, key: str, kind: str, device) -> _Dequant:
-    F = import_bitsandbytes()
-    store = merged.store
-    if kind == "4bit":
-        state = {k[len(key) + 1:]: store.get(k) for k in _quant_companions(merged, key, kind)}
-        qs = F.QuantState.from_dict(state, device=torch.device(device))
-        packed = store.get(key).to(device)
-        weight = F.dequantize_4bit(packed, qs).float()
-
-        def requant(w: torch.Tensor) -> torch.Tensor:
-            q, s = F.quantize_4bit(
-                w.to(device=device, dtype=qs.dtype).contiguous(), blocksize=qs.blocksize, quant_type=qs.quant_type,
-                compress_statistics=qs.nested, quant_storage=packed.dtype,
-            )
-            return F.dequantize_4bit(q, s).float()
-
-        return _Dequant(weight, requant, f"bnb-4bit-{qs.quant_type}")
-    module = key[: -len(".weight")]
-    cb = store.get(key).to(device)
-    scb = store.get(f"{module}.SCB").to(device).float()
-    weight = cb.float() * scb.reshape(-1, 1) / 127.0
-
-    def requant8(w: torch.Tensor) -> torch.Tensor:
-        # transformers quantizes the fp16 copy of the weight row-wise (LLM.int8, vectorwise absmax)
-        q, s, _ = F.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16).contiguous())
-        return q.float() * s.float().reshape(-1, 1) / 127.0
-
-    return _Dequant(weight, requant8, "bnb-int8")
+def _dequantize(merged: BaseModel, key: str, device) -> bnb.Decoded:
+    """The merged weight ``key`` decoded by the bitsandbytes codec, with its requantizer."""
+    names = [key, *bnb.aux_keys(key, merged.store)]
+    return bnb.decode_stored(bnb.relative_entries(key, {k: merged.store.get(k) for k in names}), device=device)
 
 
 # ----------------------------------------------------------------------------- per-tensor checks
@@ -559,7 +498,7 @@ def verify_weights(
                 qkind = _quant_kind(merged_m, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
                 if qkind is not None:
                     quantized = True
-                    consumed.update(_quant_companions(merged_m, mkey, qkind))
+                    consumed.update(bnb.aux_keys(mkey, mstore))
                 if bkey in by_key:
                         # PEFT's saved base_layer.weight (or a modules_to_save copy) replaces the base weight first
                     replaced = to_save[bkey][1].load() if bkey in to_save else None
@@ -689,7 +628,7 @@ def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: 
     scheme; expected_retention is the same for Q(W + dW), what a correct merge quantized would
     keep; the residual is ||deq(M) - Q(W + dW)|| / ||dW||.
     """
-    dq = _dequantize(merged, mkey, qkind, device)
+    dq = _dequantize(merged, mkey, device)
     kind = "dora" if mod.magnitude is not None else "lora"
     Mq = dq.weight
     Wf = W.to(torch.float32)
@@ -703,8 +642,8 @@ def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: 
         Wf, dW = Wf.T, dW.T  # stored (out, in) where the float weight is (in, out)
     else:
         return _shape_fail(mod.name, mkey, kind, Mq.shape, W.shape, torch.uint8)
-    QW = dq.quantize(Wf).reshape(Mq.shape)
-    QE = dq.quantize(Wf + dW).reshape(Mq.shape)
+    QW = dq.requantize(Wf).reshape(Mq.shape)
+    QE = dq.requantize(Wf + dW).reshape(Mq.shape)
     c = _Check(mod.name, mkey, kind, qkind, list(Mq.shape))
     c.quantization = dq.scheme
     c.delta_norm = _norm(dW)
@@ -762,9 +701,9 @@ def _untouched_check(base: BaseModel, merged: BaseModel, entry: TensorEntry, mke
     acc["checked"] += 1
     ment = merged.store.entry(mkey)
     if qkind is not None:
-        dq = _dequantize(merged, mkey, qkind, device)
+        dq = _dequantize(merged, mkey, device)
         W = base.store.get(entry.name).to(device)
-        QW = dq.quantize(W).reshape(dq.weight.shape)
+        QW = dq.requantize(W).reshape(dq.weight.shape)
         if _bits_equal(QW, dq.weight):
             acc["quantized"] += 1
         else:
@@ -1023,7 +962,7 @@ def _main_float_dtype(model: BaseModel) -> torch.dtype:
 
 def _is_quantized(model: BaseModel) -> bool:
     q = model.config.get("quantization_config")
-    return bool(q) or any(_Q4_STATE in k or k.endswith(".SCB") for k in model.store.keys())
+    return bool(q) or any(bnb.is_quantized_aux_key(k) for k in model.store.keys())
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import loratool
 from loratool.base import BaseModel, bind_adapter
 from loratool.errors import InputError, UnsupportedError
 from loratool.engine.delta import dense_delta
-from loratool.ops.quantize import (
+from loratool.engine.codecs.bnb import (
     QuantSpec,
     dequantize_weight,
     fake_quantize,
@@ -305,7 +305,7 @@ def test_retention_math():
 
 
 def test_4bit_codes_unpack():
-    from loratool.ops.quantize import quantize_4bit, unpack_4bit_codes
+    from loratool.engine.codecs.bnb import quantize_4bit, unpack_4bit_codes
 
     w = BaseModel.open(BASES / "llama").store.get("model.layers.0.mlp.up_proj.weight")
     spec = QuantSpec("fp4")

@@ -1,4 +1,5 @@
-"""bitsandbytes quantization as transformers applies it: which weights, how, how they are saved.
+"""The bitsandbytes weight codec (NF4, FP4, LLM.int8): quantization as transformers applies it,
+which weights, how they are saved, and how a stored weight decodes back to float32.
 
 Everything here calls ``bitsandbytes.functional`` (the same functions ``Params4bit`` and
 ``Int8Params`` call when transformers loads a model with a ``BitsAndBytesConfig``), so the
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -456,14 +457,14 @@ def dequantize_weight(entries: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return F.dequantize_4bit(entries["weight"], state)
 
 
-def quant_state_from_entries(entries: Mapping[str, torch.Tensor]):
+def quant_state_from_entries(entries: Mapping[str, torch.Tensor], *, device: str | torch.device = "cpu"):
     """The QuantState of serialized 4-bit entries (``weight.absmax``, ``weight.quant_state...``)."""
     F = import_bitsandbytes()
     stats = {k[len("weight."):]: v for k, v in entries.items() if k.startswith("weight.")}
     if not stats:
         raise InputError("quantized weight has no quant state (weight.absmax / weight.quant_state.*)")
     try:
-        return F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device("cpu"))
+        return F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device(device))
     except (ValueError, AssertionError, KeyError) as exc:
         raise InputError(f"malformed bitsandbytes quant state: {exc}") from None
 
@@ -627,6 +628,50 @@ def aux_keys(weight_key: str, keys) -> list[str]:
     module = weight_key.removesuffix(".weight")
     wanted = [f"{weight_key}.{s}" for s in _FOUR_BIT_SUFFIXES] + [f"{module}.SCB", f"{module}.weight_format"]
     return [k for k in wanted if k in keys]
+
+
+def stored_kind(weight_key: str, keys) -> str | None:
+    """"4bit" / "int8" when a checkpoint with ``keys`` (a set) stores ``weight_key`` quantized by
+    bitsandbytes (its quant state or its SCB row scales sit beside it), else None."""
+    module = weight_key.removesuffix(".weight")
+    if any(f"{weight_key}.{_QS_PREFIX}{m}" in keys for m in ("nf4", "fp4")):
+        return "4bit"
+    return "int8" if f"{module}.SCB" in keys else None
+
+
+@dataclass
+class Decoded:
+    """A stored quantized weight decoded to float32, and the quantizer of its own scheme."""
+
+    weight: torch.Tensor  # float32, the stored (out, in) shape
+    requantize: Callable[[torch.Tensor], torch.Tensor]  # W -> dequantize(quantize(W)), float32
+    scheme: str
+
+
+def decode_stored(entries: Mapping[str, torch.Tensor], *, device: str | torch.device = "cpu") -> Decoded:
+    """Decode serialized entries (``relative_entries``) to float32, with a requantizer that applies
+    the same scheme (4-bit: its blocksize, type, nesting and storage; int8: LLM.int8's row absmax
+    of the float16 weight, as transformers quantizes it)."""
+    F = import_bitsandbytes()
+    device = torch.device(device)
+    packed = entries["weight"].to(device)
+    if "SCB" in entries:
+        weight = F.int8_vectorwise_dequant(packed, entries["SCB"].to(device=device, dtype=torch.float32)).float()
+
+        def requant8(w: torch.Tensor) -> torch.Tensor:
+            q, scb, _ = F.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16).contiguous())
+            return F.int8_vectorwise_dequant(q, scb.float()).float()
+
+        return Decoded(weight, requant8, "bnb-int8")
+    state = quant_state_from_entries(entries, device=device)
+    weight = F.dequantize_4bit(packed, state).float()
+
+    def requant4(w: torch.Tensor) -> torch.Tensor:
+        q, st = F.quantize_4bit(w.to(device=device, dtype=state.dtype).contiguous(), blocksize=state.blocksize,
+                                quant_type=state.quant_type, compress_statistics=state.nested, quant_storage=packed.dtype)
+        return F.dequantize_4bit(q, st).float()
+
+    return Decoded(weight, requant4, f"bnb-4bit-{state.quant_type}")
 
 
 def relative_entries(weight_key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
