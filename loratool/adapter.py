@@ -38,7 +38,7 @@ class ModuleKind(str, enum.Enum):
         return self is not ModuleKind.LINEAR
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraModule:
     """One adapted base module. ``A``/``B`` and optional tensors are read lazily."""
 
@@ -99,7 +99,7 @@ class LoraModule:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Adapter:
     """An adapter in canonical form.
 
@@ -163,6 +163,10 @@ class Adapter:
 
     def file_size(self) -> int:
         return sum(Path(f).stat().st_size for f in self.files if Path(f).exists())
+
+    def without_warnings(self) -> "Adapter":
+        """A copy whose warnings were already reported (this one keeps its own)."""
+        return replace(self, warnings=[])
 
     def replace_modules(self, modules: dict[str, LoraModule], **changes: Any) -> "Adapter":
         """A copy of this adapter with other modules (and optionally other fields)."""

@@ -8,14 +8,14 @@ lack or add the base-model prefix (``h.0.attn.c_attn.weight`` in the original GP
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
-from loratool.adapter import Adapter, ModuleKind
+from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, ModuleMismatchError
 from loratool.io.store import TensorStore, checkpoint_files, read_json
 
@@ -170,33 +170,56 @@ class BaseModel:
         return total
 
 
-def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = True) -> dict[str, str]:
-    """Resolve every module against the base: fix kinds, check shapes, return module -> weight key.
+@dataclass(frozen=True)
+class Binding:
+    """An adapter bound to a base: which base weight each module updates.
 
-    The adapter's modules are updated in place with the kind the base implies (Conv1D or
-    linear). modules_to_save names are checked separately by the callers that write them.
+    ``adapter`` is a copy whose modules carry the layout the base implies (Conv1D or linear);
+    the adapter that was read is never changed.
+    """
+
+    adapter: Adapter
+    keys: Mapping[str, str]  # module -> base weight key
+
+
+def bound_module(base: BaseModel, mod: LoraModule, key: str, *, strict_shapes: bool = True) -> LoraModule:
+    """``mod`` with the kind the base implies for it, checked against the base weight ``key``.
+
+    Raises:
+        ModuleMismatchError: the shapes differ, or the base weight is not floating point.
+    """
+    kind = base.module_kind(mod.name, mod.kind)
+    bound = mod if kind is mod.kind else replace(mod, kind=kind)
+    shape = base.store.shape(key)
+    if strict_shapes and tuple(shape) != bound.weight_shape:
+        raise ModuleMismatchError(
+            mod.name,
+            f"shape mismatch: adapter gives {bound.kind.value} weight {tuple(bound.weight_shape)} "
+            f"(A {bound.A.shape}, B {bound.B.shape}), base {key} is {tuple(shape)}",
+        )
+    dtype = base.store.dtype(key)
+    if strict_shapes and not dtype.is_floating_point:
+        raise ModuleMismatchError(mod.name, f"base tensor {key} is {str(dtype).replace('torch.', '')}, not floating point; a LoRA delta cannot be merged into it")
+    return bound
+
+
+def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = True) -> Binding:
+    """Resolve every module against the base: its weight key, its layout, its shape.
+
+    modules_to_save names are checked separately by the callers that write them.
 
     Raises:
         ModuleMismatchError: a module is absent from the base, or its shape differs.
     """
-    mapping: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    modules: dict[str, LoraModule] = {}
     for name, mod in adapter.modules.items():
         key = base.weight_name(name)
         if key is None:
             raise ModuleMismatchError(name, f"adapter module is not in the base model {base.path}")
-        mod.kind = base.module_kind(name, mod.kind) if mod.kind is not ModuleKind.EMBEDDING else mod.kind
-        shape = base.store.shape(key)
-        if strict_shapes and tuple(shape) != mod.weight_shape:
-            raise ModuleMismatchError(
-                name,
-                f"shape mismatch: adapter gives {mod.kind.value} weight {tuple(mod.weight_shape)} "
-                f"(A {mod.A.shape}, B {mod.B.shape}), base {key} is {tuple(shape)}",
-            )
-        dtype = base.store.dtype(key)
-        if strict_shapes and not dtype.is_floating_point:
-            raise ModuleMismatchError(name, f"base tensor {key} is {str(dtype).replace('torch.', '')}, not floating point; a LoRA delta cannot be merged into it")
-        mapping[name] = key
-    return mapping
+        modules[name] = bound_module(base, mod, key, strict_shapes=strict_shapes)
+        keys[name] = key
+    return Binding(adapter.replace_modules(modules), keys)
 
 
 def module_names_matching(base: BaseModel, targets: object, suffixes: Iterable[str] = (".weight",)) -> list[str]:

@@ -116,7 +116,7 @@ def convert(
         # before the shape checks: a resized vocabulary is explained by its copy
         adapter = drop_identical_copies(adapter, base_model, holder=_HOLDER_NAMES.get(to, to))
     if base_model is not None and len(base_model.store):
-        bind_adapter(adapter, base_model)
+        adapter = bind_adapter(adapter, base_model).adapter
 
     out = Path(out)
     mod = get_format(to)

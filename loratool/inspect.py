@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from loratool.adapter import Adapter
-from loratool.base import BaseModel, bind_adapter, module_names_matching
+from loratool.base import BaseModel, bound_module, module_names_matching
 from loratool.errors import ModuleMismatchError
 
 
@@ -24,17 +25,18 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
     """
     warnings = list(adapter.warnings)
     names: dict[str, str] = {}
+    modules_seen = dict(adapter.modules)  # as the base lays them out, when there is one
     if base is not None:
         for name, mod in adapter.modules.items():
             key = base.weight_name(name)
             if key is None:
                 warnings.append(f"{name}: not in the base model")
                 continue
-            mod.kind = base.module_kind(name, mod.kind)
             names[name] = key[: -len(".weight")]
             try:
-                bind_adapter(adapter.replace_modules({name: mod}), base)
+                modules_seen[name] = bound_module(base, mod, key)
             except ModuleMismatchError as exc:
+                modules_seen[name] = replace(mod, kind=base.module_kind(name, mod.kind))
                 warnings.append(str(exc))
         for tname in adapter.modules_to_save:
             if base.tensor_name(tname) is None:
@@ -48,7 +50,7 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
             warnings.append(f"target_modules {targets!r} matches nothing in the base")
 
     modules = []
-    for name, mod in adapter.modules.items():
+    for name, mod in modules_seen.items():
         modules.append(
             {
                 "name": names.get(name, name),

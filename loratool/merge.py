@@ -75,7 +75,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.base import BaseModel, bind_adapter, side_files
+from loratool.base import BaseModel, bind_adapter, bound_module, side_files
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.source import TensorSource
@@ -357,20 +357,20 @@ def plan_merge(
 
     # modules -> base tensors (tied heads first: their weight is the embedding)
     mapping: dict[str, str] = {}
+    tied: dict[str, LoraModule] = {}
     untied: dict[str, LoraModule] = {}
     for name, mod in adapter.modules.items():
         key = None if base.weight_name(name) is not None else _tied_head_key(base, name)
         if key is None:
             untied[name] = mod
             continue
-        mod.kind = ModuleKind.LINEAR if mod.kind is not ModuleKind.EMBEDDING else mod.kind
-        if tuple(base.store.shape(key)) != mod.weight_shape:
-            raise ModuleMismatchError(
-                name, f"shape mismatch: adapter gives {mod.kind.value} weight {mod.weight_shape}, tied base tensor {key} is {tuple(base.store.shape(key))}"
-            )
+        tied[name] = bound_module(base, mod, key)  # the head's delta goes into the shared embedding
         mapping[name] = key
         warnings.append(f"{name}: the base ties it to {key} (tie_word_embeddings); the merged delta changes that shared tensor, as PEFT's merge does")
-    mapping.update(bind_adapter(adapter.replace_modules(untied), base))
+    binding = bind_adapter(adapter.replace_modules(untied), base)
+    mapping.update(binding.keys)
+    bound = {**tied, **binding.adapter.modules}
+    adapter = adapter.replace_modules({name: bound[name] for name in adapter.modules})
 
     float_default = _default_float_dtype(base)
     tasks: dict[str, TensorTask] = {}

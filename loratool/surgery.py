@@ -380,14 +380,14 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
             kept = min(k, svd.rank)
             row.update(kept_energy=svd.kept_energy(kept), relative_error=svd.relative_error(kept),
                        singular_values=svd.S.tolist())
-        new = LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale)
+        bias = None
         if has_bias:
             total = torch.zeros(ref.out_features, dtype=torch.float64)
             for m, w in present:
                 if m.bias is not None:
                     total += m.bias.load().double() * (w * m.scale)
-            new.bias = LazyTensor.of((total / scale).to(out_dtype))
-        modules[name] = new
+            bias = LazyTensor.of((total / scale).to(out_dtype))
+        modules[name] = LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale, bias=bias)
         rows.append(row)
 
     to_save: dict[str, LazyTensor] = {}
@@ -411,9 +411,9 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
         variant="lora",
         extras=extras,
         warnings=[w for a in adapters for w in a.warnings],
+        # the first adapter's target_modules rule names its modules only when the set is the same
+        target_modules=first.target_modules if set(names) == set(first.modules) else None,
     )
-    if set(names) != set(first.modules):
-        out.target_modules = None
     report = {
         "operation": "combine",
         "method": method,

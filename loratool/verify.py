@@ -437,7 +437,8 @@ def verify_weights(
     device = torch.device(device)
     notes: list[str] = list(ad.warnings)
     base_m = _dequantized_view(base_m, ad, notes)
-    mapping = bind_adapter(ad, base_m)  # module -> base weight key
+    binding = bind_adapter(ad, base_m)
+    ad, mapping = binding.adapter, binding.keys  # module -> base weight key
     by_key = {key: ad.modules[name] for name, key in mapping.items()}
     bias_of: dict[str, LoraModule] = {}
     for name, key in mapping.items():
@@ -887,7 +888,8 @@ def _peft_folder(ad: Adapter, base: BaseModel):
 
     from loratool.formats import write_adapter
 
-    mapping = bind_adapter(ad, base)
+    binding = bind_adapter(ad, base)
+    ad, mapping = binding.adapter, binding.keys
     modules = {}
     for name, mod in ad.modules.items():
         # PEFT finds modules by the model's names: use the base's where the adapter's differ (a wrapper prefix)

@@ -178,3 +178,25 @@ def test_lora_params_counts_every_stored_lora_tensor(name):
     assert code == 0, err
     report = json.loads(out)
     assert report["lora_params"] == stored
+
+
+def test_binding_and_inspect_leave_the_adapter_unchanged():
+    """Binding returns a bound copy (kinds as the base lays them out); the adapter read stays as read."""
+    import dataclasses
+
+    from loratool.adapter import ModuleKind
+    from loratool.base import BaseModel, bind_adapter
+    from loratool.inspect import inspect_adapter
+
+    read = loratool.read_adapter(ADAPTERS / "gpt2-lora")
+    # as a format that cannot tell Conv1D from linear would read it
+    ad = read.replace_modules({n: dataclasses.replace(m, kind=ModuleKind.LINEAR) for n, m in read.modules.items()})
+    base = BaseModel.open(BASES / "gpt2")
+    binding = bind_adapter(ad, base)
+    assert {m.kind for m in binding.adapter} == {ModuleKind.CONV1D}
+    assert {m.kind for m in ad} == {ModuleKind.LINEAR}
+    report = inspect_adapter(ad, base=base)
+    assert {m["kind"] for m in report["modules"]} == {"conv1d"}
+    assert {m.kind for m in ad} == {ModuleKind.LINEAR} and ad.warnings == read.warnings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ad.modules[next(iter(ad.modules))].kind = ModuleKind.CONV1D

@@ -379,7 +379,7 @@ def test_blocked_math_equals_whole_tensor(monkeypatch, tmp_path):
         ours, base_sd = load_dir(tmp_path / name), load_dir(base)
         ad = loratool.read_adapter(adapter)
         bm = loratool.BaseModel.open(base)
-        loratool.base.bind_adapter(ad, bm)
+        ad = loratool.base.bind_adapter(ad, bm).adapter
         for m in rep["modules"]:
             mod = ad.modules[m["name"]]
             w = ad.modules_to_save.get(m["tensor"])

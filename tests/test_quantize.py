@@ -130,8 +130,8 @@ def scaled_adapter(name: str, ratio: float | None):
     """A fixture adapter, bound to its llama base; with ``ratio`` every delta is rescaled to
     ``ratio`` * ||W|| (the fixtures' deltas are ~4x the weights, far larger than real ones)."""
     base = BaseModel.open(BASES / "llama")
-    ad = loratool.read_adapter(ADAPTERS / name)
-    mapping = bind_adapter(ad, base)
+    binding = bind_adapter(loratool.read_adapter(ADAPTERS / name), base)
+    ad, mapping = binding.adapter, binding.keys
     if ratio is not None:
         mods = {}
         for n, m in ad.modules.items():

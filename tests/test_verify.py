@@ -58,8 +58,8 @@ def to_peft(adapter_path: Path, base: Path, out: Path, **read_options) -> Path:
 
     import dataclasses
 
-    ad = loratool.read_adapter(adapter_path, **read_options)
-    mapping = bind_adapter(ad, BaseModel.open(base))
+    binding = bind_adapter(loratool.read_adapter(adapter_path, **read_options), BaseModel.open(base))
+    ad, mapping = binding.adapter, binding.keys
     # PEFT targets the base's own module names (the scratch file says model.encoder...)
     renamed = {mapping[n].removesuffix(".weight"): dataclasses.replace(m, name=mapping[n].removesuffix(".weight")) for n, m in ad.modules.items()}
     loratool.write_adapter(ad.replace_modules(renamed, extras={}), out, format="peft")

@@ -22,7 +22,7 @@ def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, for
     ad = open_adapter(adapter, **adapter_opts)
     base_model = open_base(base, **adapter_opts)
     emit_warnings(out, ad.warnings)
-    ad.warnings = []  # held above; merge_model's warn callback adds the rest
+    ad = ad.without_warnings()  # printed above; merge_model's warn callback adds the rest
     with out.progress(total=_output_bytes(base_model, dtype), desc="unmerge" if sign < 0 else "merge") as bar:
         rep = merge_model(
             base_model, ad, dest, dtype=dtype, device=device, force=force, strict=strict, sign=sign,

@@ -98,7 +98,7 @@ def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len
     base_model = open_base(base, **adapter_opts)
     merged_model = open_base(merged, **adapter_opts)
     emit_warnings(out, ad.warnings)
-    ad.warnings = []
+    ad = ad.without_warnings()  # printed above
     try:
         report = run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
                             prompts=prompts, samples=samples, seq_len=seq_len)
@@ -116,8 +116,7 @@ def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_o
     Prints the check unless in JSON mode and returns its report. Raises CheckFailedError naming
     OUT (the report as ``.report``) when it fails.
     """
-    ad = open_adapter(adapter, **adapter_opts)
-    ad.warnings = []  # the merge printed them
+    ad = open_adapter(adapter, **adapter_opts).without_warnings()  # the merge printed them
     base_model = open_base(base, **adapter_opts)
     if quantization is not None and getattr(quantization, "qlora", None):
         # --qlora merged into dequantize(quantize(W)): that is the base OUT must equal plus the delta
