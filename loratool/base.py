@@ -18,6 +18,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, ModuleMismatchError
 from loratool.io.store import TensorStore, checkpoint_files, read_json
+from loratool.names import OUTPUT_HEAD_LEAVES, is_input_embedding_weight, is_output_head
 
 # transformers architectures whose projections are GPT-2 style Conv1D (weight stored (in, out))
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
@@ -150,6 +151,20 @@ class BaseModel:
         """The base key of a module's weight."""
         return self.tensor_name(f"{module}.weight")
 
+    def input_embedding_key(self) -> str | None:
+        """The key of the token embedding (2-D), or None (``names.INPUT_EMBEDDING_LEAVES``)."""
+        return next((k for k in self.store.keys() if is_input_embedding_weight(k) and len(self.store.shape(k)) == 2), None)
+
+    def output_head_key(self) -> str | None:
+        """The key of the language-model head's weight, when the checkpoint stores one."""
+        return next((k for k in (self.tensor_name(f"{lf}.weight") for lf in OUTPUT_HEAD_LEAVES) if k is not None), None)
+
+    def tied_head_key(self, module: str) -> str | None:
+        """The embedding key an output head shares when the config ties them (None otherwise)."""
+        if not is_output_head(module) or not self.tie_word_embeddings:
+            return None
+        return self.input_embedding_key()
+
     def module_kind(self, module: str, fallback: ModuleKind) -> ModuleKind:
         """Conv1D or linear, the way PEFT decides it: from the base module's class."""
         if fallback is ModuleKind.EMBEDDING:
@@ -163,10 +178,9 @@ class BaseModel:
             if not e.dtype.is_floating_point or e.name.endswith(_BUFFER_SUFFIXES):
                 continue
             total += int(torch.Size(e.shape).numel())
-        if self.tie_word_embeddings and "lm_head.weight" in self.store:
-            embed = [k for k in self.store.keys() if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
-            if embed and self.store.shape(embed[0]) == self.store.shape("lm_head.weight"):
-                total -= int(torch.Size(self.store.shape("lm_head.weight")).numel())
+        head, embed = self.output_head_key(), self.input_embedding_key()
+        if self.tie_word_embeddings and head is not None and embed is not None and self.store.shape(embed) == self.store.shape(head):
+            total -= int(torch.Size(self.store.shape(head)).numel())
         return total
 
 

@@ -25,7 +25,14 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, bind_adapter
 from loratool.engine.delta import combination_norm
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.formats import WRITE_CONTEXT, detect_format, format_names, format_options, get_format, read_adapter
+from loratool.formats import (
+    WRITE_CONTEXT,
+    detect_format,
+    format_names,
+    format_options,
+    get_format,
+    read_adapter,
+)
 from loratool.hub import resolve_path
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
 from loratool.io.store import TensorStore, checkpoint_files, read_json
@@ -37,8 +44,6 @@ HOLDS_FULL_TENSORS = frozenset({"peft", "scratch"})
 _HOLDER_NAMES = {"mlx": "MLX", "gguf": "GGUF", "litgpt": "LitGPT", "lit-llama": "Lit-LLaMA"}
 _MERGE_HINT = "merge the adapter into the base instead (loratool merge BASE ADAPTER OUT)"
 _CHUNK_ROWS = 4096
-# checkpoint names of an input embedding, which a tied output head shares
-_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight", "shared.weight")
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
 _Q8_TOLERANCE = 3e-2
@@ -264,11 +269,9 @@ def _differs_message(name: str, saved: torch.Tensor, key: str, original: torch.T
 def _base_tensor_key(base: BaseModel, name: str) -> str | None:
     """The base's key for tensor ``name``; a tied output head the checkpoint lacks is its input embedding."""
     key = base.tensor_name(name)
-    if key is not None or not base.tie_word_embeddings:
+    if key is not None or not name.endswith(".weight"):
         return key
-    if name.rpartition(".")[0].rpartition(".")[2] not in ("lm_head", "embed_out"):
-        return None
-    return next((k for k in base.keys() if k.endswith(_EMBEDDING_SUFFIXES) and len(base.store.shape(k)) == 2), None)
+    return base.tied_head_key(name[: -len(".weight")])
 
 
 def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:

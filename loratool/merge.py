@@ -76,12 +76,17 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import BaseModel, bind_adapter, bound_module, side_files
+from loratool.engine.delta import DeltaKernel, dora_rows
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.source import TensorSource
-from loratool.io.store import LazyTensor, TensorEntry, read_json, read_safetensors_header
+from loratool.io.store import (
+    LazyTensor,
+    TensorEntry,
+    read_json,
+    read_safetensors_header,
+)
 from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
-from loratool.engine.delta import DeltaKernel, dora_rows
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,8 +97,6 @@ SUB_ELEMS = 1 << 18  # elements per CPU sub-block: the float32 delta stays in ca
 QUEUE_DEPTH = 4  # blocks computed ahead of the writer
 INDEX_NAME = "model.safetensors.index.json"
 
-_HEAD_LEAVES = ("lm_head", "embed_out")
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight", "shared.weight")
 # (mantissa bits + 1, smallest normal exponent as torch.frexp gives it) per half dtype
 _FLOAT_BITS = {torch.float16: (11, -13), torch.bfloat16: (8, -125), torch.float32: (24, -125)}
 
@@ -284,28 +287,6 @@ def base_mismatch(adapter: Adapter, base: BaseModel) -> str | None:
     return f"the adapter was trained on {claimed!r} but BASE is {base.path} ({base.path.name})"
 
 
-def _embedding_key(base: BaseModel) -> str | None:
-    for key in base.keys():
-        if key.endswith(_EMBED_SUFFIXES) and len(base.store.shape(key)) == 2:
-            return key
-    return None
-
-
-def _tied_head_key(base: BaseModel, module: str) -> str | None:
-    """The embedding key a tied head resolves to, when the checkpoint lacks the head."""
-    if module.rsplit(".", 1)[-1] not in _HEAD_LEAVES or not base.tie_word_embeddings:
-        return None
-    return _embedding_key(base)
-
-
-def _head_key(base: BaseModel) -> str | None:
-    for leaf in _HEAD_LEAVES:
-        key = base.tensor_name(f"{leaf}.weight")
-        if key is not None:
-            return key
-    return None
-
-
 def _output_filename(path: Path) -> str:
     name = path.name
     if name.endswith(".safetensors"):
@@ -360,7 +341,7 @@ def plan_merge(
     tied: dict[str, LoraModule] = {}
     untied: dict[str, LoraModule] = {}
     for name, mod in adapter.modules.items():
-        key = None if base.weight_name(name) is not None else _tied_head_key(base, name)
+        key = None if base.weight_name(name) is not None else base.tied_head_key(name)
         if key is None:
             untied[name] = mod
             continue
@@ -388,9 +369,9 @@ def plan_merge(
     for tname, tensor in adapter.modules_to_save.items():
         is_base_layer = tname in module_weights  # PEFT's saved base_layer.weight of a LoRA'd module
         key = base.tensor_name(tname)
-        tied_head = key is None and tname.endswith(".weight") and _tied_head_key(base, tname[: -len(".weight")]) is not None
+        tied_head = key is None and tname.endswith(".weight") and base.tied_head_key(tname[: -len(".weight")]) is not None
         if tied_head and is_base_layer:
-            key = _tied_head_key(base, tname[: -len(".weight")])  # PEFT loaded it into the shared tensor
+            key = base.tied_head_key(tname[: -len(".weight")])  # PEFT loaded it into the shared tensor
         if sign < 0:
             if is_base_layer:
                 continue  # subtracting the delta recovers it
@@ -499,7 +480,7 @@ def _mirror_tied(base: BaseModel, tasks: dict[str, TensorTask], task_for, warnin
     """A checkpoint that stores both halves of a tied pair gets the same update in both."""
     if not base.config.get("tie_word_embeddings"):
         return
-    embed, head = _embedding_key(base), _head_key(base)
+    embed, head = base.input_embedding_key(), base.output_head_key()
     if embed is None or head is None or embed == head or base.store.shape(embed) != base.store.shape(head):
         return
     a, b = tasks.get(embed), tasks.get(head)

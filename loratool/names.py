@@ -34,9 +34,32 @@ from loratool.errors import UnsupportedError
 # gpt2: h, others: blocks)
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
+# -- roles: the one table of which leaves play which part in transformers models -----------
+
+# token embeddings: what get_input_embeddings() returns (llama/qwen, gpt2, bert, gpt-neox, lit/meta, t5)
+INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+# language-model heads: what get_output_embeddings() returns; tied to the input embedding when
+# the config says tie_word_embeddings
+OUTPUT_HEAD_LEAVES = ("lm_head", "embed_out")
+# every embedding layer (token, position, token type): PEFT's embedding LoRA layout
 EMBEDDING_LEAVES = frozenset(
-    {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "tok_embeddings", "embed_in"}
-)
+    {*INPUT_EMBEDDING_LEAVES, "wpe", "position_embeddings", "token_type_embeddings"}
+) - {"shared"}
+# layers PEFT's save_embedding_layers saves whole (input embeddings and output heads)
+SAVED_EMBEDDING_LEAVES = frozenset({*INPUT_EMBEDDING_LEAVES, *OUTPUT_HEAD_LEAVES})
+# top-level modules outside the base model of a task model (heads trained from scratch)
+TASK_HEAD_ROOTS = ("lm_head", "classifier", "score", "qa_outputs", "pre_classifier")
+
+
+def is_output_head(name: str) -> bool:
+    """Whether a module is a language-model head (``lm_head``, ``embed_out``)."""
+    return leaf(name) in OUTPUT_HEAD_LEAVES
+
+
+def is_input_embedding_weight(key: str) -> bool:
+    """Whether a tensor name is the weight of a token embedding (``model.embed_tokens.weight``...)."""
+    head, _, last = key.rpartition(".")
+    return last == "weight" and leaf(head) in INPUT_EMBEDDING_LEAVES
 
 Q_LEAVES = frozenset({"q_proj"})
 K_LEAVES = frozenset({"k_proj"})

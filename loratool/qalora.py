@@ -26,7 +26,12 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import SIDE_FILES, BaseModel, side_files
-from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
+from loratool.errors import (
+    FormatError,
+    InputError,
+    ModuleMismatchError,
+    UnsupportedError,
+)
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorStore, read_json
 from loratool.io.writer import SafetensorsStreamWriter

@@ -27,10 +27,10 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel, is_conv1d
-from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import TensorEntry, TensorStore, read_safetensors_header
 from loratool.engine.codecs import bnb as q
 from loratool.engine.delta import DeltaKernel, dora_merged
+from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.io.store import TensorEntry, TensorStore, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
 _LONGEST_FLOAT = -2.2250738585072014e-308  # the longest repr a double can have (24 characters)

@@ -20,6 +20,7 @@ from loratool.base import BaseModel, is_conv1d
 from loratool.engine.delta import factor_product
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.store import LazyTensor
+from loratool.names import TASK_HEAD_ROOTS
 from loratool.ops.lowrank import (
     LowRankSVD,
     choose_rank,
@@ -530,7 +531,7 @@ class ModelLayout:
     def is_head(self, module: str) -> bool:
         if not self.guessed:
             return module in self.heads or any(module.startswith(h + ".") for h in self.heads)
-        return module.split(".")[0] in ("lm_head", "classifier", "score", "qa_outputs", "pre_classifier")
+        return module.split(".")[0] in TASK_HEAD_ROOTS
 
 
 def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, energy: float | None = None,

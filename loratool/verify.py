@@ -28,12 +28,13 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
+from loratool.engine.codecs import bnb
+from loratool.engine.codecs.bnb import import_bitsandbytes
+from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
 from loratool.errors import InputError
 from loratool.io.source import TensorSource
 from loratool.io.store import TensorEntry, TensorStore
-from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
-from loratool.engine.codecs import bnb
-from loratool.engine.codecs.bnb import import_bitsandbytes
+from loratool.names import is_output_head
 
 Progress = Callable[..., None]
 
@@ -567,23 +568,24 @@ def _dequantized_view(base: BaseModel, ad: Adapter, notes: list[str]) -> BaseMod
 
 def _tied_alias(base: BaseModel, merged: BaseModel, key: str) -> bool:
     """An output embedding the merged model ties to its input embedding instead of storing."""
-    if not key.endswith("lm_head.weight"):
-        return False
     if not merged.config.get("tie_word_embeddings", True):
         return False
-    emb = [k for k in base.store.keys() if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
-    if not emb or base.store.shape(emb[0]) != base.store.shape(key):
-        return False
-    return _bits_equal(base.store.get(emb[0]), base.store.get(key))
+    return _equals_input_embedding(base, key)
 
 
 def _tied_copy(merged: BaseModel, key: str) -> bool:
-    if not key.endswith("lm_head.weight") or not merged.config.get("tie_word_embeddings", True):
+    """An output embedding the merged model stores although it is tied (an identical copy)."""
+    return bool(merged.config.get("tie_word_embeddings", True)) and _equals_input_embedding(merged, key)
+
+
+def _equals_input_embedding(model: BaseModel, key: str) -> bool:
+    """Whether ``key`` is an output head whose stored bits equal the model's input embedding."""
+    if not key.endswith(".weight") or not is_output_head(key[: -len(".weight")]):
         return False
-    emb = [k for k in merged.store.keys() if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
-    if not emb or merged.store.shape(emb[0]) != merged.store.shape(key):
+    emb = model.input_embedding_key()
+    if emb is None or model.store.shape(emb) != model.store.shape(key):
         return False
-    return _bits_equal(merged.store.get(emb[0]), merged.store.get(key))
+    return _bits_equal(model.store.get(emb), model.store.get(key))
 
 
 def _shape_fail(name: str, key: str, kind: str, M_shape, expected_shape, dtype) -> _Check:

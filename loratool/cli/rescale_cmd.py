@@ -12,7 +12,6 @@ from loratool.cli.resolve import adapter_input_options, open_adapter
 from loratool.formats import write_adapter
 from loratool.surgery import DTYPES, parse_dtype, rescale
 
-
 # like the usual adapter options, with the source alpha spelled --source-alpha because --alpha
 # names the output's alpha here
 surgery_input_options = adapter_input_options(alpha_flag="--source-alpha", scale_flag="--source-scale")

@@ -34,8 +34,8 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.base import is_conv1d
-from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.io.store import LazyTensor
 from loratool.names import (
     GGUFArch,

@@ -24,8 +24,21 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.errors import FormatError, InputError, ModuleMismatchError, UnsupportedError
-from loratool.formats.litgpt import describe_modules, out_dtype, padded_factors, pickle_head, refuse_unrepresentable, report_packing, strip_wrapper
+from loratool.errors import (
+    FormatError,
+    InputError,
+    ModuleMismatchError,
+    UnsupportedError,
+)
+from loratool.formats.litgpt import (
+    describe_modules,
+    out_dtype,
+    padded_factors,
+    pickle_head,
+    refuse_unrepresentable,
+    report_packing,
+    strip_wrapper,
+)
 from loratool.io.store import TensorStore, is_torch_pickle, load_pickle
 
 NAME = "lit-llama"

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
-from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.formats import refuse_lora_bias, refuse_modules_to_save
 from loratool.io.store import TensorStore, read_json, read_safetensors_header
 from loratool.io.writer import write_safetensors
 from loratool.names import is_embedding_name, split_layer

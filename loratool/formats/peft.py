@@ -27,6 +27,7 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import LazyTensor, TensorStore, read_json
 from loratool.io.writer import write_safetensors
+from loratool.names import SAVED_EMBEDDING_LEAVES
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -296,9 +297,6 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
     )
 
 
-# last components of the modules transformers returns from get_input_embeddings /
-# get_output_embeddings, the layers PEFT's save_embedding_layers saves whole
-_EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared"})
 
 
 def _full_tensor_name(name: str) -> str:
@@ -326,7 +324,7 @@ def _is_saved_copy(key: str, name: str, declared: list[str], adapted: set[str]) 
         return True
     if module in adapted or any(f".{d}." in f".{module}." for d in declared):
         return False
-    return module.rpartition(".")[2] in _EMBEDDING_LEAVES
+    return module.rpartition(".")[2] in SAVED_EMBEDDING_LEAVES
 
 
 def _adalora_fold(A: LazyTensor, E: LazyTensor) -> LazyTensor:

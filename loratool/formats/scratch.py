@@ -31,9 +31,15 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.formats import refuse_lora_bias
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import LazyTensor, TensorStore, is_safetensors_file, is_torch_pickle, read_safetensors_header
+from loratool.formats import refuse_lora_bias
+from loratool.io.store import (
+    LazyTensor,
+    TensorStore,
+    is_safetensors_file,
+    is_torch_pickle,
+    read_safetensors_header,
+)
 from loratool.io.writer import write_safetensors
 
 NAME = "scratch"
