@@ -26,7 +26,10 @@ from loratool.base import BaseModel, bind_adapter
 from loratool.engine.delta import combination_norm
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import (
+    FORMATS,
+    READ_OPTIONS,
     WRITE_CONTEXT,
+    check_writable,
     detect_format,
     format_names,
     format_options,
@@ -37,11 +40,6 @@ from loratool.hub import resolve_path
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
 from loratool.io.store import TensorStore, checkpoint_files, read_json
 
-READ_OPTIONS = ("adapter_name", "alpha", "scale", "legacy_qkv")
-
-# target formats that store full tensors beside the LoRA factors (modules_to_save, saved copies)
-HOLDS_FULL_TENSORS = frozenset({"peft", "scratch"})
-_HOLDER_NAMES = {"mlx": "MLX", "gguf": "GGUF", "litgpt": "LitGPT", "lit-llama": "Lit-LLaMA"}
 _MERGE_HINT = "merge the adapter into the base instead (loratool merge BASE ADAPTER OUT)"
 _CHUNK_ROWS = 4096
 
@@ -117,9 +115,10 @@ def convert(
     else:
         src_path = Path(src)
         adapter = read_adapter(src_path, format=from_format, base=base_model, **read_opts)
-    if adapter.saved_copies and to not in HOLDS_FULL_TENSORS:
+    target = FORMATS[to]
+    if adapter.saved_copies and not target.holds_full_tensors:
         # before the shape checks: a resized vocabulary is explained by its copy
-        adapter = drop_identical_copies(adapter, base_model, holder=_HOLDER_NAMES.get(to, to))
+        adapter = drop_identical_copies(adapter, base_model, holder=target.title)
     if base_model is not None and len(base_model.store):
         adapter = bind_adapter(adapter, base_model).adapter
 
@@ -130,6 +129,7 @@ def convert(
     write_opts = format_options(mod.write, dict(options, base=base_model, out_name=out.name, report=report), context=WRITE_CONTEXT, what=f"--to {to}")
     is_file = bool(getattr(mod, "OUTPUT_IS_FILE", False))
     check = bool(verify)
+    check_writable(adapter, to)  # before OUT or its temporary sibling exists
     guard = atomic_output_file if is_file else atomic_output_dir
     with guard(out, force=force, inputs=inputs) as tmp:
         if is_file:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _convert_helpers import assert_same_peft, peft_deltas, rel_err, without_modules_to_save
-from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
+from conftest import ADAPTERS, BASES, ROOT, assert_one_line_error, invoke, run_cli
 
 import loratool
 from loratool.conversion import compare, convert
@@ -177,3 +177,40 @@ def test_embedding_and_conv1d_through_every_format(tmp_path):
     g = tmp_path / "g.gguf"
     convert(ADAPTERS / "gpt2-lora", g, to="gguf", base=BASES / "gpt2")
     assert {m.kind.value for m in loratool.read_adapter(g)} == {"conv1d"}
+
+
+def test_registry_declares_what_each_reader_and_writer_takes():
+    """FORMATS (read by the CLI without importing a format) matches the readers' and writers' signatures."""
+    import inspect as pyinspect
+
+    from loratool.formats import FORMATS, OPTIONS, get_format
+
+    for name, spec in FORMATS.items():
+        mod = get_format(name)
+        for fn, declared in ((mod.read, spec.read_options), (mod.write, spec.write_options)):
+            takes = {p for p in pyinspect.signature(fn).parameters if p in OPTIONS}
+            assert takes == set(declared), (name, fn.__name__, takes, declared)
+        assert bool(getattr(mod, "OUTPUT_IS_FILE", False)) in (True, False)
+        if not spec.holds_full_tensors:
+            assert hasattr(mod, "check_writable"), name
+
+
+def test_cli_imports_nothing_from_inside_a_format():
+    cli = ROOT / "loratool" / "cli"
+    for f in cli.glob("*.py"):
+        text = f.read_text()
+        assert "loratool.formats." not in text, f"{f.name} imports from inside a format"
+
+
+@pytest.mark.parametrize("to, adapter, base, what", [
+    ("gguf", "llama-dora", "llama", "DoRA"), ("mlx", "qwen2-bias", "qwen2", "bias"),
+    ("litgpt", "llama-dora", "llama", "DoRA"), ("scratch", "qwen2-bias", "qwen2", "bias"),
+])
+def test_what_a_format_cannot_hold_is_refused_before_out_is_opened(to, adapter, base, what, tmp_path):
+    """The refusal comes before the temporary sibling exists: a run told to die at the first
+    write step (LORATOOL_TEST_KILL_AFTER=1) exits 2 with the refusal instead of being killed."""
+    out = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    res = run_cli("convert", ADAPTERS / adapter, out, "--to", to, "--base", BASES / base, env={"LORATOOL_TEST_KILL_AFTER": "1"})
+    assert res.returncode == 2, res.stderr
+    assert what in assert_one_line_error(res.stderr)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".loratool-" in p.name]

@@ -7,8 +7,7 @@ import click
 from loratool.cli.common import Output, common_options, emit_warnings, json_option
 from loratool.cli.resolve import adapter_argument_options, open_adapter
 from loratool.conversion import convert, load_base
-from loratool.formats import format_names
-from loratool.formats.gguf import OUTTYPES
+from loratool.formats import OPTIONS, format_names
 from loratool.hub import resolve_path
 
 
@@ -18,7 +17,7 @@ from loratool.hub import resolve_path
 @click.option("--to", "to_format", required=True, type=click.Choice(format_names()), help="Target format.")
 @click.option("--base", help="Base model folder or repo id (a folder with only config.json will do for GGUF): names, shapes, architecture, head counts.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--outtype", type=click.Choice(OUTTYPES), help="GGUF tensor type (default f32).")
+@click.option(OPTIONS["outtype"].flag, type=click.Choice(OPTIONS["outtype"].choices), help=OPTIONS["outtype"].help)
 @adapter_argument_options
 @json_option
 @common_options

@@ -7,23 +7,20 @@ from typing import Callable
 import click
 
 from loratool.base import BaseModel
-from loratool.formats import format_names, read_adapter
+from loratool.formats import OPTIONS, READ_OPTIONS, format_names, read_adapter
 from loratool.hub import resolve_path
 
 
 def adapter_input_options(*, alpha_flag: str = "--alpha", scale_flag: str = "--scale") -> Callable:
     """Options shared by commands that read an adapter (rescale spells alpha/scale --source-*)."""
-    from loratool.formats.litgpt import LEGACY_MODES
-
-    options = [
-        click.option("--from", "from_format", type=click.Choice(format_names()), help="Adapter format (detected when omitted)."),
-        click.option("--adapter-name", help="Sub-adapter folder inside ADAPTER (PEFT multi-adapter layouts)."),
-        click.option(alpha_flag, "src_alpha", type=float, help="lora_alpha where the adapter does not record it (scratch, Lit-LLaMA, LitGPT); refused for formats that store it."),
-        click.option(scale_flag, "src_scale", type=float, help="Absolute scale where the adapter records none (scratch, Lit-LLaMA, LitGPT, MLX); refused for PEFT and GGUF."),
-        click.option("--legacy-qkv", type=click.Choice(LEGACY_MODES),
-                     help="LitGPT's pre-0.5.5 attn.attn layout: where the fused q/k/v delta landed (guessed when omitted; docs/formats.md)."),
-        click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN)."),
-    ]
+    flags = {"alpha": (alpha_flag, "src_alpha"), "scale": (scale_flag, "src_scale")}  # rescale renames these two
+    options = [click.option("--from", "from_format", type=click.Choice(format_names()), help="Adapter format (detected when omitted).")]
+    for name in READ_OPTIONS:  # every reader option the formats declare, as the registry describes it
+        opt = OPTIONS[name]
+        flag, dest = flags.get(name, (opt.flag, name))
+        kind = click.Choice(opt.choices) if opt.choices else opt.type
+        options.append(click.option(flag, dest, type=kind, help=opt.help))
+    options.append(click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN)."))
 
     def decorate(fn: Callable) -> Callable:
         for option in reversed(options):

@@ -1,23 +1,77 @@
 """Adapter formats: one registry of symmetric reader/writer pairs with detection.
 
 Each format module provides ``NAME``, ``detect(path) -> bool``, ``read(path, *, options...) ->
-Adapter`` and ``write(adapter, target, *, options...)``; ``OUTPUT_IS_FILE`` marks formats that
-write one file instead of a folder. ``read_adapter`` / ``write_adapter`` are the entry points:
-they hand each function the keyword options its signature declares and refuse any other
-(``format_options``), so an option never silently vanishes.
+Adapter``, ``write(adapter, target, *, options...)`` and, unless it holds everything,
+``check_writable(adapter)``; ``OUTPUT_IS_FILE`` marks formats that write one file instead of a
+folder. ``FORMATS`` declares, without importing any format, what each reads and writes and
+which user options each takes (``OPTIONS``): the CLI builds its flags from it. ``read_adapter``
+/ ``write_adapter`` are the entry points: they hand each function the keyword options its
+signature declares and refuse any other (``format_options``), so an option never silently
+vanishes; ``write_adapter`` (and convert) refuse what a format cannot hold before OUT is opened.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.atomic import atomic_output_dir, atomic_output_file
-from loratool.io.store import refuse_special_file
+
+if TYPE_CHECKING:  # the registry itself is read by `--help`, which must not import torch
+    from loratool.adapter import Adapter
+
+
+@dataclass(frozen=True)
+class FormatOption:
+    """A user option some formats' readers or writers take (the keyword of read() / write())."""
+
+    name: str
+    help: str
+    type: type = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """What one format is, declared without importing it."""
+
+    name: str
+    title: str  # for messages
+    module: str
+    read_options: tuple[str, ...]  # keys of OPTIONS its reader takes
+    write_options: tuple[str, ...]  # keys of OPTIONS its writer takes
+    holds_full_tensors: bool = False  # modules_to_save and saved base-layer copies beside the factors
+
+
+OPTIONS = {
+    "adapter_name": FormatOption("adapter_name", "Sub-adapter folder inside ADAPTER (PEFT multi-adapter layouts)."),
+    "alpha": FormatOption("alpha", "lora_alpha where the adapter does not record it (scratch, Lit-LLaMA, LitGPT); refused for formats that store it.", float),
+    "scale": FormatOption("scale", "Absolute scale where the adapter records none (scratch, Lit-LLaMA, LitGPT, MLX); refused for PEFT and GGUF.", float),
+    "legacy_qkv": FormatOption("legacy_qkv", "LitGPT's pre-0.5.5 attn.attn layout: where the fused q/k/v delta landed (guessed when omitted; docs/formats.md).",
+                               choices=("scattered", "contiguous")),
+    "outtype": FormatOption("outtype", "GGUF tensor type (default f32).", choices=("f32", "f16", "bf16", "q8_0")),
+}
+
+# detection order matters: the most specific layouts first
+FORMATS = {
+    "peft": FormatSpec("peft", "PEFT", "loratool.formats.peft", ("adapter_name",), (), holds_full_tensors=True),
+    "mlx": FormatSpec("mlx", "MLX", "loratool.formats.mlx", ("scale",), ()),
+    "gguf": FormatSpec("gguf", "GGUF", "loratool.formats.gguf", (), ("outtype",)),
+    "litgpt": FormatSpec("litgpt", "LitGPT", "loratool.formats.litgpt", ("alpha", "scale", "legacy_qkv"), ()),
+    "lit-llama": FormatSpec("lit-llama", "Lit-LLaMA", "loratool.formats.lit_llama", ("alpha", "scale"), ("alpha",)),
+    "scratch": FormatSpec("scratch", "scratch", "loratool.formats.scratch", ("alpha", "scale"), (), holds_full_tensors=True),
+}
+READ_OPTIONS = tuple(dict.fromkeys(o for f in FORMATS.values() for o in f.read_options))
+WRITE_OPTIONS = tuple(dict.fromkeys(o for f in FORMATS.values() for o in f.write_options))
+_FORMAT_MODULES = {name: spec.module for name, spec in FORMATS.items()}
 
 # detection order matters: the most specific layouts first
 _FORMAT_MODULES = {
@@ -66,6 +120,8 @@ def detect_format(path: Path | str) -> str:
     Raises:
         FormatError: nothing recognizes it.
     """
+    from loratool.io.store import refuse_special_file
+
     path = Path(path)
     if not path.exists():
         raise FormatError(path, "adapter not found")
@@ -141,6 +197,18 @@ def refuse_modules_to_save(adapter: Adapter, holder: str) -> None:
         raise UnsupportedError(f"{holder} adapters cannot hold modules_to_save ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); they would be lost")
 
 
+def check_writable(adapter: Adapter, format: str) -> None:
+    """Refuse, before anything is written, what the format cannot hold (DoRA, a LoRA bias,
+    modules_to_save...); formats without ``check_writable`` hold everything.
+
+    Raises:
+        UnsupportedError: naming what would be lost.
+    """
+    check = getattr(get_format(format), "check_writable", None)
+    if check is not None:
+        check(adapter)
+
+
 def write_adapter(adapter: Adapter, out: Path | str, *, format: str = "peft", force: bool = False, inputs=(), **options) -> Path:
     """Write an adapter atomically in the given format; returns OUT.
 
@@ -150,9 +218,12 @@ def write_adapter(adapter: Adapter, out: Path | str, *, format: str = "peft", fo
     Raises:
         OutputExistsError, InputError, UnsupportedError.
     """
+    from loratool.io.atomic import atomic_output_dir, atomic_output_file
+
     mod = get_format(format)
     out = Path(out)
     options = format_options(mod.write, options, context=WRITE_CONTEXT, what=f"writing {format} adapters")
+    check_writable(adapter, format)
     guard = atomic_output_file if getattr(mod, "OUTPUT_IS_FILE", False) else atomic_output_dir
     with guard(out, force=force, inputs=inputs) as tmp:
         mod.write(adapter, tmp, **options)

@@ -35,7 +35,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.base import is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.formats import refuse_lora_bias, refuse_modules_to_save
+from loratool.formats import OPTIONS, refuse_lora_bias, refuse_modules_to_save
 from loratool.io.store import LazyTensor
 from loratool.names import (
     GGUFArch,
@@ -53,7 +53,7 @@ from loratool.names import (
 NAME = "gguf"
 OUTPUT_IS_FILE = True
 MAGIC = b"GGUF"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = OPTIONS["outtype"].choices  # declared in the registry
 
 
 def detect(path: Path) -> bool:

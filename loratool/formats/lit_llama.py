@@ -199,6 +199,11 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
     )
 
 
+def check_writable(adapter: Adapter) -> None:
+    """Refuse what a Lit-LLaMA LoRA file cannot hold (DoRA, bias, modules_to_save, saved copies)."""
+    refuse_unrepresentable(adapter, "Lit-LLaMA")
+
+
 def build_state_dict(adapter: Adapter, *, base=None, alpha: float | None = None, report: dict | None = None) -> dict[str, torch.Tensor]:
     """The flat Lit-LLaMA dict for an adapter with LoRA on q_proj/v_proj only.
 

@@ -33,6 +33,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.errors import FormatError, InputError, UnsupportedError
+from loratool.formats import OPTIONS
 from loratool.io.store import LazyTensor, TensorStore, is_torch_pickle
 
 NAME = "litgpt"
@@ -69,7 +70,7 @@ _STRIP_PREFIXES = ("model.", "state_dict.", "_forward_module.", "module.")
 #   "contiguous": the delta rows [B_q A_q; B_k A_k; B_v A_v] were added to the interleaved
 #                 weight's rows in order (lit-gpt before February 2024, and LitGPT v0.4.13 to
 #                 v0.5.4 when q, k and v were all enabled: #1726 skipped the scatter then).
-LEGACY_MODES = ("scattered", "contiguous")
+LEGACY_MODES = OPTIONS["legacy_qkv"].choices  # declared in the registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +137,11 @@ def describe_modules(names: Iterable[str]) -> str:
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     count = f"{len(names)} module{'s' if len(names) != 1 else ''}"
     return f"{', '.join(leaves[:8])}{' ...' if len(leaves) > 8 else ''} ({count}, e.g. {names[0]})"
+
+
+def check_writable(adapter: Adapter) -> None:
+    """Refuse what a LitGPT LoRA checkpoint cannot hold (``refuse_unrepresentable``)."""
+    refuse_unrepresentable(adapter, "LitGPT")
 
 
 def refuse_unrepresentable(adapter: Adapter, fmt: str) -> None:
