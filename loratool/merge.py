@@ -64,7 +64,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -86,7 +85,7 @@ from loratool.io.store import (
     read_json,
     read_safetensors_header,
 )
-from loratool.io.writer import BackgroundSync, SafetensorsStreamWriter
+from loratool.io.writer import INDEX_NAME, ModelWriter, output_shard_names
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,7 +94,6 @@ HALF = frozenset({torch.float16, torch.bfloat16})
 BLOCK_ELEMS = 1 << 22  # elements per row block handed to the writer
 SUB_ELEMS = 1 << 18  # elements per CPU sub-block: the float32 delta stays in cache
 QUEUE_DEPTH = 4  # blocks computed ahead of the writer
-INDEX_NAME = "model.safetensors.index.json"
 
 # (mantissa bits + 1, smallest normal exponent as torch.frexp gives it) per half dtype
 _FLOAT_BITS = {torch.float16: (11, -13), torch.bfloat16: (8, -125), torch.float32: (24, -125)}
@@ -287,14 +285,6 @@ def base_mismatch(adapter: Adapter, base: BaseModel) -> str | None:
     return f"the adapter was trained on {claimed!r} but BASE is {base.path} ({base.path.name})"
 
 
-def _output_filename(path: Path) -> str:
-    name = path.name
-    if name.endswith(".safetensors"):
-        return name
-    stem = name.rsplit(".", 1)[0]
-    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
-
-
 def _default_float_dtype(base: BaseModel) -> torch.dtype:
     counts = Counter(e.dtype for e in base.store.entries() if e.dtype in CONVERTIBLE)
     return counts.most_common(1)[0][0] if counts else F32
@@ -422,6 +412,7 @@ def plan_merge(
 
     # shards mirror the base files; tensors keep their file order (sequential reads)
     shards: list[ShardPlan] = []
+    shard_names = output_shard_names(base.store.files)
     for path in base.store.files:
         entries = [e for e in base.store.entries() if e.path == path]
         entries.sort(key=lambda e: (e.begin if e.begin is not None else 0))
@@ -429,7 +420,7 @@ def plan_merge(
         meta = {"format": "pt"}
         if path.suffix == ".safetensors":
             meta.update(read_safetensors_header(path)[1])
-        shards.append(ShardPlan(_output_filename(path), shard_tasks, meta))
+        shards.append(ShardPlan(shard_names[path], shard_tasks, meta))
     if added:
         shards[-1].tasks.extend(added)
     names = Counter(s.filename for s in shards)
@@ -849,76 +840,58 @@ def execute_plan(
     thread = threading.Thread(target=producer.run, name="loratool-merge-producer", daemon=True)
     t_start = time.perf_counter()
     write_s = 0.0
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
-    total_params = 0
-    sync = BackgroundSync()
+    # no fsync as each shard closes: it is flushed in the background as it grows and fsynced
+    # there once complete, while the next one is written (the atomic commit fsyncs the folder again)
+    writer = ModelWriter(folder, background_sync=True)
     thread.start()
     try:
         for shard in plan.shards:
-            specs = shard.specs()
-            for name, dtype, shape in specs:
-                weight_map[name] = shard.filename
-                total_bytes += math.prod(shape) * dtype.itemsize
-                total_params += math.prod(shape)
-            # no fsync on close: the shard is flushed in the background as it grows and fsynced
-            # there once complete, while the next one is written (the atomic commit fsyncs the
-            # whole folder again)
-            path = folder / shard.filename
-            with SafetensorsStreamWriter(path, specs, shard.metadata, fsync=False) as writer:
-                while writer.remaining:
+            with writer.shard(shard.filename, shard.specs(), shard.metadata) as out:
+                while out.remaining:
                     item = _get(producer.queue, thread)
                     kind = item[0]
                     t0 = time.perf_counter()
                     if kind == "raw":
-                        writer.copy_raw(item[1], item[2])
+                        out.copy_raw(item[1], item[2])
                         n = item[2].end - item[2].begin
-                        sync.wrote(path, n)
+                        writer.wrote(shard.filename, n)
                         if progress:
                             progress(n, item[1])
                     elif kind == "begin":
-                        writer.begin(item[1])
+                        out.begin(item[1])
                         current = item[1]
                     elif kind == "part":
-                        writer.part(item[1])
+                        out.part(item[1])
                         if item[2] is not None:
                             producer.pool.put(item[2])
                         n = item[1].numel() * item[1].element_size()
-                        sync.wrote(path, n)
+                        writer.wrote(shard.filename, n)
                         if progress:
                             progress(n, current)
                     elif kind == "end":
-                        writer.end(item[1])
+                        out.end(item[1])
                     elif kind == "error":
                         raise item[1]
                     else:
                         raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
                     write_s += time.perf_counter() - t0
-            sync.finished(path)
         tail = _get(producer.queue, thread)
         if tail[0] == "error":
             raise tail[1]
     finally:
         producer.stop.set()
         thread.join()
-        sync.close()
-    if sync.errors:
-        raise sync.errors[0]
+        writer.close()
     stream_s = time.perf_counter() - t_start
 
     if plan.write_index:
-        meta = dict(plan.index_metadata)
-        meta["total_size"] = total_bytes
-        if "total_parameters" in meta:
-            meta["total_parameters"] = total_params
-        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    _copy_side_files(plan, folder)
+        writer.write_index(plan.index_metadata)
+    _write_side_files(plan, writer, getattr(tensor_hook, "config_patch", None))
     return {
         "stats": producer.stats,
         "counts": dict(producer.counts),
-        "bytes": total_bytes,
-        "tensors": len(weight_map),
+        "bytes": writer.total_bytes,
+        "tensors": len(writer.weight_map),
         "stream_s": stream_s,
         "compute_s": producer.compute_s - producer.wait_s,
         "write_s": write_s,
@@ -934,19 +907,20 @@ def _get(q: queue.Queue, thread: threading.Thread):
                 raise RuntimeError("merge: the compute thread stopped unexpectedly")
 
 
-def _copy_side_files(plan: MergePlan, folder: Path) -> None:
-    src = plan.base.path
-    for name in plan.side_files:
-        p = src / name
-        if name == "config.json" and plan.dtype is not None:
-            config = dict(plan.base.config)
+def _write_side_files(plan: MergePlan, writer: ModelWriter, config_patch: Callable[[dict], dict] | None) -> None:
+    """config.json (the output dtype, and a tensor hook's patch: a quantization_config) and the
+    base's other side files, as they are."""
+    names = list(plan.side_files)
+    if "config.json" in names and (plan.dtype is not None or config_patch is not None):
+        names.remove("config.json")
+        config = dict(plan.base.config)
+        if plan.dtype is not None:
             dtype_name = str(plan.dtype).replace("torch.", "")
             config["dtype"] = dtype_name
             if "torch_dtype" in config:
                 config["torch_dtype"] = dtype_name
-            (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            continue
-        shutil.copyfile(p, folder / name)
+        writer.write_json("config.json", config_patch(config) if config_patch is not None else config)
+    writer.copy_side_files(plan.base.path, names)
 
 
 # ----------------------------------------------------------------------------- entry point

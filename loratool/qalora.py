@@ -17,7 +17,6 @@ The math lives in ``loratool.ops.qalora`` (pooling conventions, fold into zeros)
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,7 +33,7 @@ from loratool.errors import (
 )
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorStore, read_json
-from loratool.io.writer import SafetensorsStreamWriter
+from loratool.io.writer import ModelWriter, output_shard_names
 from loratool.ops import gptq as G
 from loratool.ops import qalora as Q
 
@@ -368,17 +367,6 @@ class _Out:
     source: str | None = None
 
 
-def _output_file_names(files: list[Path]) -> dict[Path, str]:
-    names: dict[Path, str] = {}
-    n = len(files)
-    for i, f in enumerate(files):
-        if f.suffix == ".safetensors":
-            names[f] = f.name
-        else:
-            names[f] = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    return names
-
-
 class _Merger:
     """Builds the output tensor list file by file, then streams it."""
 
@@ -496,17 +484,13 @@ class _Merger:
             # the float-zeros layout always carries g_idx: it is how a reader finds ``in``
             out.append(_Out(ql.key("g_idx"), torch.int32, (ql.in_features,), lambda: ql.g_idx(self.store, self.qcfg.group_size).to(torch.int32)))
 
-    def write(self, folder: Path, metadata: dict[str, str], progress: Callable[[int, str], None] | None) -> list[str]:
-        files = self.outputs()
-        names = _output_file_names(self.store.files)
-        weight_map: dict[str, str] = {}
-        total = 0
-        written = []
-        for src, outs in files.items():
+    def write(self, writer: ModelWriter, metadata: dict[str, str], progress: Callable[[int, str], None] | None) -> None:
+        """Stream every output shard through the model writer (and the index when there are several)."""
+        names = output_shard_names(self.store.files)
+        for src, outs in self.outputs().items():
             if not outs:
                 continue
-            fname = names[src]
-            with SafetensorsStreamWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in outs], metadata) as w:
+            with writer.shard(names[src], [(o.name, o.dtype, o.shape) for o in outs], metadata) as w:
                 for o in outs:
                     if o.produce is not None:
                         w.write(o.name, o.produce())
@@ -516,18 +500,10 @@ class _Merger:
                             w.copy_raw(o.name, e)
                         else:
                             w.write(o.name, self.store.get(o.source))
-                    weight_map[o.name] = fname
                     if progress is not None:
                         progress(1, o.name)
-                total += w.total_bytes
-            written.append(fname)
-        if len(written) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            with open(folder / "model.safetensors.index.json", "w", encoding="utf-8") as fh:
-                json.dump(index, fh, indent=2)
-                fh.write("\n")
-            written.append("model.safetensors.index.json")
-        return written
+        if len(writer.files) > 1:
+            writer.write_index()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -654,15 +630,11 @@ def merge_qalora(
     if report_path is not None:
         check_output_path(Path(report_path), force=force, inputs=inputs)
     with atomic_output_dir(Path(out), force=force, inputs=inputs) as tmp:
-        written = merger.write(tmp, metadata, progress)
-        cfg = _output_config(base.config, qcfg, to, merger.dtype)
-        with open(tmp / "config.json", "w", encoding="utf-8") as fh:
-            json.dump(cfg, fh, indent=2)
-            fh.write("\n")
-        written.append("config.json")
-        for name in side:
-            shutil.copyfile(base.path / name, tmp / name)
-            written.append(name)
+        writer = ModelWriter(tmp)
+        merger.write(writer, metadata, progress)
+        writer.write_json("config.json", _output_config(base.config, qcfg, to, merger.dtype))
+        writer.copy_side_files(base.path, side)
+        written = writer.files
 
     report = _report(base, ad, qcfg, plans, to, out, pool_name, pool_source, warnings, merger.dtype, zeros_dtype, written)
     if report_path is not None:

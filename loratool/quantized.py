@@ -17,7 +17,6 @@ Three things plug into ``loratool.merge.merge_model`` through ``setup_quantizati
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ from loratool.base import BaseModel, is_conv1d
 from loratool.engine.codecs import bnb as q
 from loratool.engine.delta import DeltaKernel, dora_merged
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import TensorEntry, TensorStore, read_safetensors_header
+from loratool.io.store import TensorEntry, TensorStore
+from loratool.io.writer import trim_padded
 
-INDEX_NAME = "model.safetensors.index.json"
 _LONGEST_FLOAT = -2.2250738585072014e-308  # the longest repr a double can have (24 characters)
 
 
@@ -376,10 +375,9 @@ class QuantizeHook:
     # -- after the last shard --
     def finalize(self, folder: Path, report: dict) -> None:
         folder = Path(folder)
-        saved = _trim_padded(folder, self.padded) if self.padded else 0
+        saved = trim_padded(folder, self.padded) if self.padded else 0
         if saved:
             report["bytes_written"] = report.get("bytes_written", 0) - saved
-        self._write_config(folder)
         low = {}
         for entry in report.get("modules", []):
             ret = self.retention.get(entry["name"])
@@ -404,17 +402,16 @@ class QuantizeHook:
             if self.warn is not None:
                 self.warn(message)
 
-    def _write_config(self, folder: Path) -> None:
-        path = folder / "config.json"
-        if not path.is_file():
-            return
-        config = json.loads(path.read_text(encoding="utf-8"))
+    def config_patch(self, config: dict) -> dict:
+        """config.json of the output (the model writer applies it): the bitsandbytes codec's
+        quantization_config, or none when the output is 16-bit (a --qlora merge of a 4-bit base)."""
+        config = dict(config)
         if self.output is not None:
             config["quantization_config"] = self.output.to_config()
             config["dtype"] = q.dtype_name(self.dtype)
         else:
             config.pop("quantization_config", None)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return config
 
 
 def summarize(retention: dict[str, q.Retention]) -> list[dict]:
@@ -455,40 +452,6 @@ def format_retention(report: dict) -> str:
             f"{r['rel_error_mean']:>10.3f} {r['unchanged_mean']:>10.1%} {r['delta_ratio_mean']:>9.2%}"
         )
     return "\n".join(lines)
-
-
-def _trim_padded(folder: Path, padded: dict[str, int]) -> int:
-    """Rewrite the shards holding padded quant-state blobs with their exact lengths.
-
-    Returns:
-        The number of bytes removed.
-    """
-    from loratool.io.writer import SafetensorsStreamWriter
-
-    saved = 0
-    for shard in sorted(folder.glob("*.safetensors")):
-        entries, meta, _ = read_safetensors_header(shard)
-        if not any(e.name in padded for e in entries):
-            continue
-        specs = [(e.name, e.dtype, (padded[e.name],) if e.name in padded else e.shape) for e in entries]
-        tmp = shard.with_name(f".{shard.name}.trim")
-        with open(shard, "rb") as src, SafetensorsStreamWriter(tmp, specs, meta) as w:
-            for e in entries:
-                if e.name in padded:
-                    src.seek(e.begin)
-                    w.write(e.name, torch.frombuffer(bytearray(src.read(padded[e.name])), dtype=torch.uint8))
-                    saved += (e.end - e.begin) - padded[e.name]
-                else:
-                    w.copy_raw(e.name, e)
-        os.replace(tmp, shard)
-    index = folder / INDEX_NAME
-    if saved and index.is_file():
-        data = json.loads(index.read_text(encoding="utf-8"))
-        meta = data.get("metadata") or {}
-        if isinstance(meta.get("total_size"), int):
-            meta["total_size"] -= saved
-        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,3 +234,143 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     with SafetensorsStreamWriter(path, specs, metadata) as w:
         for k, v in tensors.items():
             w.write(k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# model folders
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def output_shard_names(files: list[Path]) -> dict[Path, str]:
+    """The safetensors file each checkpoint file of a base becomes in an output model.
+
+    ``*.safetensors`` keep their names; ``pytorch_model*.bin`` become ``model*.safetensors``;
+    any other name becomes ``model.safetensors`` (one file) or ``model-0000i-of-0000n.safetensors``,
+    the names transformers looks for.
+    """
+    names: dict[Path, str] = {}
+    n = len(files)
+    for i, f in enumerate(files):
+        if f.name.endswith(".safetensors"):
+            names[f] = f.name
+        elif f.name.startswith("pytorch_model"):
+            names[f] = f.name.rsplit(".", 1)[0].replace("pytorch_model", "model", 1) + ".safetensors"
+        else:
+            names[f] = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    return names
+
+
+class ModelWriter:
+    """The one writer of model folders: shards, the index, config.json and side files.
+
+    Every model-writing command (merge, unmerge, quantized merges, QA-LoRA) fills its temporary
+    output folder (``io.atomic``) through it. Shards are declared and streamed with
+    ``SafetensorsStreamWriter``; the writer keeps the weight map and totals for the index.
+    With ``background_sync`` each shard is flushed from a helper thread as it grows and fsynced
+    there once complete (``BackgroundSync``), instead of inline when it closes.
+    """
+
+    def __init__(self, folder: Path, *, background_sync: bool = False):
+        self.folder = Path(folder)
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self.total_params = 0
+        self.files: list[str] = []
+        self.sync = BackgroundSync() if background_sync else None
+
+    def shard(self, filename: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> "_Shard":
+        """A context manager writing one shard (a ``SafetensorsStreamWriter``, with ``wrote(n)`` for progress)."""
+        for name, dtype, shape in specs:
+            self.weight_map[name] = filename
+            self.total_bytes += math.prod(shape) * dtype.itemsize
+            self.total_params += math.prod(shape)
+        return _Shard(self, filename, specs, metadata)
+
+    def wrote(self, filename: str, nbytes: int) -> None:
+        """Bytes just written to shard ``filename`` (what the background flush goes by)."""
+        if self.sync is not None:
+            self.sync.wrote(self.folder / filename, nbytes)
+
+    def write_index(self, metadata: Mapping | None = None) -> None:
+        """``model.safetensors.index.json``: ``metadata`` (the base's, if any) with this output's totals."""
+        meta = dict(metadata or {})
+        meta["total_size"] = self.total_bytes
+        if "total_parameters" in meta:
+            meta["total_parameters"] = self.total_params
+        index = {"metadata": meta, "weight_map": dict(sorted(self.weight_map.items()))}
+        self.write_json(INDEX_NAME, index, sort_keys=False)
+
+    def write_json(self, name: str, obj: object, *, sort_keys: bool = True) -> None:
+        """A JSON side file (config.json with its patch, quantize_config.json...)."""
+        (self.folder / name).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+        self.files.append(name)
+
+    def copy_side_files(self, source: Path, names: Iterable[str]) -> None:
+        """Copy files of the base folder as they are (``base.side_files`` says which are safe)."""
+        import shutil
+
+        for name in names:
+            shutil.copyfile(Path(source) / name, self.folder / name)
+            self.files.append(name)
+
+    def close(self) -> None:
+        """Wait for the background syncs; raise the first that failed."""
+        if self.sync is not None:
+            self.sync.close()
+            if self.sync.errors:
+                raise self.sync.errors[0]
+
+
+class _Shard:
+    def __init__(self, owner: ModelWriter, filename: str, specs, metadata):
+        self.owner, self.filename = owner, filename
+        self.path = owner.folder / filename
+        self.stream = SafetensorsStreamWriter(self.path, specs, metadata, fsync=owner.sync is None)
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self.stream.__enter__()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stream.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.owner.files.append(self.filename)
+            if self.owner.sync is not None:
+                self.owner.sync.finished(self.path)
+
+
+
+def trim_padded(folder: Path, padded: Mapping[str, int]) -> int:
+    """Rewrite the shards holding tensors declared larger than they turned out (a bitsandbytes
+    quant-state blob, whose exact JSON length is known only after quantizing), exact length.
+
+    Returns:
+        The number of bytes removed; the index's total_size is corrected.
+    """
+    from loratool.io.store import read_safetensors_header
+
+    saved = 0
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        entries, meta, _ = read_safetensors_header(shard)
+        if not any(e.name in padded for e in entries):
+            continue
+        specs = [(e.name, e.dtype, (padded[e.name],) if e.name in padded else e.shape) for e in entries]
+        tmp = shard.with_name(f".{shard.name}.trim")
+        with open(shard, "rb") as src, SafetensorsStreamWriter(tmp, specs, meta) as w:
+            for e in entries:
+                if e.name in padded:
+                    src.seek(e.begin)
+                    w.write(e.name, torch.frombuffer(bytearray(src.read(padded[e.name])), dtype=torch.uint8))
+                    saved += (e.end - e.begin) - padded[e.name]
+                else:
+                    w.copy_raw(e.name, e)
+        os.replace(tmp, shard)
+    index = Path(folder) / INDEX_NAME
+    if saved and index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        meta = data.get("metadata") or {}
+        if isinstance(meta.get("total_size"), int):
+            meta["total_size"] -= saved
+        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return saved
