@@ -75,6 +75,8 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import BaseModel, bind_adapter, bound_module, side_files
+from loratool.engine.codecs import float as float_codec
+from loratool.engine.codecs.float import CONVERTIBLE, HALF
 from loratool.engine.delta import DeltaKernel, dora_rows
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
@@ -89,8 +91,6 @@ from loratool.io.writer import INDEX_NAME, ModelWriter, output_shard_names
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-HALF = frozenset({torch.float16, torch.bfloat16})
 BLOCK_ELEMS = 1 << 22  # elements per row block handed to the writer
 SUB_ELEMS = 1 << 18  # elements per CPU sub-block: the float32 delta stays in cache
 QUEUE_DEPTH = 4  # blocks computed ahead of the writer
@@ -349,7 +349,7 @@ def plan_merge(
     def task_for(key: str) -> TensorTask:
         if key not in tasks:
             e = base.store.entry(key)
-            tasks[key] = TensorTask(key, e, _cast(e.dtype, out_dtype), tuple(e.shape))
+            tasks[key] = TensorTask(key, e, float_codec.output_dtype(e.dtype, out_dtype), tuple(e.shape))
         return tasks[key]
 
     added: list[TensorTask] = []
@@ -371,7 +371,7 @@ def plan_merge(
             refused.append(tname)
             continue
         if key is None:
-            t = TensorTask(tname, None, _cast(tensor.dtype, out_dtype or float_default), tuple(tensor.shape), replacement=tensor)
+            t = TensorTask(tname, None, float_codec.output_dtype(tensor.dtype, out_dtype or float_default), tuple(tensor.shape), replacement=tensor)
             added.append(t)
             mts_report.append({"name": tname, "tensor": tname, "action": "added"})
             why = " (the config ties it to the input embedding, so transformers ignores it unless tie_word_embeddings is turned off)" if tied_head else ""
@@ -416,7 +416,7 @@ def plan_merge(
     for path in base.store.files:
         entries = [e for e in base.store.entries() if e.path == path]
         entries.sort(key=lambda e: (e.begin if e.begin is not None else 0))
-        shard_tasks = [tasks.get(e.name) or TensorTask(e.name, e, _cast(e.dtype, out_dtype), tuple(e.shape)) for e in entries]
+        shard_tasks = [tasks.get(e.name) or TensorTask(e.name, e, float_codec.output_dtype(e.dtype, out_dtype), tuple(e.shape)) for e in entries]
         meta = {"format": "pt"}
         if path.suffix == ".safetensors":
             meta.update(read_safetensors_header(path)[1])
@@ -461,10 +461,6 @@ def plan_merge(
         warnings=warnings + refused,
         side_files=copied,
     )
-
-
-def _cast(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
-    return out_dtype if out_dtype is not None and dtype in CONVERTIBLE else dtype
 
 
 def _mirror_tied(base: BaseModel, tasks: dict[str, TensorTask], task_for, warnings: list[str]) -> None:
@@ -696,10 +692,10 @@ class _Producer:
 
     def _source_rows(self, task: TensorTask, start: int, stop: int, replacement: torch.Tensor | None) -> torch.Tensor:
         """Rows as a float32 copy on the device, free to be modified in place."""
-        return self._view_rows(task, start, stop, replacement).to(device=self.device, dtype=F32, copy=True)
+        return float_codec.decode(self._view_rows(task, start, stop, replacement), device=self.device)
 
     def _emit(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return block.to(dtype).cpu() if block.dtype != dtype or block.device.type != "cpu" else block
+        return float_codec.encode(block, dtype)
 
     def _convert(self, task: TensorTask):
         for start, stop in _blocks(task.shape):

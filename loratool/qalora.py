@@ -11,7 +11,7 @@
                  low-bit everywhere, no longer exact (the report gives the error per module)
 
 The math lives in ``loratool.ops.qalora`` (pooling conventions, fold into zeros) and
-``loratool.ops.gptq`` (packed layout).
+``loratool.engine.codecs.gptq`` (packed layout).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from loratool.errors import (
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorStore, read_json
 from loratool.io.writer import ModelWriter, output_shard_names
-from loratool.ops import gptq as G
+from loratool.engine.codecs import gptq as G
 from loratool.ops import qalora as Q
 
 TO_CHOICES = ("dense", "float-zeros", "gptq")

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from conftest import BASES
-from loratool.ops import gptq as G
+from loratool.engine.codecs import gptq as G
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool.ops import gptq as G
+from loratool.engine.codecs import gptq as G
 
 BITS = (2, 3, 4, 8)
 

@@ -60,3 +60,13 @@ def test_background_sync_flushes_early_and_reports_failed_final_syncs(tmp_path):
     sync.close()
     assert path.read_bytes() == b"x" * 4096
     assert len(sync.errors) == 1 and sync.errors[0].filename == str(tmp_path / "missing.bin")
+
+
+def test_stored_codec_names_each_scheme():
+    from loratool.engine.codecs import stored_codec
+
+    bnb4 = {"m.weight", "m.weight.absmax", "m.weight.quant_map", "m.weight.quant_state.bitsandbytes__nf4"}
+    assert stored_codec("m.weight", bnb4) == "bnb"
+    assert stored_codec("m.weight", {"m.weight", "m.SCB", "m.weight_format"}) == "bnb"
+    assert stored_codec("m.qweight", {"m.qweight", "m.qzeros", "m.scales", "m.g_idx"}) == "gptq"
+    assert stored_codec("m.weight", {"m.weight", "m.bias"}) == "float"

@@ -21,7 +21,7 @@ from _qalora_helpers import (
 )
 from conftest import BASES, assert_one_line_error, invoke
 from loratool.errors import FormatError, InputError, ModuleMismatchError, OutputExistsError, UnsupportedError
-from loratool.ops import gptq as G
+from loratool.engine.codecs import gptq as G
 from loratool.ops import qalora as Q
 from loratool.qalora import (
     DequantizedCheckpoint,

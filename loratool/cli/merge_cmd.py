@@ -71,7 +71,8 @@ def run_qalora_merge(out: Output, base, adapter, dest, *, pooling, group_size, t
 
 def _output_bytes(base_model, dtype: str | None) -> int:
     """What OUT will hold, for the progress bar (tensors the adapter adds are not counted)."""
-    from loratool.merge import CONVERTIBLE, resolve_dtype
+    from loratool.engine.codecs.float import CONVERTIBLE
+    from loratool.merge import resolve_dtype
 
     out_dtype = resolve_dtype(dtype)
     total = 0
