@@ -339,7 +339,7 @@ def test_staged_accelerator_path_on_the_cpu(monkeypatch, tmp_path, name):
     # --device cuda/mps stage whole row blocks on the device and bring them back; no GPU here, so that
     # code path runs with the CPU as the "device" and must give what the CPU path gives, and unmerge
     # must report the same rounding bound
-    import loratool.merge as engine
+    import loratool.engine.stream as engine
 
     base, adapter = fixture(name)
     ref = merge_model(base, adapter, tmp_path / "cpu", device="cpu", report_path=tmp_path / "cpu.json")
@@ -369,7 +369,7 @@ def test_staged_accelerator_path_on_the_cpu(monkeypatch, tmp_path, name):
 
 def test_blocked_math_equals_whole_tensor(monkeypatch, tmp_path):
     # tiny row blocks: the streamed result equals the whole-tensor reference functions
-    import loratool.merge as engine
+    import loratool.engine.stream as engine
     from loratool.engine.delta import dense_delta, dora_merged
 
     monkeypatch.setattr(engine, "BLOCK_ELEMS", 200)
