@@ -9,8 +9,6 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
-from loratool.adapter import Adapter, LoraModule, ModuleKind  # noqa: E402
-from loratool.base import BaseModel  # noqa: E402
 from loratool.errors import (  # noqa: E402
     CheckFailedError,
     FormatError,
@@ -20,11 +18,18 @@ from loratool.errors import (  # noqa: E402
     OutputExistsError,
     UnsupportedError,
 )
-from loratool.formats import detect_format, read_adapter, write_adapter  # noqa: E402
-from loratool.inspect import inspect_adapter  # noqa: E402
 
-# operations, imported on first use so `import loratool` stays light
+# everything else is imported on first use, so that `import loratool` (and `loratool --help`)
+# stays light: no torch until something computes
 _LAZY = {
+    "Adapter": "loratool.adapter",
+    "LoraModule": "loratool.adapter",
+    "ModuleKind": "loratool.adapter",
+    "BaseModel": "loratool.base",
+    "detect_format": "loratool.formats",
+    "read_adapter": "loratool.formats",
+    "write_adapter": "loratool.formats",
+    "inspect_adapter": "loratool.inspect",
     "merge_model": "loratool.merge",
     "verify_weights": "loratool.verify",
     "verify_outputs": "loratool.verify",
@@ -50,19 +55,11 @@ def __getattr__(name):
 
 
 __all__ = [*_LAZY,
-    "Adapter",
-    "BaseModel",
     "CheckFailedError",
     "FormatError",
     "InputError",
-    "LoraModule",
     "LoratoolError",
-    "ModuleKind",
     "ModuleMismatchError",
     "OutputExistsError",
     "UnsupportedError",
-    "detect_format",
-    "inspect_adapter",
-    "read_adapter",
-    "write_adapter",
 ]

@@ -18,7 +18,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, ModuleMismatchError
 from loratool.io.store import TensorStore, checkpoint_files, read_json
-from loratool.names import OUTPUT_HEAD_LEAVES, is_input_embedding_weight, is_output_head
+from loratool.names import OUTPUT_HEAD_LEAVES, SIDE_FILES, TOKENIZER_FILES, is_input_embedding_weight, is_output_head  # noqa: F401 (re-exported)
 
 # transformers architectures whose projections are GPT-2 style Conv1D (weight stored (in, out))
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
@@ -27,24 +27,6 @@ CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 # buffers that transformers checkpoints may carry but that are not parameters
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
-# tokenizer files that travel with a model folder
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-# files a merged output copies from the base folder besides its weights
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
 
 
 def side_files(folder: Path, names: tuple[str, ...] = SIDE_FILES) -> tuple[list[str], list[str]]:

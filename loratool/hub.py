@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from loratool.base import SIDE_FILES, TOKENIZER_FILES
+from loratool.names import SIDE_FILES, TOKENIZER_FILES
 from loratool.errors import FormatError, InputError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")

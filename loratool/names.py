@@ -24,15 +24,38 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
 
-import torch
+from typing import TYPE_CHECKING
 
 from loratool.errors import UnsupportedError
+
+if TYPE_CHECKING:  # names are read by `--help` and a plain inspect, which must not import torch
+    import torch
 
 # -- layers and leaves --------------------------------------------------------------------
 
 # containers of transformer blocks in transformers models (llama/qwen: layers, bert: layer,
 # gpt2: h, others: blocks)
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+# -- files that travel with a model folder ---------------------------------------------------
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# files a merged output copies from the base folder besides its weights
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
+
 
 # -- roles: the one table of which leaves play which part in transformers models -----------
 

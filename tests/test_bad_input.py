@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import ADAPTERS, BASES, assert_one_line_error, invoke, run_cli
+from conftest import ADAPTERS, BASES, ROOT, assert_one_line_error, invoke, run_cli
 
 
 def _copy(tmp_path, name="llama-rslora"):
@@ -174,3 +174,15 @@ def test_options_are_checked_in_the_library_too(tmp_path):
     with pytest.raises(InputError, match="apply when SRC is a path"):
         loratool.convert(ad, tmp_path / "out", to="peft", alpha=5)
     assert not (tmp_path / "out").exists()
+
+
+def test_help_runs_without_torch(tmp_path):
+    """`--help` of the group and of every command never imports torch (it makes help take seconds)."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch raises ImportError\n")
+    from loratool.cli import COMMAND_MODULES
+
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    for args in (["--help"], *([c, "--help"] for c in COMMAND_MODULES), ["--version"]):
+        res = run_cli(*args, env=env)
+        assert res.returncode == 0, (args, res.stderr)
+        assert "Usage" in res.stdout or "version" in res.stdout

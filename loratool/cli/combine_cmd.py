@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import Output, common_options, emit_warnings, json_option, lazy
 from loratool.cli.rerank_cmd import format_table
 from loratool.cli.rescale_cmd import input_paths, output_options, surgery_input_options
 from loratool.cli.resolve import open_adapter
 from loratool.errors import InputError
 from loratool.formats import write_adapter
-from loratool.surgery import combine, parse_dtype
+
+combine = lazy("loratool.surgery", "combine")
+parse_dtype = lazy("loratool.surgery", "parse_dtype")
 
 
 def parse_weights(text: str | None) -> list[float] | None:

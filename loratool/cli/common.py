@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import importlib
 import json
 import logging
 import os
@@ -21,6 +22,25 @@ from loratool import __version__
 from loratool.errors import LoratoolError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# storage dtypes of adapter factors a command may write (loratool.surgery.DTYPES)
+FACTOR_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported when first called: command modules load the library (and torch)
+    only when a command runs, so that ``--help`` stays instant."""
+
+    @functools.wraps(_placeholder)
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _placeholder(*args, **kwargs):  # gives lazy() wrappers a plain signature
+    raise NotImplementedError
 
 
 class _HeldWarnings:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import Output, common_options, emit_warnings, json_option, lazy
 from loratool.cli.resolve import adapter_argument_options, open_adapter
-from loratool.conversion import convert, load_base
 from loratool.formats import OPTIONS, format_names
 from loratool.hub import resolve_path
+
+convert = lazy("loratool.conversion", "convert")
+load_base = lazy("loratool.conversion", "load_base")
 
 
 @click.command("convert")

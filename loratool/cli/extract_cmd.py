@@ -6,11 +6,20 @@ import math
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import (
+    FACTOR_DTYPES,
+    Output,
+    common_options,
+    emit_warnings,
+    json_option,
+    lazy,
+)
 from loratool.cli.resolve import open_base
 from loratool.errors import InputError
 from loratool.formats import write_adapter
-from loratool.surgery import DTYPES, extract, parse_dtype
+
+extract = lazy("loratool.surgery", "extract")
+parse_dtype = lazy("loratool.surgery", "parse_dtype")
 
 
 @click.command("extract")
@@ -27,7 +36,7 @@ from loratool.surgery import DTYPES, extract, parse_dtype
 @click.option("--exact/--randomized", "exact", default=None,
               help="Force the exact SVD, or the randomized one (default: exact when the smaller side is at most 1024).")
 @click.option("--niter", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Storage dtype of the factors (default: FINETUNED's).")
+@click.option("--dtype", type=click.Choice(FACTOR_DTYPES), help="Storage dtype of the factors (default: FINETUNED's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for repo ids (default: HF_TOKEN).")
 @json_option

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import Output, common_options, emit_warnings, json_option, lazy
 from loratool.cli.resolve import adapter_argument_options, open_adapter, open_base
-from loratool.inspect import format_report, inspect_adapter
+
+format_report = lazy("loratool.inspect", "format_report")
+inspect_adapter = lazy("loratool.inspect", "inspect_adapter")
 
 
 @click.command("inspect")

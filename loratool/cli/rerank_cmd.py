@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import Output, common_options, emit_warnings, json_option, lazy
 from loratool.cli.rescale_cmd import input_paths, output_options, surgery_input_options
 from loratool.cli.resolve import open_adapter
 from loratool.errors import InputError
 from loratool.formats import write_adapter
 from loratool.io.atomic import check_output_path, write_side_output
-from loratool.surgery import parse_dtype, rerank
+
+parse_dtype = lazy("loratool.surgery", "parse_dtype")
+rerank = lazy("loratool.surgery", "rerank")
 
 
 @click.command("rerank")

@@ -7,10 +7,19 @@ from typing import Callable
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import (
+    FACTOR_DTYPES,
+    Output,
+    common_options,
+    emit_warnings,
+    json_option,
+    lazy,
+)
 from loratool.cli.resolve import adapter_input_options, open_adapter
 from loratool.formats import write_adapter
-from loratool.surgery import DTYPES, parse_dtype, rescale
+
+parse_dtype = lazy("loratool.surgery", "parse_dtype")
+rescale = lazy("loratool.surgery", "rescale")
 
 # like the usual adapter options, with the source alpha spelled --source-alpha because --alpha
 # names the output's alpha here
@@ -20,7 +29,7 @@ surgery_input_options = adapter_input_options(alpha_flag="--source-alpha", scale
 def output_options(fn: Callable) -> Callable:
     """--dtype and --force of commands that write an adapter."""
 
-    @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Storage dtype of the output factors (default: the input's).")
+    @click.option("--dtype", type=click.Choice(FACTOR_DTYPES), help="Storage dtype of the output factors (default: the input's).")
     @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

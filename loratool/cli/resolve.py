@@ -6,7 +6,6 @@ from typing import Callable
 
 import click
 
-from loratool.base import BaseModel
 from loratool.formats import OPTIONS, READ_OPTIONS, format_names, read_adapter
 from loratool.hub import resolve_path
 
@@ -39,6 +38,8 @@ def open_adapter(spec: str, *, from_format=None, adapter_name=None, src_alpha=No
     return read_adapter(path, format=from_format, adapter_name=adapter_name, alpha=src_alpha, scale=src_scale, legacy_qkv=legacy_qkv, base=base)
 
 
-def open_base(spec: str, *, token=None, **_ignored) -> BaseModel:
-    """Open BASE (path or repo id) lazily."""
+def open_base(spec: str, *, token=None, **_ignored):
+    """Open BASE (path or repo id) lazily (a ``BaseModel``)."""
+    from loratool.base import BaseModel
+
     return BaseModel.open(resolve_path(spec, kind="model", token=token))

@@ -1,15 +1,6 @@
-"""Streaming I/O: lazy tensor reading, streaming safetensors writing, atomic outputs."""
+"""Streaming I/O: atomic outputs (``atomic``), lazy tensor reading (``store``), zero-copy row
+blocks (``source``), streaming safetensors and model writing (``writer``).
 
-from loratool.io.atomic import atomic_output_dir, atomic_output_file
-from loratool.io.store import LazyTensor, TensorStore, open_store
-from loratool.io.writer import SafetensorsStreamWriter, write_safetensors
-
-__all__ = [
-    "LazyTensor",
-    "SafetensorsStreamWriter",
-    "TensorStore",
-    "atomic_output_dir",
-    "atomic_output_file",
-    "open_store",
-    "write_safetensors",
-]
+Import the submodules themselves: this package imports nothing, so that ``io.atomic`` (used by
+every command before any work) does not load torch.
+"""
