@@ -8,22 +8,9 @@ from pathlib import Path
 
 import torch
 
-from conftest import ADAPTER_BASE, ADAPTERS, BASES
-
-
-@lru_cache(maxsize=8)
-def _base_state(base_name: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    folder = BASES / base_name
-    arch = AutoConfig.from_pretrained(folder).architectures[0]
-    cls = AutoModelForSequenceClassification if "SequenceClassification" in arch else AutoModelForCausalLM
-    return cls, folder
-
-
-def load_fixture_base(base_name: str):
-    cls, folder = _base_state(base_name)
-    return cls.from_pretrained(folder)
+from _numeric import rel_diff
+from _oracle import lora_layers, peft_model
+from conftest import ADAPTER_BASE, ADAPTERS
 
 
 def peft_deltas(base_name: str, adapter_path: Path | str) -> dict[str, dict[str, torch.Tensor]]:
@@ -40,17 +27,10 @@ def _fixture_deltas(base_name: str, path: str):
 
 
 def _peft_deltas(base_name: str, adapter_path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    pm = PeftModel.from_pretrained(load_fixture_base(base_name), str(adapter_path))
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, mod in pm.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
+    for short, mod in lora_layers(peft_model(base_name, adapter_path)):
         if "default" not in mod.lora_A and "default" not in getattr(mod, "lora_embedding_A", {}):
             continue
-        short = name[len("base_model.model."):]
         entry = {"delta": mod.get_delta_weight("default").detach().double()}
         mag = getattr(mod, "lora_magnitude_vector", None)
         if mag is not None and "default" in mag:
@@ -61,13 +41,6 @@ def _peft_deltas(base_name: str, adapter_path: Path) -> dict[str, dict[str, torc
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    n = a.norm().item()
-    d = (a - b).norm().item()
-    return d / n if n else d
-
-
 def assert_same_peft(ref: dict, got: dict, *, tol: float = 1e-6) -> float:
     """Every module of ``ref`` is in ``got`` with the same delta (relative Frobenius <= tol); returns the worst."""
     assert set(ref) == set(got), (sorted(set(ref) ^ set(got)))[:5]
@@ -75,13 +48,13 @@ def assert_same_peft(ref: dict, got: dict, *, tol: float = 1e-6) -> float:
     for name, r in ref.items():
         g = got[name]
         assert r["delta"].shape == g["delta"].shape, name
-        err = rel_err(r["delta"], g["delta"])
+        err = rel_diff(g["delta"], r["delta"])
         worst = max(worst, err)
         assert err <= tol, f"{name}: relative delta error {err:.3g} > {tol:g}"
         for k in ("magnitude", "bias"):
             assert (k in r) == (k in g), f"{name}: {k} lost"
             if k in r:
-                assert rel_err(r[k], g[k]) <= tol, f"{name}: {k} differs"
+                assert rel_diff(g[k], r[k]) <= tol, f"{name}: {k} differs"
     return worst
 
 

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from conftest import BASES
-
-
-def load_base_model(base_name_or_path):
-    """The transformers model of a fixture base (name) or folder, in float32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    folder = Path(base_name_or_path)
-    if not folder.is_dir():
-        folder = BASES / str(base_name_or_path)
-    arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
-    cls = AutoModelForSequenceClassification if "SequenceClassification" in arch else AutoModelForCausalLM
-    return cls.from_pretrained(folder, dtype=torch.float32)
+from _oracle import load_base_model, peft_model  # noqa: F401 (load_base_model: re-exported for the surgery tests)
 
 
 def peft_view(base_name, adapter_path):
@@ -30,11 +17,10 @@ def peft_view(base_name, adapter_path):
         or None) and ``magnitude``; ``to_save`` maps modules_to_save module names to their
         state dicts; ``model`` is the PeftModel.
     """
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    pm = PeftModel.from_pretrained(load_base_model(base_name), str(adapter_path))
+    pm = peft_model(base_name, adapter_path)
     modules, to_save = {}, {}
     for name, mod in pm.named_modules():
         short = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
@@ -58,13 +44,6 @@ def peft_view(base_name, adapter_path):
         elif isinstance(mod, ModulesToSaveWrapper):
             to_save[short] = {k: v.detach().clone() for k, v in mod.modules_to_save["default"].state_dict().items()}
     return modules, to_save, pm
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b||_F / ||b||_F (0 when both are zero)."""
-    a, b = a.double(), b.double()
-    nb = float(b.norm())
-    return float((a - b).norm()) / nb if nb > 0 else float(a.norm())
 
 
 def full_svd_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:

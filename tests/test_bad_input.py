@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import ADAPTERS, BASES, ROOT, assert_one_line_error, invoke, run_cli
+from conftest import ADAPTERS, ROOT, assert_one_line_error, invoke, run_cli
 
 
 def _copy(tmp_path, name="llama-rslora"):

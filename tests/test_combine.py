@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from _surgery_helpers import full_svd_truncation, peft_view, rel
+from _surgery_helpers import full_svd_truncation, peft_view
 from conftest import ADAPTERS, assert_one_line_error, invoke
+from _numeric import rel_diff
 
 import loratool
 from loratool.adapter import LoraModule
@@ -39,7 +40,7 @@ def test_combine_cat_equals_weighted_sum(tmp_path):
     ads = [loratool.read_adapter(ADAPTERS / n) for n in INPUTS]
     for mod, d in expected.items():
         assert loaded[mod]["r"] == sum(a.modules[mod].rank for a in ads if mod in a.modules)
-        assert rel(loaded[mod]["delta"], d) < 1e-6, mod
+        assert rel_diff(loaded[mod]["delta"], d) < 1e-6, mod
     assert report["method"] == "cat" and report["weights"] == WEIGHTS
     # the output follows the first input's rule (no rsLoRA)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["use_rslora"] is False
@@ -52,7 +53,7 @@ def test_combine_rslora_first_keeps_rule(tmp_path):
     assert config["use_rslora"] is True
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     for mod, d in _weighted_sum(["llama-rslora", "llama-lora"], [1, 1]).items():
-        assert rel(loaded[mod]["delta"], d) < 1e-6, mod
+        assert rel_diff(loaded[mod]["delta"], d) < 1e-6, mod
 
 
 @pytest.mark.parametrize("rank", [2, 5])
@@ -64,7 +65,7 @@ def test_combine_svd_is_optimal_truncation(rank, tmp_path):
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     for mod, d in _weighted_sum(INPUTS, WEIGHTS).items():
         assert loaded[mod]["r"] == rank
-        assert rel(loaded[mod]["delta"], full_svd_truncation(d, rank)) < 1e-6, mod
+        assert rel_diff(loaded[mod]["delta"], full_svd_truncation(d, rank)) < 1e-6, mod
         S = torch.linalg.svdvals(d)
         assert rows[mod]["kept_energy"] == pytest.approx(float((S[:rank] ** 2).sum() / (S ** 2).sum()), rel=1e-6)
 
@@ -76,7 +77,7 @@ def test_combine_svd_single_adapter_is_a_truncation_not_linear(tmp_path):
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     for mod, m in loratool.read_adapter(ADAPTERS / "llama-lora").modules.items():
         assert loaded[mod]["r"] == 3
-        assert rel(loaded[mod]["delta"], full_svd_truncation(2 * m.delta(dtype=torch.float64), 3)) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], full_svd_truncation(2 * m.delta(dtype=torch.float64), 3)) < 1e-6
 
 
 def test_combine_svd_rank_above_sum_pads_exactly(tmp_path):
@@ -86,7 +87,7 @@ def test_combine_svd_rank_above_sum_pads_exactly(tmp_path):
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     for mod, m in loratool.read_adapter(ADAPTERS / "llama-rslora").modules.items():
         assert loaded[mod]["r"] == 12
-        assert rel(loaded[mod]["delta"], 1.5 * m.delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], 1.5 * m.delta(dtype=torch.float64)) < 1e-6
 
 
 def test_combine_bias_terms_add(tmp_path):
@@ -95,7 +96,7 @@ def test_combine_bias_terms_add(tmp_path):
     assert code == 0, err
     loaded, _, _ = peft_view("qwen2", tmp_path / "out")
     for mod, m in loratool.read_adapter(ADAPTERS / "qwen2-bias").modules.items():
-        assert rel(loaded[mod]["delta"], 0.75 * m.delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], 0.75 * m.delta(dtype=torch.float64)) < 1e-6
         assert torch.allclose(loaded[mod]["bias_term"], 0.75 * m.scale * m.bias.load().double(), rtol=1e-6, atol=1e-8)
         assert loaded[mod]["alpha"] == 3
 
@@ -106,13 +107,13 @@ def test_combine_gpt2_and_modules_to_save(tmp_path):
     loaded, to_save, _ = peft_view("roberta", tmp_path / "out")
     ad = loratool.read_adapter(ADAPTERS / "roberta-cls")
     for mod, m in ad.modules.items():
-        assert rel(loaded[mod]["delta"], 0.5 * m.delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], 0.5 * m.delta(dtype=torch.float64)) < 1e-6
     assert torch.equal(to_save["classifier"]["out_proj.weight"], ad.modules_to_save["classifier.out_proj.weight"].load())
     code, _, err = invoke("combine", ADAPTERS / "gpt2-lora", tmp_path / "g", "--weights", "3")
     assert code == 0, err
     loaded, _, _ = peft_view("gpt2", tmp_path / "g")
     for mod, m in loratool.read_adapter(ADAPTERS / "gpt2-lora").modules.items():
-        assert rel(loaded[mod]["delta"], 3 * m.delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], 3 * m.delta(dtype=torch.float64)) < 1e-6
 
 
 def test_combine_refuses_different_bases(tmp_path):

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from _convert_helpers import assert_same_peft, peft_deltas, rel_err, without_modules_to_save
+from _convert_helpers import assert_same_peft, peft_deltas, without_modules_to_save
 from conftest import ADAPTERS, BASES, ROOT, assert_one_line_error, invoke, run_cli
+from _numeric import rel_diff
 
 import loratool
 from loratool.conversion import compare, convert
@@ -51,7 +52,7 @@ def test_every_pair_keeps_every_delta(src, dst, sources, tmp_path):
     got = loratool.read_adapter(out, base=loratool.BaseModel.open(BASES / "llama"))
     assert set(got.modules) == set(reference.modules)
     for name, m in reference.modules.items():
-        assert rel_err(m.delta(dtype=torch.float64), got.modules[name].delta(dtype=torch.float64)) < 1e-6, name
+        assert rel_diff(got.modules[name].delta(dtype=torch.float64), m.delta(dtype=torch.float64)) < 1e-6, name
 
 
 def test_chain_through_every_format_against_peft(tmp_path):
@@ -75,7 +76,7 @@ def test_explicit_from_and_alpha(tmp_path):
     ref = loratool.read_adapter(ADAPTERS / "llama-lora")
     got = loratool.read_adapter(out)
     for name, m in ref.modules.items():
-        assert rel_err(2 * m.delta(dtype=torch.float64), got.modules[name].delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(got.modules[name].delta(dtype=torch.float64), 2 * m.delta(dtype=torch.float64)) < 1e-6
 
 
 def test_output_safety(tmp_path):
@@ -173,7 +174,7 @@ def test_embedding_and_conv1d_through_every_format(tmp_path):
         back = loratool.read_adapter(out)
         for name, m in ad.modules.items():
             assert back.modules[name].kind is m.kind
-            assert rel_err(m.delta(dtype=torch.float64), back.modules[name].delta(dtype=torch.float64)) < 1e-6
+            assert rel_diff(back.modules[name].delta(dtype=torch.float64), m.delta(dtype=torch.float64)) < 1e-6
     g = tmp_path / "g.gguf"
     convert(ADAPTERS / "gpt2-lora", g, to="gguf", base=BASES / "gpt2")
     assert {m.kind.value for m in loratool.read_adapter(g)} == {"conv1d"}

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _convert_helpers import assert_same_peft, load_fixture_base, peft_deltas
+from _convert_helpers import assert_same_peft, peft_deltas
+from _oracle import load_base_model
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
@@ -37,7 +38,7 @@ def _save_peft(out: Path, targets, *, seed: int, vocab: int | None = None) -> Pa
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = load_fixture_base("llama")
+    model = load_base_model("llama")
     if vocab is not None:
         model.resize_token_embeddings(vocab)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=list(targets)))
@@ -258,7 +259,7 @@ def test_mlx_lm_loads_the_converted_adapter(made, tmp_path):
     ids = [[1, 5, 77, 200, 3, 9, 255, 128]]
     got = torch.from_numpy(np.array(model(mx.array(ids)).astype(mx.float32)))
 
-    peft_model = PeftModel.from_pretrained(load_fixture_base("llama"), str(made["heads"])).eval()
+    peft_model = PeftModel.from_pretrained(load_base_model("llama"), str(made["heads"])).eval()
     with torch.no_grad():
         want = peft_model(torch.tensor(ids)).logits
         with peft_model.disable_adapter():

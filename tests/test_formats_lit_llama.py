@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _oracle import peft_deltas as _peft_deltas
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
@@ -60,19 +61,6 @@ def mha(tmp_path_factory):
                      rank_pattern={"v_proj": 2}, alpha_pattern={"model.layers.1.self_attn.q_proj": 12})
     get_peft_model(model, cfg).save_pretrained(root / "peft")
     return {"base": base, "peft": root / "peft", "root": root}
-
-
-def _peft_deltas(base, adapter_dir):
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter_dir))
-    return {
-        name[len("base_model.model."):]: mod.get_delta_weight("default").detach().float()
-        for name, mod in pm.named_modules()
-        if isinstance(mod, LoraLayer) and "default" in mod.r
-    }
 
 
 def test_permutation_helpers_match_transformers():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from _oracle import peft_deltas as _peft_deltas
 from conftest import ADAPTER_BASE, ADAPTERS, BASES, assert_one_line_error, invoke
 
 import loratool
@@ -69,19 +70,6 @@ def _qkv_of(adapter, layer, H=H, G=G, hs=HS, c=C):
         m = adapter.modules.get(f"model.layers.{layer}.self_attn.{p}")
         parts.append(m.delta() if m is not None else torch.zeros(size, c))
     return torch.cat(parts)
-
-
-def _peft_deltas(base_name, adapter_dir):
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASES / base_name), str(adapter_dir))
-    return {
-        name[len("base_model.model."):]: mod.get_delta_weight("default").detach().float()
-        for name, mod in pm.named_modules()
-        if isinstance(mod, LoraLayer) and "default" in mod.r
-    }
 
 
 def _write_checkpoint(folder, sd, hparams=None, model_config=None, name="lit_model.pth.lora"):

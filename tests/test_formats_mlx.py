@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _convert_helpers import assert_same_peft, base_of, load_fixture_base, peft_deltas, rel_err, without_modules_to_save
+from _convert_helpers import assert_same_peft, base_of, peft_deltas, without_modules_to_save
+from _oracle import load_base_model
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
+from _numeric import rel_diff
 from realworld import REALWORLD, build_model
 
 import loratool
@@ -63,7 +65,7 @@ def test_real_adapter_to_peft_loads_on_real_shape(tmp_path):
             seen[name[len("base_model.model."):]] = (mod.lora_B["default"].weight.double() @ A.double()) * mod.scaling["default"]
     assert set(seen) == set(raw)
     for name, d in raw.items():
-        assert rel_err(d, seen[name]) < 1e-12
+        assert rel_diff(seen[name], d) < 1e-12
     assert {mod.scaling["default"] for mod in pm.modules() if isinstance(mod, LoraLayer)} == {10.0}
 
 
@@ -121,7 +123,7 @@ def test_patterns_padded_and_scale_baked(tmp_path):
     src = loratool.read_adapter(ADAPTERS / "llama-patterns")
     for name, m in src.modules.items():  # mlx-lm's own formula on the written tensors
         d = s * sd[f"{name}.lora_b"].T.double() @ sd[f"{name}.lora_a"].T.double()
-        assert rel_err(m.delta(dtype=torch.float64), d) < 1e-6
+        assert rel_diff(d, m.delta(dtype=torch.float64)) < 1e-6
     assert cfg["num_layers"] == 2  # layers 0 and 1 of a 2-layer base
 
 
@@ -135,15 +137,15 @@ def test_dora_matches_mlx_lm_fuse_formula(tmp_path):
     assert cfg["fine_tune_type"] == "dora"
     sd = load_file(out / "adapters.safetensors")
     s = cfg["lora_parameters"]["scale"]
-    base_sd = load_fixture_base("llama").state_dict()
-    merged = PeftModel.from_pretrained(load_fixture_base("llama"), str(ADAPTERS / "llama-dora")).merge_and_unload().state_dict()
+    base_sd = load_base_model("llama").state_dict()
+    merged = PeftModel.from_pretrained(load_base_model("llama"), str(ADAPTERS / "llama-dora")).merge_and_unload().state_dict()
     modules = sorted({k.rsplit(".", 1)[0] for k in sd})
     assert modules
     for m in modules:
         W = base_sd[f"{m}.weight"].double()
         adapted = W + s * sd[f"{m}.lora_b"].T.double() @ sd[f"{m}.lora_a"].T.double()
         fused = (sd[f"{m}.m"].double() / adapted.norm(dim=1))[:, None] * adapted
-        assert rel_err(merged[f"{m}.weight"], fused) < 1e-6
+        assert rel_diff(fused, merged[f"{m}.weight"]) < 1e-6
 
 
 def test_embedding_layout(tmp_path):
@@ -156,7 +158,7 @@ def test_embedding_layout(tmp_path):
     assert sd["model.embed_tokens.lora_b"].shape == (m.rank, m.out_features)  # (r, dim)
     back = loratool.read_adapter(out)
     assert back.modules["model.embed_tokens"].kind.value == "embedding"
-    assert rel_err(m.delta(), back.modules["model.embed_tokens"].delta()) < 1e-7
+    assert rel_diff(back.modules["model.embed_tokens"].delta(), m.delta()) < 1e-7
 
 
 @pytest.mark.parametrize("name,needle", [("qwen2-bias", "bias"), ("roberta-cls", "modules_to_save"), ("distilbert-cls", "modules_to_save")])

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _convert_helpers import assert_same_peft, base_of, peft_deltas, rel_err
+from _convert_helpers import assert_same_peft, base_of, peft_deltas
 from conftest import ADAPTERS, BASES, assert_one_line_error, invoke
+from _numeric import rel_diff
 from realworld import REALWORLD, build_model
 
 import loratool
@@ -79,7 +80,7 @@ def test_real_checkpoint_to_peft_on_roberta_base(realworld_bases, tmp_path):
     assert set(seen) == {f"encoder.layer.{i}.attention.self.{w}" for i in range(12) for w in ("query", "value")}
     for name, d in seen.items():
         p = "model." + name.replace(".query", ".lora_query_matrix_").replace(".value", ".lora_value_matrix_")
-        assert rel_err(sd[p + "B"].double() @ sd[p + "A"].double(), d) < 1e-7
+        assert rel_diff(d, sd[p + "B"].double() @ sd[p + "A"].double()) < 1e-7
     ln = pm.base_model.model.embeddings.LayerNorm
     assert torch.equal(ln.modules_to_save["default"].weight.detach(), sd["model.embeddings.LayerNorm.weight"])
 

@@ -8,19 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import ADAPTER_BASE, ADAPTERS, BASES, assert_one_line_error, invoke, peft_resolution
+from _oracle import load_base_model
+from conftest import ADAPTER_BASE, ADAPTERS, BASES, invoke, peft_resolution
 from realworld import PEFT_REALWORLD, REALWORLD, build_model
 
 import loratool
-
-
-def _load_fixture_base(base_name):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    folder = BASES / base_name
-    arch = AutoConfig.from_pretrained(folder).architectures[0]
-    cls = AutoModelForSequenceClassification if "SequenceClassification" in arch else AutoModelForCausalLM
-    return cls.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in ADAPTER_BASE if n != "llama-adalora"))
@@ -30,7 +22,7 @@ def test_inspect_matches_peft_on_fixtures(name):
     assert code == 0, err
     report = json.loads(out)
     ours = {m["name"]: m for m in report["modules"]}
-    theirs = peft_resolution(_load_fixture_base(base), ADAPTERS / name)
+    theirs = peft_resolution(load_base_model(base), ADAPTERS / name)
     assert set(ours) == set(theirs)
     for mod, (r, alpha, scaling) in theirs.items():
         assert ours[mod]["rank"] == r, mod
@@ -42,7 +34,7 @@ def test_inspect_matches_peft_on_fixtures(name):
     sd = load_file(ADAPTERS / name / "adapter_model.safetensors")
     assert report["total_params"] == sum(t.numel() for t in sd.values())
     assert report["lora_params"] == sum(t.numel() for k, t in sd.items() if "lora_" in k)
-    model = _load_fixture_base(base)
+    model = load_base_model(base)
     assert report["base_params"] == model.num_parameters()
     assert report["percent_of_base"] == pytest.approx(100 * report["lora_params"] / model.num_parameters())
     assert report["format"] == "peft"
@@ -52,7 +44,7 @@ def test_inspect_adalora_scale_matches_peft():
     from peft import PeftModel
 
     adapter = loratool.read_adapter(ADAPTERS / "llama-adalora")
-    pm = PeftModel.from_pretrained(_load_fixture_base("llama"), ADAPTERS / "llama-adalora")
+    pm = PeftModel.from_pretrained(load_base_model("llama"), ADAPTERS / "llama-adalora")
     for name, mod in pm.named_modules():
         if hasattr(mod, "ranknum") and "default" in getattr(mod, "ranknum", {}):
             short = name[len("base_model.model."):]
@@ -84,7 +76,6 @@ def test_rslora_scale():
 @pytest.mark.realworld
 @pytest.mark.parametrize("name", PEFT_REALWORLD)
 def test_inspect_matches_peft_on_realworld(name):
-    from peft import PeftModel
 
     code, out, err = invoke("inspect", REALWORLD / name, "--json")
     assert code == 0, err

@@ -8,33 +8,17 @@ import shutil
 import pytest
 import torch
 
-from conftest import ADAPTER_BASE, ADAPTERS, BASES, assert_one_line_error, invoke
+from _oracle import lora_layers, peft_model
+from conftest import ADAPTER_BASE, ADAPTERS, assert_one_line_error, invoke
 
 import loratool
 from loratool.formats.peft import pattern_key, target_matches
 
 
-def _base_model(base_name):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    folder = BASES / base_name
-    arch = AutoConfig.from_pretrained(folder).architectures[0]
-    cls = AutoModelForSequenceClassification if "SequenceClassification" in arch else AutoModelForCausalLM
-    return cls.from_pretrained(folder)
-
-
 def _peft_deltas(base_name, adapter_dir):
-    """Each module's delta as PEFT computes it (get_delta_weight), in (out, in) order."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    pm = PeftModel.from_pretrained(_base_model(base_name), str(adapter_dir))
-    out = {}
-    for name, mod in pm.named_modules():
-        if isinstance(mod, LoraLayer) and "default" in mod.r:
-            d = mod.get_delta_weight("default").detach().float()
-            out[name[len("base_model.model."):]] = d
-    return out, pm
+    """Each module's delta as PEFT computes it (get_delta_weight), in (out, in) order, and the PeftModel."""
+    pm = peft_model(base_name, adapter_dir)
+    return {name: mod.get_delta_weight("default").detach().float() for name, mod in lora_layers(pm)}, pm
 
 
 @pytest.mark.parametrize(

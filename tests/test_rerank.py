@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from _surgery_helpers import assert_full_tensors_carried, full_svd_truncation, peft_view, rel
+from _surgery_helpers import assert_full_tensors_carried, full_svd_truncation, peft_view
 from conftest import ADAPTER_BASE, ADAPTERS, assert_one_line_error, invoke
+from _numeric import rel_diff
 from realworld import REALWORLD, build_model
 
 import loratool
@@ -39,7 +40,7 @@ def test_factored_svd_equals_full_svd():
             continue
         for k in range(1, svd.rank + 1):
             A2, B2 = factors_from_svd(svd, k, -0.37, dtype=torch.float64)
-            assert rel(-0.37 * B2 @ A2, full_svd_truncation(D, k)) < 1e-10
+            assert rel_diff(-0.37 * B2 @ A2, full_svd_truncation(D, k)) < 1e-10
 
 
 def test_pad_factors_exact():
@@ -64,7 +65,7 @@ def test_rerank_rank_matches_full_svd_and_peft(name, tmp_path):
         k = min(R, src.rank)
         assert loaded[mod]["r"] == k, mod
         expected = full_svd_truncation(deltas[mod], k)
-        assert rel(loaded[mod]["delta"], expected) < tol, mod
+        assert rel_diff(loaded[mod]["delta"], expected) < tol, mod
         # report: kept energy and relative error of the oracle
         S = torch.linalg.svdvals(deltas[mod])
         energy = float((S[:k] ** 2).sum() / (S ** 2).sum())
@@ -92,7 +93,7 @@ def test_rerank_pad_is_exact(tmp_path):
     loaded, _, _ = peft_view("llama", tmp_path / "out")
     for mod in ad.modules:
         assert loaded[mod]["r"] == 12
-        assert rel(loaded[mod]["delta"], deltas[mod]) < 1e-6
+        assert rel_diff(loaded[mod]["delta"], deltas[mod]) < 1e-6
 
 
 def test_energy_picks_minimal_rank():
@@ -109,7 +110,7 @@ def test_energy_picks_minimal_rank():
             if minimal > 1:
                 assert float(frac[minimal - 2]) < energy
             expected = full_svd_truncation(deltas[row["name"]], minimal)
-            assert rel(new.modules[row["name"]].delta(dtype=torch.float64), expected) < 1e-6
+            assert rel_diff(new.modules[row["name"]].delta(dtype=torch.float64), expected) < 1e-6
 
 
 def test_sv_ratio_and_fro_error_rules():
@@ -183,7 +184,7 @@ def test_rerank_real_adapter_loads_in_peft(tmp_path):
             delta = (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double()) * mod.scaling["default"]
             assert mod.r["default"] == rows[short]["rank"]
             # what loratool computed (checked against the full SVD on the fixtures above)
-            assert rel(delta.detach(), written.modules[short].delta(dtype=torch.float64)) < 1e-12, short
+            assert rel_diff(delta.detach(), written.modules[short].delta(dtype=torch.float64)) < 1e-12, short
             assert rows[short]["kept_energy"] >= 0.8
             seen += 1
     assert seen == len(ad.modules)

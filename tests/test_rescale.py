@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from _surgery_helpers import assert_full_tensors_carried, load_base_model, peft_view, rel
+from _surgery_helpers import assert_full_tensors_carried, load_base_model, peft_view
 from conftest import ADAPTER_BASE, ADAPTERS, assert_one_line_error, invoke
+from _numeric import rel_diff
 
 import loratool
 
@@ -42,7 +43,7 @@ def test_rescale_keeps_every_delta(name, args, rslora, tmp_path):
         alpha = new_alpha if new_alpha is not None else src.alpha
         assert got["alpha"] == pytest.approx(alpha, rel=1e-12)
         assert got["scaling"] == pytest.approx(alpha / (math.sqrt(src.rank) if rslora else src.rank), rel=1e-12)
-        assert rel(got["delta"], src.delta(dtype=torch.float64)) < 1e-6, mod
+        assert rel_diff(got["delta"], src.delta(dtype=torch.float64)) < 1e-6, mod
         if src.bias is not None:
             assert torch.allclose(got["bias_term"], src.bias.load().double() * src.scale, rtol=1e-6, atol=1e-8)
         if src.magnitude is not None:
@@ -86,7 +87,7 @@ def test_rescale_keeps_patterns_when_only_the_rule_changes(tmp_path):
     out = loratool.read_adapter(tmp_path / "out")
     for n, m in ad.modules.items():
         assert out.modules[n].alpha == m.alpha and out.modules[n].rank == m.rank
-        assert rel(out.modules[n].delta(dtype=torch.float64), m.delta(dtype=torch.float64)) < 1e-6
+        assert rel_diff(out.modules[n].delta(dtype=torch.float64), m.delta(dtype=torch.float64)) < 1e-6
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"] == ad.target_modules
 
 
