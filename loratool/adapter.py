@@ -17,12 +17,13 @@ import enum
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from loratool.errors import UnsupportedError
 from loratool.io.store import LazyTensor
+
+if TYPE_CHECKING:  # an adapter is read and inspected without torch; computing with it imports it
+    import torch
 
 
 class ModuleKind(str, enum.Enum):
@@ -81,11 +82,13 @@ class LoraModule:
             n += self.magnitude.numel
         return n
 
-    def delta(self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """dW = scale * B @ A in (out, in) orientation, computed in ``dtype`` (``engine.delta.dense_delta``)."""
+    def delta(self, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """dW = scale * B @ A in (out, in) orientation, computed in ``dtype`` (default float32; ``engine.delta.dense_delta``)."""
+        import torch
+
         from loratool.engine.delta import dense_delta
 
-        return dense_delta(self, dtype=dtype, device=device)
+        return dense_delta(self, dtype=dtype or torch.float32, device=device)
 
     def with_factors(self, A: torch.Tensor, B: torch.Tensor, *, alpha: float | None = None, scale: float | None = None) -> "LoraModule":
         """A copy with new in-memory factors (and optionally alpha/scale)."""
@@ -151,6 +154,13 @@ class Adapter:
             return m.A.dtype
         for t in self.modules_to_save.values():
             return t.dtype
+        return None
+
+    @property
+    def dtype_name(self) -> str | None:
+        """``"float32"``... of the LoRA factors, without importing torch for stored tensors."""
+        for t in [*(m.A for m in self.modules.values()), *self.modules_to_save.values()][:1]:
+            return t.dtype_name
         return None
 
     @property

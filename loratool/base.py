@@ -18,7 +18,13 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, ModuleMismatchError
 from loratool.io.store import TensorStore, checkpoint_files, read_json
-from loratool.names import OUTPUT_HEAD_LEAVES, SIDE_FILES, TOKENIZER_FILES, is_input_embedding_weight, is_output_head  # noqa: F401 (re-exported)
+from loratool.names import (  # noqa: F401 (re-exported)
+    OUTPUT_HEAD_LEAVES,
+    SIDE_FILES,
+    TOKENIZER_FILES,
+    is_input_embedding_weight,
+    is_output_head,
+)
 
 # transformers architectures whose projections are GPT-2 style Conv1D (weight stored (in, out))
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})

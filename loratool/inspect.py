@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.base import BaseModel, bound_module, module_names_matching
 from loratool.errors import ModuleMismatchError
+from loratool.io.store import LazyTensor
+
+if TYPE_CHECKING:
+    from loratool.base import BaseModel
 
 
 def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bool = True) -> dict[str, Any]:
@@ -23,6 +24,8 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
     Returns:
         A JSON-ready dict (the ``inspect --json`` object).
     """
+    if base is not None:  # a base brings torch with it; a plain inspect reads only the files
+        from loratool.base import bound_module, module_names_matching
     warnings = list(adapter.warnings)
     names: dict[str, str] = {}
     modules_seen = dict(adapter.modules)  # as the base lays them out, when there is one
@@ -69,10 +72,9 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
             warnings.extend(_scan_module(name, mod))
     if scan:
         for tname, t in adapter.modules_to_save.items():
-            if not torch.isfinite(t.load().float()).all():
+            if not _finite_and_zero(t)[0]:
                 warnings.append(f"{tname}: modules_to_save tensor holds NaN or Inf")
 
-    dtype = adapter.dtype
     report: dict[str, Any] = {
         "format": adapter.format,
         "path": str(adapter.path) if adapter.path else None,
@@ -86,7 +88,7 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
         "rslora": adapter.use_rslora,
         "dora": adapter.use_dora,
         "bias": adapter.lora_bias,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "dtype": adapter.dtype_name,
         "file_size": adapter.file_size(),
         "rank_histogram": dict(sorted(Counter(m["rank"] for m in modules).items())),
         "warnings": warnings,
@@ -100,14 +102,25 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
 
 
 def _scan_module(name: str, mod) -> list[str]:
-    out = []
-    A = mod.A.load()
-    B = mod.B.load()
-    if not (torch.isfinite(A.float()).all() and torch.isfinite(B.float()).all()):
-        out.append(f"{name}: NaN or Inf in lora_A/lora_B")
-    elif not B.any():
-        out.append(f"{name}: lora_B is all zeros (an untrained adapter: its delta is zero)")
-    return out
+    (a_finite, _), (b_finite, b_zero) = _finite_and_zero(mod.A), _finite_and_zero(mod.B)
+    if not (a_finite and b_finite):
+        return [f"{name}: NaN or Inf in lora_A/lora_B"]
+    if b_zero:
+        return [f"{name}: lora_B is all zeros (an untrained adapter: its delta is zero)"]
+    return []
+
+
+def _finite_and_zero(t: LazyTensor) -> tuple[bool, bool]:
+    """(all finite, all zero): from the stored bits when ``t`` is a stored tensor as it is (no
+    torch needed), else from the loaded tensor."""
+    if t.source is not None:
+        summary = t.source[0].value_summary(t.source[1])
+        if summary is not None:
+            return summary
+    import torch
+
+    x = t.load()
+    return bool(torch.isfinite(x.float()).all()), not bool(x.any())
 
 
 def format_report(report: dict[str, Any]) -> str:

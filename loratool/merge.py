@@ -50,13 +50,19 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import BaseModel, bind_adapter, bound_module, side_files
 from loratool.engine.codecs import float as float_codec
 from loratool.engine.codecs.float import CONVERTIBLE, HALF
+from loratool.engine.stream import (
+    MergePlan,
+    ShardPlan,
+    TensorTask,
+    as_tensor_hook,
+    execute_plan,
+)
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import (
     read_json,
     read_safetensors_header,
 )
-from loratool.engine.stream import MergePlan, ShardPlan, TensorTask, as_tensor_hook, execute_plan
 from loratool.io.writer import INDEX_NAME, output_shard_names
 
 F32 = torch.float32

@@ -25,6 +25,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import SIDE_FILES, BaseModel, side_files
+from loratool.engine.codecs import gptq as G
 from loratool.errors import (
     FormatError,
     InputError,
@@ -34,7 +35,6 @@ from loratool.errors import (
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorStore, read_json
 from loratool.io.writer import ModelWriter, output_shard_names
-from loratool.engine.codecs import gptq as G
 from loratool.ops import qalora as Q
 
 TO_CHOICES = ("dense", "float-zeros", "gptq")

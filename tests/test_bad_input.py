@@ -8,6 +8,7 @@ import pickle
 import shutil
 
 import pytest
+import torch
 
 from conftest import ADAPTERS, ROOT, assert_one_line_error, invoke, run_cli
 
@@ -186,3 +187,34 @@ def test_help_runs_without_torch(tmp_path):
         res = run_cli(*args, env=env)
         assert res.returncode == 0, (args, res.stderr)
         assert "Usage" in res.stdout or "version" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["llama-lora", "llama-dora", "gpt2-lora", "llama-embedding", "qwen2-bias", "roberta-cls", "llama-bf16"])
+def test_plain_inspect_runs_without_torch(name, tmp_path):
+    """`inspect ADAPTER` (no --base) reads headers and bits only: the same report with torch not importable."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch raises ImportError\n")
+    res = run_cli("inspect", ADAPTERS / name, "--json", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert res.returncode == 0, res.stderr
+    code, out, err = invoke("inspect", ADAPTERS / name, "--json")
+    assert json.loads(res.stdout) == json.loads(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_value_summary_reads_the_bits_right(dtype, tmp_path):
+    """The torch-free scan finds NaN, +-Inf and all-zero tensors (-0 included) in every float dtype."""
+    from safetensors.torch import save_file
+
+    from loratool.io.store import TensorStore
+
+    dt = getattr(torch, dtype)
+    cases = {
+        "ok": torch.tensor([1.0, -2.0, 0.0]), "nan": torch.tensor([1.0, float("nan")]), "inf": torch.tensor([float("-inf"), 0.0]),
+        "zeros": torch.tensor([0.0, -0.0, 0.0]), "tiny": torch.tensor([0.0, 1e-30 if dtype != "float16" else 1e-7]),
+    }
+    save_file({k: v.to(dt) for k, v in cases.items()}, tmp_path / "t.safetensors")
+    store = TensorStore([tmp_path / "t.safetensors"])
+    for k, v in cases.items():
+        v = v.to(dt)
+        expected = (bool(torch.isfinite(v.float()).all()), not bool(v.any()))
+        assert store.value_summary(k) == expected, (k, dtype)
+        assert store.value_summary(k, chunk=1) == expected

@@ -126,7 +126,11 @@ def detect_format(path: Path | str) -> str:
     if not path.exists():
         raise FormatError(path, "adapter not found")
     refuse_special_file(path)
-    for mod in available_formats():
+    for name in _FORMAT_MODULES:  # imported one at a time: a PEFT folder loads only the PEFT reader
+        try:
+            mod = get_format(name)
+        except InputError:
+            continue
         if mod.detect(path):
             return mod.NAME
     raise FormatError(path, "unknown adapter format (expected PEFT, MLX, GGUF, LitGPT, Lit-LLaMA or a scratch state dict)")

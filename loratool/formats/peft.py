@@ -20,14 +20,15 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.io.store import LazyTensor, TensorStore, read_json
-from loratool.io.writer import write_safetensors
 from loratool.names import SAVED_EMBEDDING_LEAVES
+
+if TYPE_CHECKING:  # reading a PEFT folder (inspect) needs no torch; writing one imports it
+    import torch
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -136,7 +137,7 @@ def target_matches(targets, name: str, *, layers_to_transform=None, layers_patte
     return found
 
 
-_F32_MAX = torch.finfo(torch.float32).max
+_F32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _finite(value) -> bool:
@@ -415,6 +416,8 @@ def _clean(x: float) -> float | int:
 
 def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter_model tensors PEFT saves for this adapter."""
+    import torch
+
     sd: dict[str, torch.Tensor] = {}
     any_bias = any(m.bias is not None for m in adapter.modules.values())
     for m in adapter.modules.values():
@@ -452,6 +455,10 @@ def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe
     with open(folder / CONFIG_NAME, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
         fh.write("\n")
+    import torch
+
+    from loratool.io.writer import write_safetensors
+
     sd = state_dict(adapter)
     if safe_serialization:
         weights = folder / "adapter_model.safetensors"

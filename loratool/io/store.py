@@ -15,32 +15,72 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from loratool.errors import FormatError
 
-# safetensors dtype codes -> torch dtypes (the subset torch can hold)
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:  # a safetensors header is read without torch (a plain `inspect` never loads it)
+    import torch
+
+# safetensors dtype codes -> (torch dtype name, bytes per element); the subset torch can hold
+SAFETENSORS_CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
 }
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
-        TORCH_TO_SAFETENSORS[getattr(torch, _name)] = _code
+_TORCH_TABLES: dict[str, dict] = {}
+# IEEE layouts of the float codes: (numpy view, exponent bits, magnitude bits)
+_FLOAT_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF),
+    "F32": ("<u4", 0x7F800000, 0x7FFFFFFF),
+    "F16": ("<u2", 0x7C00, 0x7FFF),
+    "BF16": ("<u2", 0x7F80, 0x7FFF),
+}
+
+
+def _torch_tables() -> dict[str, dict]:
+    """{code: torch dtype} and {torch dtype: code}, built when torch is first needed."""
+    if not _TORCH_TABLES:
+        import torch
+
+        codes = {code: getattr(torch, name) for code, (name, _) in SAFETENSORS_CODES.items() if hasattr(torch, name)}
+        _TORCH_TABLES["to_torch"] = codes
+        _TORCH_TABLES["to_code"] = {v: k for k, v in codes.items()}
+    return _TORCH_TABLES
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code (imports torch)."""
+    return _torch_tables()["to_torch"][code]
+
+
+def __getattr__(name: str):
+    # SAFETENSORS_DTYPES (code -> torch dtype) and TORCH_TO_SAFETENSORS, built on first use
+    if name == "SAFETENSORS_DTYPES":
+        return _torch_tables()["to_torch"]
+    if name == "TORCH_TO_SAFETENSORS":
+        return _torch_tables()["to_code"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` for a torch dtype or a safetensors code, without importing torch for a code."""
+    if isinstance(dtype, str):
+        return SAFETENSORS_CODES[dtype][0]
+    return str(dtype).replace("torch.", "")
+
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -51,12 +91,22 @@ class LazyTensor:
     ``map`` composes a transform (transpose, permutation, slice) without reading.
     """
 
-    __slots__ = ("shape", "dtype", "_loader")
+    __slots__ = ("shape", "_dtype", "_loader", "source")
 
-    def __init__(self, shape: Iterable[int], dtype: torch.dtype, loader: Callable[[], torch.Tensor]):
+    def __init__(self, shape: Iterable[int], dtype, loader: Callable[[], "torch.Tensor"], source: "tuple[TensorStore, str] | None" = None):
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = dtype
+        self._dtype = dtype  # a torch dtype, or a safetensors code (resolved when asked: no torch until then)
         self._loader = loader
+        self.source = source  # (store, name) when this is a stored tensor as it is (no transform)
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self._dtype) if isinstance(self._dtype, str) else self._dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """``"float32"``..., without importing torch for a stored tensor."""
+        return dtype_name(self._dtype)
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "LazyTensor":
@@ -71,7 +121,7 @@ class LazyTensor:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape=None, dtype=None) -> "LazyTensor":
         """A new lazy tensor that applies ``fn`` after loading this one."""
-        return LazyTensor(self.shape if shape is None else shape, dtype or self.dtype, lambda: fn(self.load()))
+        return LazyTensor(self.shape if shape is None else shape, dtype or self._dtype, lambda: fn(self.load()))
 
     @property
     def numel(self) -> int:
@@ -79,10 +129,11 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        size = SAFETENSORS_CODES[self._dtype][1] if isinstance(self._dtype, str) else self._dtype.itemsize
+        return self.numel * size
 
     def __repr__(self) -> str:
-        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype_name})"
 
 
 @dataclass(frozen=True)
@@ -91,11 +142,20 @@ class TensorEntry:
 
     name: str
     path: Path
-    dtype: torch.dtype
+    held_dtype: "torch.dtype | None"  # a tensor already in memory (pickles); None: from dtype_code
     shape: tuple[int, ...]
     dtype_code: str | None = None  # the safetensors dtype string
     begin: int | None = None  # absolute byte offsets in the file (safetensors only)
     end: int | None = None
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return self.held_dtype if self.held_dtype is not None else torch_dtype(self.dtype_code)
+
+    @property
+    def lazy_dtype(self):
+        """What a ``LazyTensor`` of this entry carries: the torch dtype, or the code (no torch yet)."""
+        return self.held_dtype if self.held_dtype is not None else self.dtype_code
 
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, str], int]:
@@ -138,7 +198,7 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
         if not isinstance(info, dict):
             raise FormatError(path, f"tensor {name!r}: header entry is not an object")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if code not in SAFETENSORS_DTYPES:
+        if code not in SAFETENSORS_CODES:
             raise FormatError(path, f"tensor {name!r}: unsupported dtype {code!r}")
         if (
             not isinstance(shape, list)
@@ -149,13 +209,12 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
         ):
             raise FormatError(path, f"tensor {name!r}: malformed shape or data_offsets")
         begin, end = offsets
-        dtype = SAFETENSORS_DTYPES[code]
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * SAFETENSORS_CODES[code][1]
         if not (0 <= begin <= end <= data_len) or end - begin != expected:
             raise FormatError(
                 path, f"tensor {name!r}: data_offsets {offsets} do not fit shape {shape} {code} in a {data_len}-byte data section"
             )
-        entries.append(TensorEntry(name, path, dtype, tuple(shape), code, data_start + begin, data_start + end))
+        entries.append(TensorEntry(name, path, None, tuple(shape), code, data_start + begin, data_start + end))
     ordered = sorted(entries, key=lambda e: (e.begin, e.end))
     cursor = data_start
     for e in ordered:
@@ -231,6 +290,28 @@ class TensorStore:
         return not self._pickles
 
     # -- data --
+    def value_summary(self, name: str, *, chunk: int = 1 << 20) -> tuple[bool, bool] | None:
+        """(all finite, all zero) of a stored float tensor, read from its bits with numpy (no torch),
+        ``chunk`` elements at a time; None for a pickled tensor or a non-float dtype."""
+        e = self._entries[name]
+        layout = _FLOAT_BITS.get(e.dtype_code or "")
+        if e.begin is None or layout is None:
+            return None
+        import numpy as np
+
+        view, exponent, magnitude = layout
+        n = math.prod(e.shape)
+        if n == 0:
+            return True, True
+        bits = np.memmap(e.path, dtype=view, mode="r", offset=e.begin, shape=(n,))
+        finite, zero = True, True
+        for i in range(0, n, chunk):
+            block = bits[i : i + chunk]
+            finite = finite and not bool(((block & exponent) == exponent).any())  # exponent all ones: inf or NaN
+            zero = zero and not bool((block & magnitude).any())  # +0 and -0 have no magnitude bits
+        del bits
+        return finite, zero
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory."""
         e = self._entries[name]
@@ -250,7 +331,7 @@ class TensorStore:
 
     def lazy(self, name: str) -> LazyTensor:
         e = self._entries[name]
-        return LazyTensor(e.shape, e.dtype, lambda: self.get(name))
+        return LazyTensor(e.shape, e.lazy_dtype, lambda: self.get(name), source=(self, name))
 
     def close(self) -> None:
         self._handles.clear()
@@ -326,6 +407,8 @@ def load_pickle(path: Path) -> object:
     path = Path(path)
     import pickle
     import zipfile
+
+    import torch
 
     refuse_special_file(path)
     try:
@@ -418,6 +501,8 @@ def _legacy_storage_bytes(path: Path) -> int | None:
 
 def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     extras: dict[str, object] = {}
     if isinstance(obj, torch.Tensor):
