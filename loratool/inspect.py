@@ -121,33 +121,3 @@ def _finite_and_zero(t: LazyTensor) -> tuple[bool, bool]:
 
     x = t.load()
     return bool(torch.isfinite(x.float()).all()), not bool(x.any())
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary printed by ``inspect`` without ``--json``."""
-    lines = [f"format: {report['format']}  ({report['variant']}, dtype {report['dtype']}, {report['file_size']:,} bytes)"]
-    if report.get("base_model"):
-        lines.append(f"base model: {report['base_model']}")
-    flags = [f for f in ("rslora", "dora", "bias") if report.get(f)]
-    lines.append(f"flags: {', '.join(flags) if flags else 'none'}")
-    lines.append(f"target_modules: {report['target_modules']}")
-    by_kind: dict[str, list[dict]] = {}
-    for m in report["modules"]:
-        by_kind.setdefault(m["kind"], []).append(m)
-    for kind, mods in by_kind.items():
-        lines.append(f"{kind} modules: {len(mods)}")
-        groups = Counter((m["rank"], m["alpha"], round(m["scale"], 6), m["in_features"], m["out_features"]) for m in mods)
-        for (r, a, s, i, o), n in sorted(groups.items()):
-            lines.append(f"  {n:>4} x  r={r:<4} alpha={a:<8g} scale={s:<10g} {i} -> {o}")
-    hist = ", ".join(f"r={r}: {n}" for r, n in report["rank_histogram"].items())
-    lines.append(f"rank histogram: {hist or 'empty'}")
-    if report["modules_to_save"]:
-        lines.append("modules_to_save: " + ", ".join(f"{n} {tuple(s)}" for n, s in report["modules_to_save"].items()))
-    lines.append(f"LoRA parameters: {report['lora_params']:,}")
-    lines.append(f"total stored parameters: {report['total_params']:,}")
-    if "base_params" in report:
-        pct = report["percent_of_base"]
-        lines.append(f"base parameters: {report['base_params']:,}  (LoRA = {pct:.4f}% of base)" if pct is not None else f"base parameters: {report['base_params']:,}")
-    for w in report["warnings"]:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)

@@ -434,26 +434,6 @@ def summarize(retention: dict[str, q.Retention]) -> list[dict]:
     return rows
 
 
-def format_retention(report: dict) -> str:
-    """The human summary table of ``report["quantization"]`` (empty when there is none)."""
-    info = report.get("quantization")
-    if not info or not info.get("retention"):
-        return ""
-    out = info["output"]
-    target = out["method"] if out.get("method") else out.get("dtype") or "unquantized"
-    ref = info.get("reference")
-    head = f"delta retention in the {target} output"
-    if ref is not None:
-        head += f", against the {ref['method']} base the adapter was trained on"
-    lines = [head + ":", f"  {'module':<16} {'n':>4} {'kept (mean)':>12} {'kept (min)':>11} {'rel.error':>10} {'unchanged':>10} {'|dW|/|W|':>9}"]
-    for r in info["retention"]:
-        lines.append(
-            f"  {r['module']:<16} {r['count']:>4} {r['retained_mean']:>12.1%} {r['retained_min']:>11.1%} "
-            f"{r['rel_error_mean']:>10.3f} {r['unchanged_mean']:>10.1%} {r['delta_ratio_mean']:>9.2%}"
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # entry point for the engine
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import ADAPTER_BASE, ADAPTERS, BASES, assert_one_line_error, invoke
 from realworld import PEFT_REALWORLD, REALWORLD
+from safetensors.torch import load_file, save_file
 
 import loratool
-from loratool.verify import format_weights_report, verify_outputs, verify_weights
+from loratool.cli.reports import format_weights_report
+from loratool.verify import verify_outputs, verify_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,7 +32,12 @@ def _one_thread():
 
 
 def auto_class(folder: Path):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
     if "SequenceClassification" in arch:
@@ -54,9 +59,9 @@ def peft_merge(base: Path, adapter: Path, out: Path, dtype=torch.float32) -> Pat
 
 def to_peft(adapter_path: Path, base: Path, out: Path, **read_options) -> Path:
     """A non-PEFT adapter converted to a PEFT folder (for PEFT to merge it)."""
-    from loratool.base import BaseModel, bind_adapter
-
     import dataclasses
+
+    from loratool.base import BaseModel, bind_adapter
 
     binding = bind_adapter(loratool.read_adapter(adapter_path, **read_options), BaseModel.open(base))
     ad, mapping = binding.adapter, binding.keys

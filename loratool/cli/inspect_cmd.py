@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from loratool.cli.common import Output, common_options, emit_warnings, json_option, lazy
+from loratool.cli.reports import format_inspect_report
 from loratool.cli.resolve import adapter_argument_options, open_adapter, open_base
 
-format_report = lazy("loratool.inspect", "format_report")
 inspect_adapter = lazy("loratool.inspect", "inspect_adapter")
 
 
@@ -33,5 +33,5 @@ def command(adapter, base, as_json, quiet, **adapter_opts):
     else:
         warnings = report["warnings"]
         report = dict(report, warnings=[])
-        out.info(format_report(report))
+        out.info(format_inspect_report(report))
         emit_warnings(out, warnings)

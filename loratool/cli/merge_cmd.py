@@ -15,8 +15,8 @@ DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, force, strict, report, keep_modules_to_save=False, adapter_opts=None, quantization=None) -> dict:
     """Shared body of merge and unmerge: open the inputs, stream, print a summary (not in JSON mode); the report."""
+    from loratool.cli.reports import format_retention
     from loratool.merge import merge_model
-    from loratool.quantized import format_retention
 
     adapter_opts = adapter_opts or {}
     ad = open_adapter(adapter, **adapter_opts)

@@ -38,12 +38,8 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
     Used by ``verify`` and ``merge --verify``, which print the JSON themselves. Raises
     CheckFailedError (with the report as ``.report``) when a check fails.
     """
-    from loratool.verify import (
-        format_outputs_report,
-        format_weights_report,
-        verify_outputs,
-        verify_weights,
-    )
+    from loratool.cli.reports import format_outputs_report, format_weights_report
+    from loratool.verify import verify_outputs, verify_weights
 
     device = resolve_device(device)
     total = sum(e.end - e.begin if e.begin is not None else 0 for e in base_model.store.entries())

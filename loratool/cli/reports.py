@@ -1,0 +1,117 @@
+"""Human-readable reports: what the commands print without ``--json``.
+
+The library returns JSON-ready dicts; turning them into text for a terminal happens here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+
+def format_inspect_report(report: dict[str, Any]) -> str:
+    """The human-readable summary printed by ``inspect`` without ``--json``."""
+    lines = [f"format: {report['format']}  ({report['variant']}, dtype {report['dtype']}, {report['file_size']:,} bytes)"]
+    if report.get("base_model"):
+        lines.append(f"base model: {report['base_model']}")
+    flags = [f for f in ("rslora", "dora", "bias") if report.get(f)]
+    lines.append(f"flags: {', '.join(flags) if flags else 'none'}")
+    lines.append(f"target_modules: {report['target_modules']}")
+    by_kind: dict[str, list[dict]] = {}
+    for m in report["modules"]:
+        by_kind.setdefault(m["kind"], []).append(m)
+    for kind, mods in by_kind.items():
+        lines.append(f"{kind} modules: {len(mods)}")
+        groups = Counter((m["rank"], m["alpha"], round(m["scale"], 6), m["in_features"], m["out_features"]) for m in mods)
+        for (r, a, s, i, o), n in sorted(groups.items()):
+            lines.append(f"  {n:>4} x  r={r:<4} alpha={a:<8g} scale={s:<10g} {i} -> {o}")
+    hist = ", ".join(f"r={r}: {n}" for r, n in report["rank_histogram"].items())
+    lines.append(f"rank histogram: {hist or 'empty'}")
+    if report["modules_to_save"]:
+        lines.append("modules_to_save: " + ", ".join(f"{n} {tuple(s)}" for n, s in report["modules_to_save"].items()))
+    lines.append(f"LoRA parameters: {report['lora_params']:,}")
+    lines.append(f"total stored parameters: {report['total_params']:,}")
+    if "base_params" in report:
+        pct = report["percent_of_base"]
+        lines.append(f"base parameters: {report['base_params']:,}  (LoRA = {pct:.4f}% of base)" if pct is not None else f"base parameters: {report['base_params']:,}")
+    for w in report["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def format_retention(report: dict) -> str:
+    """The human summary table of ``report["quantization"]`` (empty when there is none)."""
+    info = report.get("quantization")
+    if not info or not info.get("retention"):
+        return ""
+    out = info["output"]
+    target = out["method"] if out.get("method") else out.get("dtype") or "unquantized"
+    ref = info.get("reference")
+    head = f"delta retention in the {target} output"
+    if ref is not None:
+        head += f", against the {ref['method']} base the adapter was trained on"
+    lines = [head + ":", f"  {'module':<16} {'n':>4} {'kept (mean)':>12} {'kept (min)':>11} {'rel.error':>10} {'unchanged':>10} {'|dW|/|W|':>9}"]
+    for r in info["retention"]:
+        lines.append(
+            f"  {r['module']:<16} {r['count']:>4} {r['retained_mean']:>12.1%} {r['retained_min']:>11.1%} "
+            f"{r['rel_error_mean']:>10.3f} {r['unchanged_mean']:>10.1%} {r['delta_ratio_mean']:>9.2%}"
+        )
+    return "\n".join(lines)
+
+
+def format_weights_report(report: dict[str, Any], *, limit: int = 12) -> str:
+    """The short table printed by ``verify`` without ``--json``: worst modules first."""
+    s = report["summary"]
+    verdict = "PASS" if report["passed"] else "FAIL"
+    lines = [
+        f"verify weights: {verdict}  ({s['modules']} checked, {s['failed']} failed"
+        + (f", {s['quantized']} quantized" if s["quantized"] else "")
+        + f"; untouched: {s['untouched_identical']} identical"
+        + (f", {s['untouched_cast']} cast" if s["untouched_cast"] else "")
+        + (f", {s['untouched_quantized']} re-quantized" if s["untouched_quantized"] else "")
+        + (f", {s['untouched_differ']} differ" if s["untouched_differ"] else "")
+        + f"; {s['missing']} missing, {s['extra']} extra)"
+    ]
+    mods = report["modules"]
+    if mods:
+        quant = any(m.get("quantization") for m in mods)
+        head = f"{'module':<48} {'kind':<15} {'dtype':<9} {'residual':>9} {'allowed':>9}"
+        head += f" {'retained':>9} {'expected':>9}  status" if quant else "  status"
+        lines.append(head)
+        for m in mods[:limit]:
+            res = "-" if m["residual"] is None else f"{m['residual']:.2e}"
+            allowed = m["tolerance"] if report.get("tolerance") is not None else m["bound"]
+            allowed = "-" if allowed is None else f"{allowed:.2e}"
+            name = m["name"] if len(m["name"]) <= 48 else "..." + m["name"][-45:]
+            row = f"{name:<48} {m['kind']:<15} {str(m['dtype']):<9} {res:>9} {allowed:>9}"
+            if quant:
+                for key in ("retention", "expected_retention"):
+                    v = m.get(key)
+                    row += f" {'-' if v is None else f'{v:.3f}':>9}"
+            lines.append(row + f"  {m['status'].upper() if m['status'] != 'ok' else 'ok'}")
+        if len(mods) > limit:
+            rest = mods[limit:]
+            counts = Counter(m["status"] for m in rest)
+            lines.append(f"... {len(rest)} more (" + ", ".join(f"{n} {st}" for st, n in sorted(counts.items())) + ")")
+    if report["failures"]:
+        lines.append("failures:")
+        lines.extend(f"  {f}" for f in report["failures"])
+    return "\n".join(lines)
+
+
+def format_outputs_report(report: dict[str, Any]) -> str:
+    """The human summary of the output check."""
+    verdict = "PASS" if report["passed"] and report.get("judged", True) else ("REPORTED" if report["passed"] else "FAIL")
+
+    def f(x, fmt=".3g"):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"verify outputs: {verdict}  ({report['task']}, {report['samples']} samples, {report['tokens']} tokens, {report['inputs']}; merged {report['merged_dtype']})",
+        f"  relative diff {f(report['relative_diff'])} (allowed {f(report['allowed_relative_diff'])}; PEFT's own merge: "
+        f"{f(report['floor_float32'])} in float32, {f(report['floor_merged_dtype'])} at {report['merged_dtype']})",
+        f"  max |diff| {f(report['max_abs_diff'])}  mean |diff| {f(report['mean_abs_diff'])}"
+        + (f"  KL {f(report['kl_divergence'])}  top-1 agreement {f(report['top1_agreement'], '.4f')}" if report["kl_divergence"] is not None else ""),
+    ]
+    lines.extend(f"  note: {n}" for n in report.get("notes", []))
+    return "\n".join(lines)

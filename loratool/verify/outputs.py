@@ -1,0 +1,263 @@
+"""The output check: the unmerged base + adapter (PEFT) and MERGED (transformers) on the same inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratool.adapter import Adapter
+from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
+from loratool.engine.codecs import bnb
+from loratool.engine.codecs.bnb import import_bitsandbytes
+from loratool.errors import InputError
+from loratool.verify._common import (
+    U32,
+    Progress,
+    _dtype_name,
+    _norm,
+    _num,
+    _open_adapter,
+    _open_model,
+    _ratio,
+)
+
+# ----------------------------------------------------------------------------- the output check
+
+
+def _task(architectures: list[str]) -> tuple[str, Any]:
+    """("causal" | "seqcls" | "base", the transformers Auto class) from config.architectures."""
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    causal = set(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    seqcls = set(ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
+    for arch in architectures:
+        if arch in causal or arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal", transformers.AutoModelForCausalLM
+        if arch in seqcls or arch.endswith("ForSequenceClassification"):
+            return "seqcls", transformers.AutoModelForSequenceClassification
+    return "base", transformers.AutoModel
+
+
+@contextlib.contextmanager
+def _peft_folder(ad: Adapter, base: BaseModel):
+    """A folder PEFT can load: the adapter's own when it is PEFT, else a converted copy."""
+    if ad.format == "peft" and ad.files:
+        yield Path(ad.files[0]).parent  # the folder of the adapter_config.json read (sub-adapters too)
+        return
+    import dataclasses
+
+    from loratool.formats import write_adapter
+
+    binding = bind_adapter(ad, base)
+    ad, mapping = binding.adapter, binding.keys
+    modules = {}
+    for name, mod in ad.modules.items():
+        # PEFT finds modules by the model's names: use the base's where the adapter's differ (a wrapper prefix)
+        own = mapping[name][: -len(".weight")]
+        modules[own] = mod if own == name else dataclasses.replace(mod, name=own)
+    with tempfile.TemporaryDirectory(prefix="loratool-verify-") as tmp:
+        out = Path(tmp) / "adapter"
+        write_adapter(ad.replace_modules(modules, extras={}), out, format="peft")
+        yield out
+
+
+def _inputs(base: BaseModel, prompts: list[str] | None, samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    cfg = base.config
+    if prompts:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(base.path))
+        except Exception as exc:
+            raise InputError(f"{base.path}: --prompt needs the base's tokenizer, which cannot be loaded ({type(exc).__name__})") from None
+        out = []
+        for p in prompts:
+            enc = tok(p, return_tensors="pt")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask", torch.ones_like(enc["input_ids"]))})
+        return out
+    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise InputError(f"{base.path}: config.json has no vocab_size; pass --prompt")
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or seq_len
+    if cfg.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    n = max(1, min(seq_len, int(limit)))
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, vocab, (1, n), generator=gen)), "attention_mask": torch.ones_like(ids)} for _ in range(samples)]
+
+
+@torch.no_grad()
+def _run(model, inputs, task: str, device) -> torch.Tensor:
+    outs = []
+    for batch in inputs:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        res = model(**batch)
+        y = res.last_hidden_state if task == "base" else res.logits
+        outs.append(y.float().reshape(-1, y.shape[-1]).cpu())
+    return torch.cat(outs)
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor, task: str) -> dict[str, Any]:
+    diff = (got - ref).abs()
+    rel = _ratio(_norm(got - ref), _norm(ref))
+    d: dict[str, Any] = {
+        "max_abs_diff": _num(float(diff.max())) if diff.numel() else 0.0,
+        "mean_abs_diff": _num(float(diff.mean())) if diff.numel() else 0.0,
+        "relative_diff": _num(rel),
+        "kl_divergence": None,
+        "top1_agreement": None,
+    }
+    if task != "base":
+        lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+        d["kl_divergence"] = _num(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+        d["top1_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+    return d
+
+
+def _main_float_dtype(model: BaseModel) -> torch.dtype:
+    sizes: dict[torch.dtype, int] = {}
+    for e in model.store.entries():
+        if e.dtype.is_floating_point and not e.name.endswith(_BUFFER_SUFFIXES):
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + int(math.prod(e.shape))
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _is_quantized(model: BaseModel) -> bool:
+    q = model.config.get("quantization_config")
+    return bool(q) or any(bnb.is_quantized_aux_key(k) for k in model.store.keys())
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bars from transformers while the models load."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
+def verify_outputs(
+    base: BaseModel | str | Path,
+    adapter: Adapter | str | Path,
+    merged: BaseModel | str | Path,
+    *,
+    prompts: list[str] | None = None,
+    samples: int = 4,
+    seq_len: int = 32,
+    tolerance: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) on the same inputs and compare.
+
+    Both run in float32, so the only differences a correct merge shows come from the merged file's
+    storage precision. That noise floor is measured, not guessed: PEFT's own in-memory merge of
+    the same model (float32, then rounded to the merged dtype) is run on the same inputs, and a
+    merged file passes when its relative output difference is within as many floors as a correct
+    merge may round each weight (2 for LoRA: the delta and W + dW; 4 for DoRA), plus float32
+    rounding.
+
+    Args:
+        base, adapter, merged: as for ``verify_weights``.
+        prompts: texts to encode with the base's tokenizer; random token ids when None.
+        samples: how many random sequences (without ``prompts``).
+        seq_len: tokens per random sequence (capped by the model's positions).
+        tolerance: a fixed limit on the relative difference instead of the measured one.
+        device: where to run the models.
+        seed: for the random token ids.
+        progress: called as ``progress(1, label)`` after each model run.
+    Returns:
+        A JSON-ready report: ``passed``, ``task``, the metrics (``max_abs_diff``, ``mean_abs_diff``,
+        ``relative_diff``, ``kl_divergence``, ``top1_agreement``), ``allowed_relative_diff`` and the floors.
+    Raises:
+        InputError: unreadable inputs, or ``prompts`` without a tokenizer.
+    """
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
+    if samples < 1:
+        raise InputError(f"samples must be at least 1, got {samples}")
+    base_m = _open_model(base)
+    merged_m = _open_model(merged)
+    ad = _open_adapter(adapter)
+    bind_adapter(ad, base_m)  # a clear error before any model is built
+    task, auto = _task(merged_m.architectures or base_m.architectures)
+    inputs = _inputs(base_m, prompts, samples, seq_len, seed)
+    device = torch.device(device)
+    quantized = _is_quantized(merged_m)
+    mdtype = _main_float_dtype(merged_m)
+    step = progress or (lambda *a, **k: None)
+
+    from peft import PeftModel
+
+    with _peft_folder(ad, base_m) as folder, _quiet_transformers():
+        model = auto.from_pretrained(str(base_m.path), dtype=torch.float32).to(device).eval()
+        pm = PeftModel.from_pretrained(model, str(folder)).eval()
+        ref = _run(pm, inputs, task, device)
+        step(1, "base + adapter (PEFT)")
+        merged_mem = pm.merge_and_unload().eval()
+        floor32 = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+        floor_d = floor32
+        if not quantized and torch.finfo(mdtype).eps > torch.finfo(torch.float32).eps:
+            with torch.no_grad():
+                for p in merged_mem.parameters():
+                    if p.dtype.is_floating_point:
+                        p.copy_(p.to(mdtype).to(p.dtype))
+            floor_d = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+        step(1, "PEFT's merge (noise floor)")
+        del model, pm, merged_mem
+        gc.collect()
+    kwargs: dict[str, Any] = {"device_map": str(device)} if quantized else {"dtype": torch.float32}
+    if (merged_m.config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
+        import_bitsandbytes()  # before transformers imports it: no kernel download from the Hub
+    with _quiet_transformers():
+        mm = auto.from_pretrained(str(merged_m.path), **kwargs)
+    if not quantized:
+        mm = mm.to(device)
+    got = _run(mm.eval(), inputs, task, device)
+    step(1, "merged")
+    del mm
+    if got.shape != ref.shape:
+        raise InputError(f"{merged_m.path}: outputs have shape {tuple(got.shape)}, the base + adapter gives {tuple(ref.shape)}")
+    metrics = _compare(ref, got, task)
+    # A correct merge may round each weight more than once on its way to the merged dtype (the
+    # delta, then W + dW; DoRA also the row norm, the m / norm factor and the product): each
+    # rounding moves the outputs by about the measured floor, so allow that many floors, plus
+    # the float32 differences of merged vs unmerged arithmetic (twice: PEFT's and the file's).
+    roundings = 4 if any(m.magnitude is not None for m in ad.modules.values()) else 2
+    allowed = tolerance if tolerance is not None else roundings * floor_d + 2 * floor32 + 2 * U32 * math.sqrt(ref.shape[-1])
+    rel = metrics["relative_diff"]
+    judged = tolerance is not None or not quantized
+    passed = (rel is not None and rel <= allowed) if judged else None
+    return {
+        "check": "outputs",
+        "passed": passed if passed is not None else True,
+        "judged": judged,
+        "task": task,
+        "base": str(base_m.path),
+        "adapter": str(ad.path) if ad.path else None,
+        "merged": str(merged_m.path),
+        "merged_dtype": "quantized" if quantized else _dtype_name(mdtype),
+        "samples": len(inputs),
+        "tokens": int(sum(b["input_ids"].numel() for b in inputs)),
+        "inputs": "prompts" if prompts else "random token ids",
+        **metrics,
+        "allowed_relative_diff": _num(allowed),
+        "tolerance": tolerance,
+        "floor_float32": _num(floor32),
+        "floor_merged_dtype": _num(floor_d),
+        "roundings": roundings,
+        "notes": ["quantized merged model: outputs are reported, not judged (give --tolerance to judge them)"] if not judged else [],
+    }
