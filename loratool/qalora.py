@@ -724,7 +724,7 @@ def _report(base, adapter, qcfg, plans, to, out, pool_name, pool_source, warning
 
 
 class DequantizedCheckpoint:
-    """A GPTQ or float-zeros checkpoint seen as float tensors, read one at a time.
+    """(A ``io.store.TensorReader``.) A GPTQ or float-zeros checkpoint seen as float tensors, read one at a time.
 
     Quantized linears appear as ``<prefix>.weight`` (out, in), dequantized; their qweight,
     qzeros / zeros, scales and g_idx do not appear; every other tensor is returned as stored.

@@ -70,7 +70,7 @@ class _Logical:
 
 
 class QuantizedView:
-    """A TensorStore look-alike over a base store with some weights computed, not read.
+    """(A ``io.store.TensorReader``.) A TensorStore look-alike over a base store with some weights computed, not read.
 
     Computed weights have entries without byte offsets (so the engine never copies them
     raw) and are produced once: the last one is cached, because the engine reads a tensor

@@ -70,3 +70,16 @@ def test_stored_codec_names_each_scheme():
     assert stored_codec("m.weight", {"m.weight", "m.SCB", "m.weight_format"}) == "bnb"
     assert stored_codec("m.qweight", {"m.qweight", "m.qzeros", "m.scales", "m.g_idx"}) == "gptq"
     assert stored_codec("m.weight", {"m.weight", "m.bias"}) == "float"
+
+
+def test_every_reader_declares_the_tensor_reader_interface():
+    from conftest import BASES
+
+    from loratool.base import BaseModel
+    from loratool.io.store import TensorReader
+    from loratool.qalora import DequantizedCheckpoint
+    from loratool.quantized import QuantizedView
+
+    assert isinstance(BaseModel.open(BASES / "llama").store, TensorReader)
+    for cls in (QuantizedView, DequantizedCheckpoint):
+        assert all(callable(getattr(cls, m, None)) for m in ("keys", "__contains__", "shape", "dtype", "get")), cls

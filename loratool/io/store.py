@@ -15,7 +15,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 from loratool.errors import FormatError
 
@@ -222,6 +222,23 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
             raise FormatError(path, f"tensor {e.name!r}: data overlaps another tensor")
         cursor = max(cursor, e.end)
     return entries, {str(k): str(v) for k, v in metadata.items()}, data_start
+
+
+@runtime_checkable
+class TensorReader(Protocol):
+    """What every reader of checkpoint tensors offers the engine: ``TensorStore`` (the files as
+    stored) and the decoding views over it (``quantized.QuantizedView``: a bitsandbytes base seen
+    in float; ``qalora.DequantizedCheckpoint``: a GPTQ checkpoint seen in float)."""
+
+    def keys(self) -> list[str]: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> "torch.dtype": ...
+
+    def get(self, name: str) -> "torch.Tensor": ...
 
 
 class TensorStore:
