@@ -115,7 +115,10 @@ def rescale(adapter: Adapter, *, alpha: float | None = None, rslora: bool | None
         new_scale = _out_scale(new_alpha, m.rank, new_rslora)
         factor = m.scale / new_scale
         out_dtype = dtype or m.B.dtype
-        A, B = rescale_factors(m.A.load(), m.B.load(), factor, split=split, dtype=out_dtype)
+        try:
+            A, B = rescale_factors(m.A.load(), m.B.load(), factor, split=split, dtype=out_dtype)
+        except InputError as exc:  # the rescaled factors overflow the storage dtype
+            raise InputError(f"{name}: {exc}") from None
         new = m.with_factors(A, B, alpha=new_alpha, scale=new_scale)
         new = replace(new, bias=_rescaled_bias(m, factor, out_dtype),
                       magnitude=None if m.magnitude is None else LazyTensor.of(m.magnitude.load().to(out_dtype)))

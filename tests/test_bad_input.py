@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ADAPTERS, ROOT, assert_one_line_error, invoke, run_cli
+from conftest import ADAPTERS, BASES, ROOT, assert_one_line_error, invoke, run_cli
 
 
 def _copy(tmp_path, name="llama-rslora"):
@@ -218,3 +218,56 @@ def test_value_summary_reads_the_bits_right(dtype, tmp_path):
         expected = (bool(torch.isfinite(v.float()).all()), not bool(v.any()))
         assert store.value_summary(k) == expected, (k, dtype)
         assert store.value_summary(k, chunk=1) == expected
+
+
+@pytest.mark.parametrize("extra", [
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.zz.weight",  # a second lora_A for q_proj
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",  # PEFT's in-memory name of the same B
+])
+def test_two_tensors_claiming_one_role_are_refused(extra, tmp_path):
+    """Silently picking one of them would merge (and verify!) a different delta than PEFT's."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "a"
+    shutil.copytree(ADAPTERS / "llama-lora", folder)
+    sd = load_file(folder / "adapter_model.safetensors")
+    twin = extra.replace(".zz", "").replace(".default", "")
+    sd[extra] = sd[twin] * 2
+    save_file(sd, folder / "adapter_model.safetensors")
+    for args in (("inspect", folder), ("merge", BASES / "llama", folder, tmp_path / "out")):
+        code, _, err = invoke(*args)
+        assert code == 2
+        line = assert_one_line_error(err)
+        assert twin in line and extra in line and "both claim" in line
+    assert not (tmp_path / "out").exists()
+
+
+def _scaled_adapter(tmp_path, factor: float):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / f"a{factor:g}"
+    shutil.copytree(ADAPTERS / "llama-lora", folder)
+    sd = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in sd.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_a_delta_that_overflows_float32_is_refused(command, tmp_path):
+    adapter = _scaled_adapter(tmp_path, 1e20)  # B @ A ~ 1e40: beyond float32
+    code, _, err = invoke(command, BASES / "llama", adapter, tmp_path / "out")
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert "NaN or Inf" in line and "model.layers." in line
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".loratool-" in p.name]
+
+
+def test_a_result_beyond_float16_is_refused_with_the_way_out(tmp_path):
+    adapter = _scaled_adapter(tmp_path, 3000.0)  # deltas of ~1e5-1e6: fine in float32, beyond float16 (65504)
+    code, _, err = invoke("merge", BASES / "llama", adapter, tmp_path / "out", "--dtype", "float16")
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert "float16" in line and "65504" in line.replace(",", "") and "--dtype float32 or bfloat16" in line
+    assert not (tmp_path / "out").exists()
+    code, _, err = invoke("merge", BASES / "llama", adapter, tmp_path / "out", "--dtype", "bfloat16")
+    assert code == 0, err

@@ -83,3 +83,18 @@ def test_every_reader_declares_the_tensor_reader_interface():
     assert isinstance(BaseModel.open(BASES / "llama").store, TensorReader)
     for cls in (QuantizedView, DequantizedCheckpoint):
         assert all(callable(getattr(cls, m, None)) for m in ("keys", "__contains__", "shape", "dtype", "get")), cls
+
+
+def test_may_overflow_thresholds():
+    """A same-dtype merge can reach Inf only when the delta reaches half a unit at the dtype's top."""
+    import torch
+
+    from loratool.engine.codecs.float import may_overflow
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    assert not may_overflow(f16, f16, 15.9) and may_overflow(f16, f16, 16.0)
+    assert torch.tensor(65504.0, dtype=torch.float32).add(15.9).to(f16).isfinite()  # the threshold is right
+    assert not torch.tensor(65504.0).add(16.0).to(f16).isfinite()
+    assert not may_overflow(bf16, bf16, 1e35) and may_overflow(bf16, bf16, 1e36)
+    assert not may_overflow(f32, f32, 1e30) and may_overflow(f32, f32, 1e32)
+    assert may_overflow(f32, f16, 0.0) and may_overflow(f32, bf16, 0.0) and not may_overflow(f16, f32, 0.0)

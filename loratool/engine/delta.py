@@ -69,6 +69,15 @@ class DeltaKernel:
         d = factor_product(self.A, self.B, self.scale)  # (out, in)
         return d.T if layout == "stored" and self.transposed else d
 
+    def max_abs_bound(self) -> float:
+        """An upper bound of every |dW[i, j]| (and of every partial sum forming it): by Cauchy-Schwarz,
+        |scale * B[i] . A[:, j]| <= |scale| * max_i ||B[i]|| * max_j ||A[:, j]||. Cheap: no B @ A."""
+        if self.A.numel() == 0 or self.B.numel() == 0:
+            return 0.0
+        rows_b = float(torch.linalg.vector_norm(self.B.double(), dim=1).max())  # (out,) -> max
+        cols_a = float(torch.linalg.vector_norm(self.A.double(), dim=0).max())  # (in,) -> max
+        return abs(self.scale) * rows_b * cols_a
+
     def norm_sq(self) -> float:
         """||dW||_F^2 from the r x r Gram matrices, never forming B @ A: scale^2 * sum((A A^T) * (B^T B))."""
         return gram_norm_sq(self.A, self.B, self.scale)

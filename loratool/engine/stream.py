@@ -51,6 +51,7 @@ from loratool.base import BaseModel
 from loratool.engine.codecs import float as float_codec
 from loratool.engine.codecs.float import HALF
 from loratool.engine.delta import DeltaKernel, dora_rows
+from loratool.errors import InputError
 from loratool.io.source import TensorSource
 from loratool.io.store import LazyTensor, TensorEntry
 from loratool.io.writer import ModelWriter
@@ -361,7 +362,10 @@ class _Producer:
     def _convert(self, task: TensorTask):
         for start, stop in _blocks(task.shape):
             src = self.reader.rows(task.source, start, stop)
-            yield src.to(task.dtype, copy=True)
+            out = src.to(task.dtype, copy=True)
+            if float_codec.may_overflow(src.dtype, task.dtype, 0.0):  # a cast to a narrower dtype
+                _check_finite(task, src, out)
+            yield out
 
     def _replace(self, task: TensorTask):
         t = task.replacement.load()
@@ -398,6 +402,8 @@ class _Producer:
         scratch = torch.empty((min(sub_rows, rows_total), cols), dtype=F32, device=self.device)
         src_dtype = repl.dtype if repl is not None else task.source.dtype
         track = self.track_rounding and (src_dtype in HALF or task.dtype in HALF)
+        # blocks are checked for NaN/Inf only where the result can overflow (a pass per block costs ~20%)
+        check = float_codec.may_overflow(src_dtype, task.dtype, sum(f.max_abs_bound() for f in factors))
         weight_sq = 0.0
         bound = 0.0
         for start, stop in _blocks(task.shape):
@@ -416,6 +422,8 @@ class _Producer:
                 for L, R in pairs:
                     w.addmm_(L[start + i : start + j], R)  # + dW rows, in float32
                 out[i:j].copy_(w)  # rounded to the output dtype once
+                if check:
+                    _check_finite(task, w, out[i:j])
                 if track:
                     b = torch.zeros((), device=self.device)
                     if src_dtype in HALF:
@@ -458,7 +466,9 @@ class _Producer:
             else:
                 dora_rows(v, magnitude[start:stop])
             delta_sq += float(torch.linalg.vector_norm(v - w)) ** 2
-            yield self._emit(v, task.dtype)
+            emitted = self._emit(v, task.dtype)
+            _check_finite(task, v, emitted)
+            yield emitted
         st.weight_sq, st.delta_sq = (weight_sq if self.weight_norms else None), delta_sq
 
     def _bias(self, task: TensorTask):
@@ -467,7 +477,36 @@ class _Producer:
         for mod in task.biases:  # lora_bias: b' = b + sign * scale * lora_B.bias
             extra = mod.bias.load().to(device=self.device, dtype=F32).reshape(b.shape)
             b.add_(extra, alpha=float(self.plan.sign) * float(mod.scale))
-        yield self._emit(b, task.dtype)
+        emitted = self._emit(b, task.dtype)
+        _check_finite(task, b, emitted)
+        yield emitted
+
+
+def _check_finite(task: TensorTask, exact: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse a block of output that holds NaN or Inf (an overflowing delta, or a result beyond the
+    range of the output dtype), naming the module and the largest value, before anything is committed.
+
+    One sum of the rounded block finds any NaN/Inf in it (they propagate); only when the sum itself
+    is not finite are the values examined one by one (a sum of large finite values can overflow).
+
+    Raises:
+        InputError: naming the module (or tensor), the largest |value| and what to do.
+    """
+    if bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all()):
+        return
+    what = ", ".join(m.name for m in task.modules) or task.name
+    finite_exact = exact[torch.isfinite(exact)]
+    largest = float(finite_exact.abs().max()) if finite_exact.numel() else math.inf
+    if bool(torch.isfinite(exact).all()):  # float32 was fine: the output dtype's range is the cause
+        limit = torch.finfo(out.dtype).max if out.dtype.is_floating_point else math.nan
+        raise InputError(
+            f"{what}: {task.name} would hold Inf in {str(out.dtype).replace('torch.', '')} (largest |value| {largest:.4g}, "
+            f"the dtype ends at {limit:g}); merge with --dtype float32 or bfloat16"
+        )
+    raise InputError(
+        f"{what}: {task.name} would hold NaN or Inf (largest finite |value| {largest:.4g}): the base tensor or "
+        "the delta overflows float32 (factors too large?); refused"
+    )
 
 
 def execute_plan(

@@ -224,14 +224,14 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
         if m is None:
             if ".original_module." in name:
                 continue  # PEFT's copy of the untouched base module
-            full[_full_tensor_name(name)] = key
+            _claim(full, _full_tensor_name(name), key, "the full tensor", weights_path)
             continue
         part = m.group("part")
         if m.group("leaf") == "bias":
             if part != "lora_B":
                 raise FormatError(weights_path, f"unexpected tensor {key}")
             part = "lora_B.bias"
-        parts.setdefault(m.group("module"), {})[part] = key
+        _claim(parts.setdefault(m.group("module"), {}), part, key, f"{m.group('module')}'s {part}", weights_path)
 
     modules: dict[str, LoraModule] = {}
     for module, p in parts.items():
@@ -407,6 +407,18 @@ def _modules_to_save_names(adapter: Adapter) -> list[str]:
 
 def _original_modules(adapter: Adapter) -> list[str]:
     return list(adapter.extras.get("peft_modules", adapter.modules))
+
+
+def _claim(slots: dict[str, str], role: str, key: str, what: str, path: Path) -> None:
+    """Record that ``key`` holds ``role``; two tensors claiming one role are refused (which one a
+    loader takes is arbitrary: merging either would silently apply the wrong delta).
+
+    Raises:
+        FormatError: naming both keys.
+    """
+    if role in slots:
+        raise FormatError(path, f"{slots[role]} and {key} both claim {what}; refused (remove the one that does not belong)")
+    slots[role] = key
 
 
 def _clean(x: float) -> float | int:
