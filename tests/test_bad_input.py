@@ -271,3 +271,32 @@ def test_a_result_beyond_float16_is_refused_with_the_way_out(tmp_path):
     assert not (tmp_path / "out").exists()
     code, _, err = invoke("merge", BASES / "llama", adapter, tmp_path / "out", "--dtype", "bfloat16")
     assert code == 0, err
+
+
+def test_a_reader_that_went_away_is_not_a_failed_check(tmp_path):
+    """`loratool verify ... --json | true`: the check passed, so the exit code says so, with no error line."""
+    import subprocess
+    import sys
+
+    merged = tmp_path / "m"
+    code, _, err = invoke("merge", BASES / "llama", ADAPTERS / "llama-lora", merged)
+    assert code == 0, err
+    for args in (["verify", BASES / "llama", ADAPTERS / "llama-lora", merged, "--json"], ["inspect", ADAPTERS / "llama-lora"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before anything is written
+        proc = subprocess.run([sys.executable, "-m", "loratool", *map(str, args)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+        os.close(write_end)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_json_configs_are_capped_before_parsing(tmp_path, monkeypatch):
+    folder = tmp_path / "a"
+    shutil.copytree(ADAPTERS / "llama-lora", folder)
+    monkeypatch.setenv("LORATOOL_MAX_JSON_BYTES", "100")
+    code, _, err = invoke("inspect", folder)
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert "adapter_config.json" in line and "limit 100" in line and "LORATOOL_MAX_JSON_BYTES" in line
+    monkeypatch.setenv("LORATOOL_MAX_JSON_BYTES", str(1 << 20))
+    assert invoke("inspect", folder)[0] == 0

@@ -87,7 +87,7 @@ class Output:
 
     def info(self, message: str) -> None:
         if not self.quiet and not self.json_mode:
-            click.echo(message)
+            _to_stdout(message)
 
     def warn(self, message: str) -> None:
         """A warning, printed when the command ends (see _HeldWarnings); nothing with --quiet."""
@@ -95,11 +95,22 @@ class Output:
             self._warnings.add(message)
 
     def json(self, obj: Any) -> None:
-        click.echo(json.dumps(obj, indent=2, default=_json_default))
+        _to_stdout(json.dumps(obj, indent=2, default=_json_default))
 
     def progress(self, *, total: int, desc: str, unit: str = "B") -> "Progress":
         enabled = not self.quiet and sys.stderr.isatty()
         return Progress(total=total, desc=desc, unit=unit, enabled=enabled)
+
+
+def _to_stdout(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``, ``| true``) is not a failure of the
+    command: the rest of its output is dropped and it ends with its own exit code."""
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush does not fail too
+        os.close(devnull)
 
 
 class Progress:

@@ -575,11 +575,32 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FormatError(folder, "no model weights (model.safetensors, an index json, or pytorch_model.bin)")
 
 
+# the largest JSON file (a config, an index) read before parsing; raised by LORATOOL_MAX_JSON_BYTES
+MAX_JSON_BYTES = 64 << 20
+
+
+def size_limit(name: str, default: int) -> int:
+    """A documented input limit, raised by the environment variable ``LORATOOL_<NAME>`` for a
+    genuinely huge file (docs/guarantees.md lists them)."""
+    value = os.environ.get(f"LORATOOL_{name}")
+    if value is None:
+        return default
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise FormatError(f"LORATOOL_{name}", f"not a number of bytes: {value!r}") from None
+
+
 def read_json(path: Path) -> object:
-    """Read a JSON file, with a one-line FormatError for any problem."""
+    """Read a JSON file, with a one-line FormatError for any problem; refused unread when larger
+    than ``MAX_JSON_BYTES`` (a config of hundreds of MB would take GBs to parse)."""
     path = Path(path)
     refuse_special_file(path)
     try:
+        limit = size_limit("MAX_JSON_BYTES", MAX_JSON_BYTES)
+        size = path.stat().st_size
+        if size > limit:
+            raise FormatError(path, f"{size:,} bytes, more than a JSON config may hold (limit {limit:,}; raise it with LORATOOL_MAX_JSON_BYTES)")
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
