@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -108,17 +109,17 @@ class BaseModel:
     def keys(self) -> list[str]:
         return self.store.keys()
 
-    def _prefixes(self) -> list[str]:
-        cached = getattr(self, "_prefix_cache", None)
-        if cached is None:
-            firsts = []
-            for k in self.store.keys():
-                head = k.split(".", 1)[0]
-                if "." in k and head not in firsts and not head.isdigit():
-                    firsts.append(head)
-            cached = firsts
-            self._prefix_cache = cached
-        return cached
+    @cached_property
+    def _by_suffix(self) -> dict[str, str]:
+        """Each key under a top-level prefix (``model.``, ``transformer.``), by what follows the
+        prefix; the first key in file order wins. Built once: every lookup is then O(1), however
+        many prefixes a checkpoint has."""
+        index: dict[str, str] = {}
+        for k in self.store.keys():
+            head, dot, rest = k.partition(".")
+            if dot and not head.isdigit():
+                index.setdefault(rest, k)
+        return index
 
     def tensor_name(self, name: str) -> str | None:
         """The base's key for a full tensor name (``x.weight``), tolerating task-model prefixes."""
@@ -127,12 +128,11 @@ class BaseModel:
         head, _, rest = name.partition(".")
         if rest and rest in self.store:
             return rest  # adapter names carry a prefix the base checkpoint lacks
-        for prefix in self._prefixes():
-            cand = f"{prefix}.{name}"
-            if cand in self.store:
-                return cand
-            if "." in rest and f"{prefix}.{rest}" in self.store:  # swap a task prefix, never a module name
-                return f"{prefix}.{rest}"
+        found = self._by_suffix.get(name)  # the base has a prefix the adapter's names lack
+        if found is not None:
+            return found
+        if "." in rest:  # swap a task prefix, never a module name
+            return self._by_suffix.get(rest)
         return None
 
     def weight_name(self, module: str) -> str | None:

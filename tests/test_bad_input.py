@@ -300,3 +300,54 @@ def test_json_configs_are_capped_before_parsing(tmp_path, monkeypatch):
     assert "adapter_config.json" in line and "limit 100" in line and "LORATOOL_MAX_JSON_BYTES" in line
     monkeypatch.setenv("LORATOOL_MAX_JSON_BYTES", str(1 << 20))
     assert invoke("inspect", folder)[0] == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rank_pattern", {"(x|xx)+$": 2}),
+    ("alpha_pattern", {"(a|aa)+$": 4}),
+])
+def test_a_backtracking_pattern_is_refused_in_time(field, value, tmp_path):
+    import time
+
+    folder = tmp_path / "a"
+    shutil.copytree(ADAPTERS / "llama-lora", folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    # module names long enough to make the patterns explode
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "adapter_model.safetensors")
+    long = "x" * 40 if "x" in next(iter(value)) else "a" * 40
+    sd = {k.replace("self_attn.q_proj", f"self_attn.{long}_q"): v for k, v in sd.items()}
+    save_file(sd, folder / "adapter_model.safetensors")
+    t0 = time.perf_counter()
+    code, _, err = invoke("inspect", folder)
+    assert time.perf_counter() - t0 < 10
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert field in line and "catastrophic backtracking" in line and "LORATOOL_REGEX_SECONDS" in line
+
+
+def test_patterns_keep_re_semantics():
+    from loratool.formats.peft import pattern_key, target_matches
+
+    assert target_matches(r".*\.(q|v)_proj", "model.layers.0.self_attn.q_proj")
+    assert not target_matches(r"(q|v)_proj", "model.layers.0.self_attn.q_proj")  # a full match, as PEFT does
+    assert pattern_key(["q_proj", "layers.1.self_attn.v_proj"], "model.layers.1.self_attn.v_proj") == "layers.1.self_attn.v_proj"
+    assert pattern_key(["[unclosed"], "model.x") is None  # a pattern that does not compile is skipped
+
+
+def test_a_base_with_a_huge_number_of_prefixes_is_linear(tmp_path):
+    """150,000 distinct top-level module prefixes (hostile or not): name lookups stay O(1), so
+    inspect --base and merge finish (the prefix scan was quadratic)."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(BASES / "llama", base)
+    sd = load_file(base / "model.safetensors")
+    sd.update({f"x{i}.weight": torch.zeros(1) for i in range(150_000)})
+    save_file(sd, base / "model.safetensors")
+    res = run_cli("inspect", ADAPTERS / "llama-lora", "--base", base, "--json", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["modules"]) == 14

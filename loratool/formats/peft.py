@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -100,14 +101,41 @@ def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
     return config, weights
 
 
-def pattern_key(patterns, name: str) -> str | None:
+# a user pattern from a config (target_modules, rank_pattern, alpha_pattern, layers_pattern) gets
+# this long to match one module name; LORATOOL_REGEX_SECONDS raises it
+REGEX_SECONDS = 0.5
+
+
+def user_match(pattern: str, name: str, *, what: str, full: bool = False):
+    """``re.match`` / ``re.fullmatch`` of a pattern that came from a file, under a time bound.
+
+    A pattern with catastrophic backtracking (``(x+x+)+y``) would otherwise hang every command;
+    the ``regex`` package (re's semantics, with a timeout) stops it.
+
+    Returns:
+        The match, or None (also for a pattern that does not compile, as PEFT skips it).
+    Raises:
+        InputError: the match took longer than the bound, naming ``what`` and the pattern.
+    """
+    import regex
+
+    seconds = float(os.environ.get("LORATOOL_REGEX_SECONDS", REGEX_SECONDS))
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, name, timeout=seconds)
+    except TimeoutError:
+        raise InputError(
+            f"{what} pattern {pattern!r} takes more than {seconds:g} s to match {name!r} (catastrophic backtracking); "
+            "refused (raise the bound with LORATOOL_REGEX_SECONDS)"
+        ) from None
+    except (regex.error, re.error, TypeError, ValueError):
+        return None
+
+
+def pattern_key(patterns, name: str, *, what: str = "rank_pattern/alpha_pattern") -> str | None:
     """PEFT's get_pattern_key: the first key whose regex matches the end of ``name``."""
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error:
-            continue
+        if user_match(rf"(.*\.)?({key})$", name, what=f"{what} key") is not None:
+            return key
     return None
 
 
@@ -118,10 +146,7 @@ def target_matches(targets, name: str, *, layers_to_transform=None, layers_patte
     if isinstance(targets, str):
         if targets == "all-linear":
             return True
-        try:
-            return re.fullmatch(targets, name) is not None
-        except re.error:
-            return False
+        return user_match(targets, name, what="target_modules", full=True) is not None
     found = name in targets or any(name.endswith(f".{t}") for t in targets)
     if found and layers_to_transform not in (None, []):
         layers = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
@@ -130,7 +155,7 @@ def target_matches(targets, name: str, *, layers_to_transform=None, layers_patte
         if not patterns:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = user_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name, what="layers_pattern")
             if match:
                 break
         found = match is not None and int(match.group("idx")) in layers
@@ -183,8 +208,8 @@ def read_config(path: Path) -> dict:
 
 
 def _module_rank_alpha(config: dict, module: str, path: Path) -> tuple[int | None, float]:
-    rank_key = pattern_key((config.get("rank_pattern") or {}).keys(), module)
-    alpha_key = pattern_key((config.get("alpha_pattern") or {}).keys(), module)
+    rank_key = pattern_key((config.get("rank_pattern") or {}).keys(), module, what="rank_pattern")
+    alpha_key = pattern_key((config.get("alpha_pattern") or {}).keys(), module, what="alpha_pattern")
     if rank_key is not None:
         rank = config["rank_pattern"][rank_key]
         if isinstance(rank, list):  # AdaLoRA stores boolean masks
