@@ -351,3 +351,42 @@ def test_a_base_with_a_huge_number_of_prefixes_is_linear(tmp_path):
     res = run_cli("inspect", ADAPTERS / "llama-lora", "--base", base, "--json", timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["modules"]) == 14
+
+
+def _gguf_bytes(kvs: list[bytes], n_kv: int | None = None, n_tensors: int = 0) -> bytes:
+    import struct
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs) if n_kv is None else n_kv)
+    return head + b"".join(kvs)
+
+
+def _gguf_key(name: str, body: bytes) -> bytes:
+    import struct
+
+    raw = name.encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _gguf_cases():
+    import struct
+
+    arch = "general.architecture"
+    yield "array count past the end", _gguf_bytes([_gguf_key(arch, struct.pack("<IIQ", 9, 10, 60_000))]), "past the end"
+    yield "a huge array count", _gguf_bytes([_gguf_key(arch, struct.pack("<IIQ", 9, 0, 1 << 40))]), "general.architecture"
+    yield "a 4-million-byte array where a string belongs", _gguf_bytes([_gguf_key(arch, struct.pack("<IIQ", 9, 0, 4_000_000) + bytes(4_000_000))]), "limit"
+    strings = b"".join(struct.pack("<Q", 1) + b"x" for _ in range(200_000))
+    yield "a 200,000-string array", _gguf_bytes([_gguf_key("tokenizer.ggml.tokens", struct.pack("<IIQ", 9, 8, 200_000) + strings)]), "limit"
+    yield "a key count the file cannot hold", _gguf_bytes([], n_kv=1 << 50), "cannot fit"
+    yield "a string longer than the file", _gguf_bytes([_gguf_key(arch, struct.pack("<IQ", 8, 1 << 33))]), "string"
+    yield "an unknown value type", _gguf_bytes([_gguf_key(arch, struct.pack("<I", 77))]), "value type"
+
+
+@pytest.mark.parametrize("case", list(_gguf_cases()), ids=lambda c: c[0])
+def test_hostile_gguf_headers_are_refused_before_parsing(case, tmp_path):
+    name, data, word = case
+    path = tmp_path / "a.gguf"
+    path.write_bytes(data)
+    res = run_cli("inspect", path, timeout=60)
+    assert res.returncode == 2, res.stderr
+    line = assert_one_line_error(res.stderr)
+    assert "GGUF header" in line and word in line, line

@@ -70,6 +70,91 @@ def detect(path: Path) -> bool:
 # -- reading --------------------------------------------------------------------------------
 
 
+# a LoRA GGUF holds a handful of scalar keys and short strings; these bound what a header may claim
+MAX_GGUF_ARRAY = 1 << 16  # elements of one metadata array (LORATOOL_MAX_GGUF_ARRAY raises it)
+MAX_GGUF_STRING = 1 << 20  # bytes of one string
+MAX_GGUF_DIMS = 8
+# GGUF value types -> bytes (gguf-py's GGUFValueType numbering; 8 is a string, 9 an array)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Little-endian reads from the file's bytes that refuse to run past its end."""
+
+    def __init__(self, data: memoryview, path: Path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise FormatError(self.path, f"GGUF header: {what} claims {n:,} bytes at offset {self.pos:,}, past the end of the {len(self.data):,}-byte file")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint(self, size: int, what: str) -> int:
+        return int.from_bytes(self.take(size, what), "little")
+
+    def string(self, what: str) -> str:
+        n = self.uint(8, what)
+        if n > MAX_GGUF_STRING:
+            raise FormatError(self.path, f"GGUF header: {what} is a {n:,}-byte string (limit {MAX_GGUF_STRING:,})")
+        return bytes(self.take(n, what)).decode("utf-8", "replace")
+
+    def value(self, vtype: int, what: str, *, nested: bool = False) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY and not nested:
+            etype, count = self.uint(4, what), self.uint(8, what)
+            limit = int(os.environ.get("LORATOOL_MAX_GGUF_ARRAY", MAX_GGUF_ARRAY))
+            if count > limit:
+                raise FormatError(self.path, f"GGUF header: {what} is an array of {count:,} elements (limit {limit:,}; raise it with LORATOOL_MAX_GGUF_ARRAY)")
+            if etype in _SCALAR_BYTES:
+                self.take(count * _SCALAR_BYTES[etype], what)
+            else:
+                for _ in range(count):
+                    self.value(etype, what, nested=True)
+        else:
+            raise FormatError(self.path, f"GGUF header: {what} has value type {vtype}, which GGUF does not define here")
+
+
+def check_gguf_header(path: Path) -> None:
+    """Walk a GGUF header with every count and length checked against the file size and the
+    limits above, before gguf-py (which parses every field eagerly, allocating what a count
+    claims) reads it. A LoRA GGUF needs only a handful of scalar keys.
+
+    Raises:
+        FormatError: naming the key or tensor whose count, length or type is out of bounds.
+    """
+    import mmap
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise FormatError(path, f"GGUF header: {size} bytes, too short for a GGUF file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            cur = _Cursor(memoryview(mm), Path(path))
+            try:
+                cur.take(4, "magic")
+                cur.uint(4, "version")
+                n_tensors, n_kv = cur.uint(8, "tensor count"), cur.uint(8, "key count")
+                if n_kv * 13 > size or n_tensors * 29 > size:  # the smallest entry of each kind
+                    raise FormatError(path, f"GGUF header: {n_kv:,} keys and {n_tensors:,} tensors cannot fit in {size:,} bytes")
+                for i in range(n_kv):
+                    key = f"key {cur.string(f'key #{i}')!r}"
+                    cur.value(cur.uint(4, key), key)
+                for i in range(n_tensors):
+                    name = f"tensor {cur.string(f'tensor #{i}')!r}"
+                    dims = cur.uint(4, name)
+                    if dims > MAX_GGUF_DIMS:
+                        raise FormatError(path, f"GGUF header: {name} has {dims:,} dimensions (limit {MAX_GGUF_DIMS})")
+                    cur.take(8 * dims + 4 + 8, name)
+            finally:
+                cur.data.release()
+
+
 def _field(reader, key: str):
     f = reader.fields.get(key)
     if f is None:
@@ -132,6 +217,7 @@ def read(path: Path, *, base=None) -> Adapter:
     import gguf
 
     path = Path(path)
+    check_gguf_header(path)  # bounded: before gguf-py allocates what the header claims
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on garbage
