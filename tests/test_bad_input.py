@@ -390,3 +390,25 @@ def test_hostile_gguf_headers_are_refused_before_parsing(case, tmp_path):
     assert res.returncode == 2, res.stderr
     line = assert_one_line_error(res.stderr)
     assert "GGUF header" in line and word in line, line
+
+
+@pytest.mark.parametrize("fmt", ["peft", "scratch", "lit-llama", "litgpt", "gguf", "mlx"])
+def test_a_fifo_is_refused_even_when_the_format_is_named(fmt, tmp_path):
+    fifo = tmp_path / "adapter.pth"
+    os.mkfifo(fifo)
+    res = run_cli("inspect", fifo, "--from", fmt, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "FIFO" in assert_one_line_error(res.stderr) or "pipe" in res.stderr
+
+
+@pytest.mark.parametrize("payload", [
+    b"lora_" + b"a_" * 500_000,  # a scratch-like key run that never reaches matrix_A
+    b"transformer.h.0.mlp." + b"a" * 1_000_000,  # a LitGPT-like name that never reaches .lora_A
+])
+def test_content_sniffing_is_linear_on_hostile_bytes(payload, tmp_path):
+    """Detection regexes have bounded repetitions and read at most 1 MiB (this used to hang)."""
+    path = tmp_path / "x.pth"
+    path.write_bytes(b"\x80\x02" + payload)
+    res = run_cli("inspect", path, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr)

@@ -173,7 +173,10 @@ def read_adapter(path: Path | str, *, format: str | None = None, **options) -> A
         FormatError, UnsupportedError.
         InputError: also for an option the format does not take.
     """
+    from loratool.io.store import refuse_special_file
+
     path = Path(path)
+    refuse_special_file(path)  # also when --from names the format (detection checks it otherwise)
     name = format or detect_format(path)
     reader = get_format(name).read
     return reader(path, **format_options(reader, options, context=("base",), what=f"{name} adapters ({path})"))

@@ -48,7 +48,7 @@ DEFAULT_ALPHA = 16.0  # finetune/lora.py and scripts/convert_lora_weights.py
 LLAMA1_HEADS = {4096: 32, 5120: 40, 6656: 52, 8192: 64}
 
 _KEY_RE = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.lora_([AB])$")
-_DETECT_RE = re.compile(rb"transformer\.h\.\d+\.attn\.c_attn\.lora_A")
+_DETECT_RE = re.compile(rb"transformer\.h\.\d{1,6}\.attn\.c_attn\.lora_A")
 _HF_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(q_proj|v_proj)$")
 
 

@@ -60,7 +60,9 @@ _OLD_HPARAMS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
 
 _HF_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
 _LIT_KEY_RE = re.compile(r"^(?:transformer\.h\.(?P<layer>\d+)\.(?P<mod>attn\.qkv|attn\.attn|attn\.proj|mlp\.fc_1|mlp\.fc_2|mlp\.proj)|(?P<head>lm_head))\.lora_(?P<part>[AB])$")
-_DETECT_RE = re.compile(rb"transformer\.h\.\d+\.(?:attn\.(?:qkv|attn|proj)|mlp\.[\w.]+)\.lora_[AB]|lm_head\.lora_[AB]")
+# bounded repetitions: detection scans up to SNIFF_BYTES of a file that may be hostile, in linear time
+_DETECT_RE = re.compile(rb"transformer\.h\.\d{1,6}\.(?:attn\.(?:qkv|attn|proj)|mlp\.[\w.]{1,64})\.lora_[AB]|lm_head\.lora_[AB]")
+SNIFF_BYTES = 1 << 20  # a LoRA checkpoint's object stream names its tensors well within this
 _STRIP_PREFIXES = ("model.", "state_dict.", "_forward_module.", "module.")
 
 # How the legacy ``attn.attn`` delta was placed on the interleaved base weight:
@@ -78,7 +80,7 @@ LEGACY_MODES = OPTIONS["legacy_qkv"].choices  # declared in the registry
 # ---------------------------------------------------------------------------------------------
 
 
-def pickle_head(path: Path, limit: int = 8 << 20) -> bytes:
+def pickle_head(path: Path, limit: int = SNIFF_BYTES) -> bytes:
     """The first bytes of a PyTorch pickle's object stream (never unpickled): for detection."""
     path = Path(path)
     try:

@@ -75,10 +75,10 @@ def lora_keys(module: str, style: str = "attr") -> tuple[str, str]:
     return f"{module}.lora_matrix_A", f"{module}.lora_matrix_B"
 
 
-_PICKLE_HINT = re.compile(rb"lora_(?:[A-Za-z0-9_]*_)?matrix_[AB]")
+_PICKLE_HINT = re.compile(rb"lora_(?:[A-Za-z0-9_]{0,64}_)?matrix_[AB]")  # bounded: linear on hostile bytes
 
 
-def _pickle_may_hold_scratch(path: Path, limit: int = 8 << 20) -> bool:
+def _pickle_may_hold_scratch(path: Path, limit: int = 1 << 20) -> bool:
     """A cheap look at a torch pickle's object stream (never unpickled) for scratch key names."""
     try:
         if zipfile.is_zipfile(path):
