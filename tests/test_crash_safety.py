@@ -511,3 +511,27 @@ def test_two_free_running_runs(runner, work):
     assert "already exists" in line or "another run" in line, line
     assert digest(out) == digest(ref)
     assert not siblings(out)
+
+
+def test_a_base_truncated_during_the_merge_is_one_line_and_no_leftovers(runner, work):
+    """Another process truncates a base file while the merge reads it: exit 2 with one line naming
+    the file, no sibling, no OUT (it used to be SIGBUS, or an internal error when truncated earlier)."""
+    need("merge")
+    inputs = inputs_of(work)
+    base_file = next(Path(inputs["base"]).glob("*.safetensors"))
+    out = work / "merged"
+    # stop the run at its first write step (the temporary folder exists, nothing is read yet)
+    h = runner.spawn(["merge", inputs["base"], inputs["adapter"], out], workdir=work,
+                     env={"LORATOOL_TEST_KILL_AFTER": "1", "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
+    deadline = time.time() + 60
+    while not siblings(out) and time.time() < deadline:
+        time.sleep(0.05)
+    assert siblings(out), "the run never reached its first write step"
+    with open(base_file, "r+b") as fh:
+        fh.truncate(os.path.getsize(base_file) // 2)
+    os.kill(h["pid"], signal.SIGCONT)
+    res = runner.wait(h)
+    assert res.returncode == 2, res.stderr
+    line = error_line(res.stderr)
+    assert "truncated" in line and base_file.name in line, line
+    assert not out.exists() and not siblings(out)

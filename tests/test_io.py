@@ -98,3 +98,25 @@ def test_may_overflow_thresholds():
     assert not may_overflow(bf16, bf16, 1e35) and may_overflow(bf16, bf16, 1e36)
     assert not may_overflow(f32, f32, 1e30) and may_overflow(f32, f32, 1e32)
     assert may_overflow(f32, f16, 0.0) and may_overflow(f32, bf16, 0.0) and not may_overflow(f16, f32, 0.0)
+
+
+def test_a_source_file_truncated_after_mapping_is_an_error_not_sigbus(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from loratool.errors import FormatError
+    from loratool.io.source import TensorSource
+    from loratool.io.store import TensorStore
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(4096, dtype=torch.float32).reshape(64, 64), "b": torch.ones(64, 64)}, path)
+    store = TensorStore([path])
+    source = TensorSource(store)
+    entry = store.entry("b")
+    assert float(source.rows(entry, 0, 2).sum()) == 128.0  # mapped
+    with open(path, "r+b") as fh:
+        fh.truncate(entry.begin + 100)
+    with pytest.raises(FormatError, match="truncated while being read"):
+        source.rows(entry, 10, 20)  # reading these pages would be SIGBUS
+    source.close()

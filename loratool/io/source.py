@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from loratool.errors import FormatError
 from loratool.io.store import TensorEntry, TensorStore
 
 
@@ -39,6 +41,7 @@ class TensorSource:
         if n == 0:
             return torch.empty(out_shape, dtype=entry.dtype)
         offset = entry.begin + start * row_bytes
+        self._still_there(entry, offset + n)
         mm = self._map(entry.path)
         if offset % entry.dtype.itemsize:
             # safetensors aligns nothing: a tensor at an odd offset cannot be viewed as its dtype
@@ -48,6 +51,21 @@ class TensorSource:
                 warnings.simplefilter("ignore")  # "buffer is not writable": nothing writes to it
                 raw = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=offset)
         return raw.view(entry.dtype).reshape(out_shape)
+
+    def _still_there(self, entry: TensorEntry, end: int) -> None:
+        """Refuse to view bytes a file no longer has: reading a mapping past the end of a file that
+        another process truncated kills the process with SIGBUS, which no handler can turn into an
+        error safely. One ``stat`` per block (microseconds) closes all but a tiny window.
+
+        Raises:
+            FormatError: naming the file, its size now and what the tensor needs.
+        """
+        try:
+            size = os.stat(entry.path).st_size
+        except OSError as exc:
+            raise FormatError(entry.path, f"cannot be read any more ({exc.strerror or exc})") from None
+        if size < end:
+            raise FormatError(entry.path, f"was truncated while being read: {size:,} bytes now, tensor {entry.name!r} needs {end:,}")
 
     def tensor(self, name: str) -> torch.Tensor:
         """A whole tensor, read-only."""

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from loratool.errors import InputError
+from loratool.errors import FormatError, InputError
 from loratool.io.atomic import crash_point
 from loratool.io.store import TORCH_TO_SAFETENSORS, TensorEntry
 
@@ -121,6 +121,9 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"safetensors writer: raw copy of {name} has the wrong size")
         self._fh.flush()
         with open(source.path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size < source.end:  # another process truncated it since its header was read
+                raise FormatError(source.path, f"was truncated while being read: {size:,} bytes now, tensor {name!r} needs {source.end:,}")
             copy_range(src.fileno(), self._fh.fileno(), source.begin, source.end - source.begin)
         self._next += 1
 
