@@ -43,6 +43,11 @@ SCENARIOS = {
     "convert-gguf": ("adapter.gguf", lambda i, out: ["convert", i["adapter"], out, "--to", "gguf", "--base", i["base"]]),
     "convert-mlx": ("mlx", lambda i, out: ["convert", i["adapter"], out, "--to", "mlx", "--base", i["base"]]),
 }
+# outputs whose writers are not the safetensors stream (torch.save pickles, LitGPT folders): full-disk only
+WRITER_SCENARIOS = {
+    "convert-scratch": ("adapter.pth", lambda i, out: ["convert", i["adapter"], out, "--to", "scratch", "--base", i["base"]]),
+    "convert-litgpt": ("litgpt", lambda i, out: ["convert", i["adapter"], out, "--to", "litgpt", "--base", i["base"]]),
+}
 KILL_POINTS: dict[str, int] = {}
 
 
@@ -269,7 +274,8 @@ def test_stale_siblings_of_other_processes(runner, work):
 # ----------------------------------------------------------------------------- full disk
 
 
-FULL_DISK_CASES = {"merge": 100_000, "rerank": 2048, "convert-peft": 2048, "convert-gguf": 2048, "convert-mlx": 2048}
+FULL_DISK_CASES = {"merge": 100_000, "rerank": 2048, "convert-peft": 2048, "convert-gguf": 2048, "convert-mlx": 2048,
+                   "convert-scratch": 2048, "convert-litgpt": 2048}
 
 
 def _no_space(res, out: Path, before: dict, work: Path) -> None:
@@ -287,7 +293,7 @@ def test_full_disk_tmpfs(scenario, runner, work):
     need(scenario.split("-")[0])
     inputs = inputs_of(work)
     before = digest(work / "in")
-    name, build = SCENARIOS[scenario]
+    name, build = {**SCENARIOS, **WRITER_SCENARIOS}[scenario]
     with tmpfs(work / "disk", "1m") as disk:
         st = os.statvfs(disk)
         free = st.f_bavail * st.f_frsize

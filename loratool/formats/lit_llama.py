@@ -40,6 +40,7 @@ from loratool.formats.litgpt import (
     strip_wrapper,
 )
 from loratool.io.store import TensorStore, is_torch_pickle, load_pickle
+from loratool.io.writer import save_torch_pickle
 
 NAME = "lit-llama"
 OUTPUT_IS_FILE = True
@@ -273,5 +274,5 @@ def write(adapter: Adapter, target: Path, *, base=None, alpha: float | None = No
         UnsupportedError, InputError: see ``build_state_dict``.
     """
     sd = build_state_dict(adapter, base=base, alpha=alpha, report=report)
-    torch.save(sd, Path(target))
+    save_torch_pickle(sd, Path(target))
     return [Path(target)]

@@ -35,6 +35,7 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copie
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS
 from loratool.io.store import LazyTensor, TensorStore, is_torch_pickle
+from loratool.io.writer import save_torch_pickle
 
 NAME = "litgpt"
 OUTPUT_IS_FILE = False
@@ -812,7 +813,7 @@ def write(adapter: Adapter, target: Path, *, base=None, report: dict | None = No
     hparams.update(lora_hp)
     hparams.setdefault("lora_dropout", 0.0)
     weights = target / WEIGHTS_NAME
-    torch.save({"model": sd}, weights)
+    save_torch_pickle({"model": sd}, weights)
     hp_path = target / HPARAMS_NAME
     with open(hp_path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(hparams, fh, sort_keys=False)

@@ -492,9 +492,8 @@ def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe
     with open(folder / CONFIG_NAME, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
         fh.write("\n")
-    import torch
 
-    from loratool.io.writer import write_safetensors
+    from loratool.io.writer import save_torch_pickle, write_safetensors
 
     sd = state_dict(adapter)
     if safe_serialization:
@@ -502,5 +501,5 @@ def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, safe
         write_safetensors(weights, sd, metadata={"format": "pt"})
     else:
         weights = folder / "adapter_model.bin"
-        torch.save(sd, weights)
+        save_torch_pickle(sd, weights)
     return [folder / CONFIG_NAME, weights]

@@ -40,7 +40,7 @@ from loratool.io.store import (
     is_torch_pickle,
     read_safetensors_header,
 )
-from loratool.io.writer import write_safetensors
+from loratool.io.writer import save_torch_pickle, write_safetensors
 
 NAME = "scratch"
 OUTPUT_IS_FILE = True
@@ -368,7 +368,7 @@ def write(adapter: Adapter, target: Path, *, base=None, out_name: str | None = N
         obj: dict[str, object] = dict(sd)
         for k, v in entries.items():
             obj.setdefault(k, v)
-        torch.save(obj, target)
+        save_torch_pickle(obj, target)
     else:
         meta = {"format": "pt"}
         for k, v in entries.items():

@@ -377,3 +377,26 @@ def trim_padded(folder: Path, padded: Mapping[str, int]) -> int:
             meta["total_size"] -= saved
         index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return saved
+
+
+def save_torch_pickle(obj: object, path: Path) -> None:
+    """``torch.save`` (the .pth / .bin outputs), with a full disk reported as one.
+
+    torch's zip writer turns a short write into a RuntimeError ("unexpected pos N vs M", "file
+    write failed") instead of the OSError the file system gave; on a file system with no space
+    left that becomes ENOSPC again, so the error line says what happened.
+    """
+    import errno
+
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "unexpected pos" not in text and "write failed" not in text:
+            raise
+        st = os.statvfs(Path(path).parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise OSError(errno.EIO, f"short write ({text.splitlines()[0][:200]})", str(path)) from None
