@@ -313,7 +313,7 @@ def test_file_size_limit(scenario, runner, work):
     need(scenario.split("-")[0])
     inputs = inputs_of(work)
     before = digest(work / "in")
-    name, build = SCENARIOS[scenario]
+    name, build = {**SCENARIOS, **WRITER_SCENARIOS}[scenario]
     out = work / name
     res = runner.run(build(inputs, out), workdir=work, fsize=FULL_DISK_CASES[scenario])
     _no_space(res, out, before, work)

@@ -396,7 +396,11 @@ def save_torch_pickle(obj: object, path: Path) -> None:
         text = str(exc)
         if "unexpected pos" not in text and "write failed" not in text:
             raise
+        import resource
+
         st = os.statvfs(Path(path).parent)
         if st.f_bavail * st.f_frsize < (1 << 20):
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:  # a file size limit stopped it
+            raise OSError(errno.EFBIG, "File too large", str(path)) from None
         raise OSError(errno.EIO, f"short write ({text.splitlines()[0][:200]})", str(path)) from None
