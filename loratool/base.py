@@ -69,6 +69,36 @@ def is_conv1d(model_type: str | None, module_name: str) -> bool:
     return model_type in CONV1D_MODEL_TYPES and module_name.rsplit(".", 1)[-1] in CONV1D_LEAVES
 
 
+# sizes a model config may state, read before anything is built from them (a GGUF name table, a
+# transformers model on the meta device, sample inputs); far above any real model
+CONFIG_LIMITS = {
+    "num_hidden_layers": 10_000, "n_layer": 10_000, "num_layers": 10_000, "n_layers": 10_000,
+    "num_attention_heads": 100_000, "n_head": 100_000, "n_heads": 100_000, "num_key_value_heads": 100_000,
+    "hidden_size": 1_000_000, "n_embd": 1_000_000, "intermediate_size": 10_000_000,
+    "vocab_size": 100_000_000, "max_position_embeddings": 100_000_000, "n_positions": 100_000_000,
+}
+
+
+def read_model_config(path: Path) -> dict:
+    """A model's config.json, its sizes checked: each one ``CONFIG_LIMITS`` names, when present, must be a
+    whole number from 1 to its limit (a config claiming 10 million layers or 0 heads is refused before
+    anything is allocated or divided by it).
+
+    Raises:
+        FormatError: naming the key, its value and the limit.
+    """
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise FormatError(path, "is not a JSON object")
+    for key, limit in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise FormatError(path, f"{key} is {value!r}; a model config needs a whole number from 1 to {limit:,}")
+    return config
+
+
 @dataclass
 class BaseModel:
     """A transformers model folder, opened lazily."""
@@ -89,9 +119,7 @@ class BaseModel:
             raise FormatError(path, "base model not found")
         if not path.is_dir():
             raise FormatError(path, "base model must be a folder with config.json and weights")
-        config = read_json(path / "config.json")
-        if not isinstance(config, dict):
-            raise FormatError(path / "config.json", "is not a JSON object")
+        config = read_model_config(path / "config.json")
         return cls(path=path, config=config, store=TensorStore(checkpoint_files(path)))
 
     @property

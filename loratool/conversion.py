@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.base import BaseModel, bind_adapter
+from loratool.base import BaseModel, bind_adapter, read_model_config
 from loratool.engine.delta import combination_norm
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import (
@@ -38,7 +38,7 @@ from loratool.formats import (
 )
 from loratool.hub import resolve_path
 from loratool.io.atomic import atomic_output_dir, atomic_output_file
-from loratool.io.store import TensorStore, checkpoint_files, read_json
+from loratool.io.store import TensorStore, checkpoint_files
 
 _MERGE_HINT = "merge the adapter into the base instead (loratool merge BASE ADAPTER OUT)"
 _CHUNK_ROWS = 4096
@@ -64,10 +64,7 @@ def load_base(base: BaseModel | str | os.PathLike | None) -> BaseModel | None:
         try:
             checkpoint_files(path)
         except FormatError:
-            config = read_json(path / "config.json")
-            if not isinstance(config, dict):
-                raise FormatError(path / "config.json", "is not a JSON object") from None
-            return BaseModel(path=path, config=config, store=TensorStore([]))
+            return BaseModel(path=path, config=read_model_config(path / "config.json"), store=TensorStore([]))
         raise
 
 

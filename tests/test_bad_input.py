@@ -412,3 +412,27 @@ def test_content_sniffing_is_linear_on_hostile_bytes(payload, tmp_path):
     res = run_cli("inspect", path, timeout=60)
     assert res.returncode == 2, res.stderr
     assert_one_line_error(res.stderr)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_hidden_layers", 10_000_000), ("num_hidden_layers", 2**31), ("num_hidden_layers", 1e400),
+    ("num_attention_heads", 0), ("hidden_size", -64), ("vocab_size", "32000"), ("num_hidden_layers", True),
+])
+def test_model_config_sizes_are_checked_before_anything_is_built(key, value, tmp_path):
+    """A config-only base for GGUF (and any base) states sizes loratool builds from: refused first."""
+    base = tmp_path / "base"
+    base.mkdir()
+    cfg = json.loads((BASES / "llama" / "config.json").read_text())
+    cfg[key] = value
+    text = json.dumps(cfg).replace("Infinity", "1e400")  # json writes inf as Infinity; 1e400 parses as inf
+    (base / "config.json").write_text(text)
+    code, _, err = invoke("convert", ADAPTERS / "llama-lora", tmp_path / "a.gguf", "--to", "gguf", "--base", base)
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert key in line and "whole number" in line
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_verify_output_sample_counts_are_bounded():
+    code, _, err = invoke("verify", BASES / "llama", ADAPTERS / "llama-lora", BASES / "llama", "--outputs", "--samples", "1000000")
+    assert code == 2 and "4096" in assert_one_line_error(err)

@@ -71,8 +71,8 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
 @click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) and compare their outputs.")
 @click.option("--tolerance", type=float, help="Fixed limit on residual / ||delta|| per module (and on the relative output difference) instead of the bound derived from the dtypes.")
 @click.option("--prompt", "prompts", multiple=True, help="With --outputs: a text to run through the base's tokenizer (repeatable). Default: random token ids.")
-@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="With --outputs: how many random sequences.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=32, show_default=True, help="With --outputs: tokens per random sequence.")
+@click.option("--samples", type=click.IntRange(min=1, max=4096), default=4, show_default=True, help="With --outputs: how many random sequences (at most 4096).")
+@click.option("--seq-len", type=click.IntRange(min=1, max=1 << 16), default=32, show_default=True, help="With --outputs: tokens per random sequence (capped by the model's positions).")
 @click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help="Where the checks compute.")
 @adapter_argument_options
 @json_option

@@ -30,6 +30,10 @@ from loratool.verify._common import (
 # ----------------------------------------------------------------------------- the output check
 
 
+MAX_SAMPLES = 4096  # random sequences an output check runs (each through both models)
+MAX_SEQ_LEN = 1 << 16
+
+
 def _task(architectures: list[str]) -> tuple[str, Any]:
     """("causal" | "seqcls" | "base", the transformers Auto class) from config.architectures."""
     import transformers
@@ -187,8 +191,8 @@ def verify_outputs(
     """
     if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
         raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
-    if samples < 1:
-        raise InputError(f"samples must be at least 1, got {samples}")
+    if not 1 <= samples <= MAX_SAMPLES or not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise InputError(f"samples must be 1 to {MAX_SAMPLES} and seq_len 1 to {MAX_SEQ_LEN}, got {samples} and {seq_len}")
     base_m = _open_model(base)
     merged_m = _open_model(merged)
     ad = _open_adapter(adapter)
