@@ -436,3 +436,18 @@ def test_model_config_sizes_are_checked_before_anything_is_built(key, value, tmp
 def test_verify_output_sample_counts_are_bounded():
     code, _, err = invoke("verify", BASES / "llama", ADAPTERS / "llama-lora", BASES / "llama", "--outputs", "--samples", "1000000")
     assert code == 2 and "4096" in assert_one_line_error(err)
+
+
+@pytest.mark.parametrize("text, word", [
+    ("a: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested"),
+    ("a: &x [1, 2]\nb: [*x, *x, *x]\n", "aliases"),
+])
+def test_litgpt_yaml_is_bounded(text, word, tmp_path):
+    folder = tmp_path / "lit"
+    code, _, err = invoke("convert", ADAPTERS / "llama-lora", folder, "--to", "litgpt", "--base", BASES / "llama")
+    assert code == 0, err
+    (folder / "hyperparameters.yaml").write_text(text)
+    code, _, err = invoke("inspect", folder, "--base", BASES / "llama")
+    assert code == 2
+    line = assert_one_line_error(err)
+    assert word in line and "hyperparameters.yaml" in line

@@ -271,17 +271,40 @@ def _locate(path: Path) -> tuple[Path, Path]:
     return path.parent, path
 
 
+MAX_YAML_DEPTH = 64  # LitGPT's hyperparameters nest a few levels
+
+
 def _read_yaml(path: Path) -> dict:
+    """A LitGPT YAML sidecar, bounded: its size like a JSON config's, its nesting depth walked by the
+    streaming parser first (the loader recurses), aliases refused (they multiply what is built)."""
     import yaml
 
+    from loratool.io.store import MAX_JSON_BYTES, size_limit
+
     try:
+        limit = size_limit("MAX_JSON_BYTES", MAX_JSON_BYTES)
+        if path.stat().st_size > limit:
+            raise FormatError(path, f"{path.stat().st_size:,} bytes, more than a config may hold (limit {limit:,}; raise it with LORATOOL_MAX_JSON_BYTES)")
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            text = fh.read()
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise FormatError(path, "YAML aliases are not accepted in a LitGPT config")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise FormatError(path, f"YAML nested more than {MAX_YAML_DEPTH} levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        data = yaml.safe_load(text)
     except OSError as exc:
         raise FormatError(path, exc.strerror or str(exc)) from None
     except yaml.YAMLError as exc:
         first = " ".join(str(exc).split())[:200]
         raise FormatError(path, f"malformed YAML ({first})") from None
+    except UnicodeDecodeError:
+        raise FormatError(path, "is not UTF-8 text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
