@@ -159,7 +159,9 @@ class Adapter:
     @property
     def dtype_name(self) -> str | None:
         """``"float32"``... of the LoRA factors, without importing torch for stored tensors."""
-        for t in [*(m.A for m in self.modules.values()), *self.modules_to_save.values()][:1]:
+        for m in self.modules.values():
+            return m.A.dtype_name
+        for t in self.modules_to_save.values():
             return t.dtype_name
         return None
 

@@ -104,16 +104,6 @@ def get_format(name: str) -> ModuleType:
         raise
 
 
-def available_formats() -> list[ModuleType]:
-    mods = []
-    for name in _FORMAT_MODULES:
-        try:
-            mods.append(get_format(name))
-        except InputError:
-            continue
-    return mods
-
-
 def detect_format(path: Path | str) -> str:
     """Name of the format of the adapter at ``path``.
 

@@ -36,7 +36,7 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copie
 from loratool.base import is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS, refuse_lora_bias, refuse_modules_to_save
-from loratool.io.store import LazyTensor
+from loratool.io.store import LazyTensor, size_limit
 from loratool.names import (
     GGUFArch,
     gguf_arch_by_name,
@@ -108,7 +108,7 @@ class _Cursor:
             self.string(what)
         elif vtype == _ARRAY and not nested:
             etype, count = self.uint(4, what), self.uint(8, what)
-            limit = int(os.environ.get("LORATOOL_MAX_GGUF_ARRAY", MAX_GGUF_ARRAY))
+            limit = size_limit("MAX_GGUF_ARRAY", MAX_GGUF_ARRAY)
             if count > limit:
                 raise FormatError(self.path, f"GGUF header: {what} is an array of {count:,} elements (limit {limit:,}; raise it with LORATOOL_MAX_GGUF_ARRAY)")
             if etype in _SCALAR_BYTES:

@@ -279,12 +279,10 @@ def _read_yaml(path: Path) -> dict:
     streaming parser first (the loader recurses), aliases refused (they multiply what is built)."""
     import yaml
 
-    from loratool.io.store import MAX_JSON_BYTES, size_limit
+    from loratool.io.store import refuse_oversized_config
 
     try:
-        limit = size_limit("MAX_JSON_BYTES", MAX_JSON_BYTES)
-        if path.stat().st_size > limit:
-            raise FormatError(path, f"{path.stat().st_size:,} bytes, more than a config may hold (limit {limit:,}; raise it with LORATOOL_MAX_JSON_BYTES)")
+        refuse_oversized_config(path)
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
         depth = 0

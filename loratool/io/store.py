@@ -598,16 +598,25 @@ def size_limit(name: str, default: int) -> int:
         raise FormatError(f"LORATOOL_{name}", f"not a number of bytes: {value!r}") from None
 
 
+def refuse_oversized_config(path: Path) -> None:
+    """Refuse, unread, a config file (JSON, YAML) larger than ``MAX_JSON_BYTES``: one of hundreds
+    of MB would take GBs to parse.
+
+    Raises:
+        FormatError: naming the size, the limit and how to raise it.
+    """
+    limit = size_limit("MAX_JSON_BYTES", MAX_JSON_BYTES)
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise FormatError(path, f"{size:,} bytes, more than a config may hold (limit {limit:,}; raise it with LORATOOL_MAX_JSON_BYTES)")
+
+
 def read_json(path: Path) -> object:
-    """Read a JSON file, with a one-line FormatError for any problem; refused unread when larger
-    than ``MAX_JSON_BYTES`` (a config of hundreds of MB would take GBs to parse)."""
+    """Read a JSON file, with a one-line FormatError for any problem (``refuse_oversized_config`` first)."""
     path = Path(path)
     refuse_special_file(path)
     try:
-        limit = size_limit("MAX_JSON_BYTES", MAX_JSON_BYTES)
-        size = path.stat().st_size
-        if size > limit:
-            raise FormatError(path, f"{size:,} bytes, more than a JSON config may hold (limit {limit:,}; raise it with LORATOOL_MAX_JSON_BYTES)")
+        refuse_oversized_config(path)
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
