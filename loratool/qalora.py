@@ -26,6 +26,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import SIDE_FILES, BaseModel, side_files
 from loratool.engine.codecs import gptq as G
+from loratool.engine.stream import MergePlan, ShardPlan, TensorTask, execute_plan
 from loratool.errors import (
     FormatError,
     InputError,
@@ -33,8 +34,8 @@ from loratool.errors import (
     UnsupportedError,
 )
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
-from loratool.io.store import TensorStore, read_json
-from loratool.io.writer import ModelWriter, output_shard_names
+from loratool.io.store import TensorEntry, TensorStore, entries_in_file_order, read_json
+from loratool.io.writer import output_shard_names
 from loratool.ops import qalora as Q
 
 TO_CHOICES = ("dense", "float-zeros", "gptq")
@@ -358,15 +359,6 @@ def plan_modules(
 # ----------------------------------------------------------------------------- writing
 
 
-@dataclass
-class _Out:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor] | None = None  # None: copy the base tensor ``source``
-    source: str | None = None
-
-
 class _Merger:
     """Builds the output tensor list file by file, then streams it."""
 
@@ -432,78 +424,72 @@ class _Merger:
         plan.stats.update(stats)
         return G.pack_qzeros(zi, ql.bits, self.qcfg.zero_format)
 
-    # -- the list of output tensors --
-    def outputs(self) -> dict[Path, list[_Out]]:
+    # -- the output tensors, as a plan for the stream --
+    def shards(self, metadata: dict[str, str]) -> list[ShardPlan]:
+        """One shard per base file that keeps a tensor, named as a merge names them; tensors in file order."""
         store = self.store
-        files: dict[Path, list[_Out]] = {f: [] for f in store.files}
+        tasks: dict[Path, list[TensorTask]] = {f: [] for f in store.files}
         handled: set[str] = set()
-        for entry in store.entries():
+        for entry in entries_in_file_order(store):
             key = entry.name
             if key in handled:
                 continue
             prefix, _, leaf = key.rpartition(".")
             ql = self.quant.get(prefix)
             if ql is not None and f".{leaf}" in _QUANT_SUFFIXES:
-                self._quant_outputs(ql, files[store.entry(ql.key("qweight")).path], handled)
-                continue
-            plan = self.plans.get(prefix) if leaf == "weight" else None
-            shape, dtype = tuple(entry.shape), entry.dtype
-            if self.convert_floats and dtype.is_floating_point:
-                dtype = self.dtype
-            if plan is not None:
-                files[entry.path].append(_Out(key, dtype, shape, lambda p=plan, k=key, d=dtype: self._dense_float(p, k, d)))
-            elif key in self.to_save:
-                lazy = self.to_save[key]
-                files[entry.path].append(_Out(key, dtype, shape, lambda t=lazy, d=dtype: t.load().to(d)))
-            elif dtype != entry.dtype:
-                files[entry.path].append(_Out(key, dtype, shape, lambda k=key, d=dtype: self.store.get(k).to(d)))
+                tasks[store.entry(ql.key("qweight")).path].extend(self._quant_tasks(ql, handled))
             else:
-                files[entry.path].append(_Out(key, dtype, shape, source=key))
-            handled.add(key)
-        return files
+                tasks[entry.path].append(self._float_task(entry))
+                handled.add(key)
+        names = output_shard_names(store.files)
+        return [ShardPlan(names[path], ts, dict(metadata)) for path, ts in tasks.items() if ts]
 
-    def _quant_outputs(self, ql: QuantLinear, out: list[_Out], handled: set[str]) -> None:
+    def _float_task(self, entry: TensorEntry) -> TensorTask:
+        """A tensor of the base that is not part of a quantized linear: merged (a float weight the
+        adapter targets), replaced (modules_to_save), cast (--dtype) or copied."""
+        key, shape = entry.name, tuple(entry.shape)
+        dtype = self.dtype if self.convert_floats and entry.dtype.is_floating_point else entry.dtype
+        prefix, _, leaf = key.rpartition(".")
+        plan = self.plans.get(prefix) if leaf == "weight" else None
+        if plan is not None:
+            return _computed(key, dtype, shape, lambda: self._dense_float(plan, key, dtype))
+        return _planned(TensorTask(key, entry, dtype, shape, replacement=self.to_save.get(key)))
+
+    def _quant_tasks(self, ql: QuantLinear, handled: set[str]) -> list[TensorTask]:
+        """The tensors a quantized linear becomes: one dense weight, or its GPTQ tensors with the
+        zero points re-encoded where the adapter targets it."""
         plan = self.plans.get(ql.prefix)
-        keys = [ql.key(s) for s in ("qweight", "qzeros", "zeros", "scales", "g_idx")]
-        handled.update(k for k in keys if k in self.store)
-        st = self.store
+        handled.update(k for k in (ql.key(s) for s in ("qweight", "qzeros", "zeros", "scales", "g_idx")) if k in self.store)
         if self.to == "dense":
-            out.append(_Out(ql.key("weight"), self.dtype, (ql.out_features, ql.in_features), lambda: self._dense_quant(ql, plan)))
-            return
-        out.append(_Out(ql.key("qweight"), torch.int32, tuple(st.shape(ql.key("qweight"))), source=ql.key("qweight")))
+            return [_computed(ql.key("weight"), self.dtype, (ql.out_features, ql.in_features), lambda: self._dense_quant(ql, plan))]
+        tasks = [self._copy(ql.key("qweight"))]
         if plan is None:
-            out.append(_Out(ql.zeros_key, st.dtype(ql.zeros_key), tuple(st.shape(ql.zeros_key)), source=ql.zeros_key))
+            tasks.append(self._copy(ql.zeros_key))
         elif self.to == "float-zeros":
-            out.append(_Out(ql.key("zeros"), self.zeros_dtype, (ql.groups, ql.out_features), lambda: self._float_zeros(plan)))
+            tasks.append(_computed(ql.key("zeros"), self.zeros_dtype, (ql.groups, ql.out_features), lambda: self._float_zeros(plan)))
         else:
-            out.append(_Out(ql.key("qzeros"), torch.int32, tuple(st.shape(ql.key("qzeros"))), lambda: self._gptq_zeros(plan)))
-        out.append(_Out(ql.key("scales"), st.dtype(ql.key("scales")), tuple(st.shape(ql.key("scales"))), source=ql.key("scales")))
+            tasks.append(_computed(ql.key("qzeros"), torch.int32, tuple(self.store.shape(ql.key("qzeros"))), lambda: self._gptq_zeros(plan)))
+        tasks.append(self._copy(ql.key("scales")))
         if ql.has_g_idx:
-            out.append(_Out(ql.key("g_idx"), st.dtype(ql.key("g_idx")), tuple(st.shape(ql.key("g_idx"))), source=ql.key("g_idx")))
+            tasks.append(self._copy(ql.key("g_idx")))
         elif self.to == "float-zeros" and plan is not None:
             # the float-zeros layout always carries g_idx: it is how a reader finds ``in``
-            out.append(_Out(ql.key("g_idx"), torch.int32, (ql.in_features,), lambda: ql.g_idx(self.store, self.qcfg.group_size).to(torch.int32)))
+            tasks.append(_computed(ql.key("g_idx"), torch.int32, (ql.in_features,),
+                                   lambda: ql.g_idx(self.store, self.qcfg.group_size).to(torch.int32)))
+        return tasks
 
-    def write(self, writer: ModelWriter, metadata: dict[str, str], progress: Callable[[int, str], None] | None) -> None:
-        """Stream every output shard through the model writer (and the index when there are several)."""
-        names = output_shard_names(self.store.files)
-        for src, outs in self.outputs().items():
-            if not outs:
-                continue
-            with writer.shard(names[src], [(o.name, o.dtype, o.shape) for o in outs], metadata) as w:
-                for o in outs:
-                    if o.produce is not None:
-                        w.write(o.name, o.produce())
-                    else:
-                        e = self.store.entry(o.source)
-                        if e.begin is not None:
-                            w.copy_raw(o.name, e)
-                        else:
-                            w.write(o.name, self.store.get(o.source))
-                    if progress is not None:
-                        progress(1, o.name)
-        if len(writer.files) > 1:
-            writer.write_index()
+    def _copy(self, key: str) -> TensorTask:
+        entry = self.store.entry(key)
+        return _planned(TensorTask(key, entry, entry.dtype, tuple(entry.shape)))
+
+
+def _planned(task: TensorTask) -> TensorTask:
+    task.outputs = [(task.name, task.dtype, task.shape)]
+    return task
+
+
+def _computed(name: str, dtype: torch.dtype, shape: tuple[int, ...], compute: Callable[[], torch.Tensor]) -> TensorTask:
+    return _planned(TensorTask(name, None, dtype, tuple(shape), compute=compute))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -568,7 +554,7 @@ def merge_qalora(
         report_path: also write the returned report there as JSON.
         dtype: dtype of merged dense weights (default: the dtype of the scales, usually float16).
         zeros_dtype: dtype of the float zero points of ``to="float-zeros"`` (float32 or float64).
-        progress: called as ``progress(1, tensor_name)`` after each written tensor.
+        progress: called as ``progress(nbytes, tensor_name)`` as the output is written.
     Returns:
         A report: the quantization read, the pooling convention used and why, per-module
         statistics (for "gptq": the largest zero-point rounding and weight error), warnings.
@@ -578,6 +564,28 @@ def merge_qalora(
         into the zero points (act-order g_idx, Lp not a multiple of G) for float-zeros / gptq.
         OutputExistsError: OUT exists and not ``force``.
     """
+    _check_options(to, group_size, zeros_dtype, dtype)
+    base, ad, qcfg, quant = _open_inputs(gptq_base, adapter)
+    pool_name, pool_source, warnings = resolve_convention(ad, pooling)
+    warnings = list(ad.warnings) + warnings
+    plans = plan_modules(ad, base, quant, qcfg, pooling=pool_name, group_size=group_size)
+    warnings += _plan_warnings(plans, to, pooling, pool_name)
+    merger = _Merger(base, qcfg, quant, plans, _resolve_modules_to_save(ad, base, quant), to=to, dtype=dtype, zeros_dtype=zeros_dtype)
+    plan = _stream_plan(merger, ad, plans, warnings)
+    inputs = [base.path] + ([ad.path] if ad.path is not None else [])
+    if report_path is not None:
+        check_output_path(Path(report_path), force=force, inputs=inputs)
+    with atomic_output_dir(Path(out), force=force, inputs=inputs) as tmp:
+        written = execute_plan(plan, tmp, progress=progress)["files"]
+
+    report = _report(base, ad, qcfg, plans, to, out, pool_name, pool_source, warnings, merger.dtype, zeros_dtype, written)
+    if report_path is not None:
+        write_side_output(Path(report_path), lambda tmp_report: tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
+                          force=force, inputs=inputs, completed=Path(out))
+    return report
+
+
+def _check_options(to: str, group_size: int | None, zeros_dtype: torch.dtype, dtype: torch.dtype | None) -> None:
     if to not in TO_CHOICES:
         raise InputError(f"--to must be one of {', '.join(TO_CHOICES)}, got {to!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
@@ -586,6 +594,10 @@ def merge_qalora(
         raise InputError(f"zeros_dtype must be float32 or float64, got {zeros_dtype}")
     if dtype is not None and not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating dtype, got {dtype}")
+
+
+def _open_inputs(gptq_base, adapter) -> tuple[BaseModel, Adapter, QuantConfig, dict[str, QuantLinear]]:
+    """The GPTQ base, its quantization config and quantized linears, and an adapter QA-LoRA can merge."""
     base = _open_base(gptq_base)
     qcfg = read_quant_config(base.path, base.config)
     if qcfg.method != "gptq":
@@ -600,9 +612,13 @@ def merge_qalora(
     quant = find_quant_linears(base.store, qcfg)
     if not quant:
         raise FormatError(base.path, "has a GPTQ quantization config but no quantized linears (no *.qweight tensors)")
-    pool_name, pool_source, warnings = resolve_convention(ad, pooling)
-    warnings = list(ad.warnings) + warnings
-    plans = plan_modules(ad, base, quant, qcfg, pooling=pool_name, group_size=group_size)
+    return base, ad, qcfg, quant
+
+
+def _plan_warnings(plans: list[ModulePlan], to: str, pooling: str | None, pool_name: str) -> list[str]:
+    """What the user should know about the pooling found, and modules that cannot stay low-bit
+    (refused unless ``to`` is dense)."""
+    warnings = []
     if all(p.pool_size == 1 for p in plans):
         warnings.append("every lora_A spans all inputs: this is a plain LoRA, not QA-LoRA (nothing is pooled)")
     elif pooling is None and pool_name == "avg":
@@ -617,30 +633,25 @@ def merge_qalora(
         raise UnsupportedError(f"{p.name}: cannot merge exactly into the zero points: {p.obstacle}{more}; --to dense merges it exactly into a 16-bit model")
     if blocked:
         warnings.append(f"{len(blocked)} modules cannot stay low-bit ({blocked[0].obstacle}); --to dense merges them exactly, --to float-zeros / gptq would refuse")
+    return warnings
 
-    to_save = _resolve_modules_to_save(ad, base, quant)
-    merger = _Merger(base, qcfg, quant, plans, to_save, to=to, dtype=dtype, zeros_dtype=zeros_dtype)
+
+def _stream_plan(merger: _Merger, ad: Adapter, plans: list[ModulePlan], warnings: list[str]) -> MergePlan:
+    """The merge as a plan for the one stream: GPTQ tensors copied or re-encoded, config.json patched
+    with the output's quantization config, the base's side files (refused ones become warnings)."""
+    base, to = merger.base, merger.to
     metadata = {"format": "pt"}
     if to == "float-zeros":
         metadata["loratool_layout"] = FLOAT_ZEROS_LAYOUT
-    inputs = [base.path] + ([ad.path] if ad.path is not None else [])
     names = tuple(n for n in SIDE_FILES if n != "config.json") + (("quantize_config.json",) if to == "gptq" else ())
     side, refused = side_files(base.path, names)
     warnings.extend(refused)
-    if report_path is not None:
-        check_output_path(Path(report_path), force=force, inputs=inputs)
-    with atomic_output_dir(Path(out), force=force, inputs=inputs) as tmp:
-        writer = ModelWriter(tmp)
-        merger.write(writer, metadata, progress)
-        writer.write_json("config.json", _output_config(base.config, qcfg, to, merger.dtype))
-        writer.copy_side_files(base.path, side)
-        written = writer.files
-
-    report = _report(base, ad, qcfg, plans, to, out, pool_name, pool_source, warnings, merger.dtype, zeros_dtype, written)
-    if report_path is not None:
-        write_side_output(Path(report_path), lambda tmp_report: tmp_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
-                          force=force, inputs=inputs, completed=Path(out))
-    return report
+    shards = merger.shards(metadata)
+    return MergePlan(
+        base=base, adapter=ad, sign=1, dtype=None, shards=shards, write_index=len(shards) > 1, index_metadata={},
+        modules={p.name: p.prefix for p in plans}, modules_to_save=[], warnings=warnings, side_files=["config.json", *side],
+        config_patch=lambda config: _output_config(config, merger.qcfg, to, merger.dtype),
+    )
 
 
 def _resolve_modules_to_save(adapter: Adapter, base: BaseModel, quant: dict[str, QuantLinear]) -> dict:

@@ -80,12 +80,18 @@ class TensorTask:
     loras: list[LoraModule] = field(default_factory=list)
     dora: LoraModule | None = None
     biases: list[LoraModule] = field(default_factory=list)
+    # a tensor a codec computes whole (QA-LoRA: zero points with the pooled delta folded in,
+    # a dequantized weight plus its delta); returns it in ``dtype``
+    compute: Callable[[], torch.Tensor] | None = None
     outputs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
     hooked: bool = False
 
     @property
     def touched(self) -> bool:
-        return self.replacement is not None or bool(self.loras) or self.dora is not None or bool(self.biases)
+        return (
+            self.replacement is not None or bool(self.loras) or self.dora is not None or bool(self.biases)
+            or self.compute is not None
+        )
 
     @property
     def modules(self) -> list[LoraModule]:
@@ -130,6 +136,7 @@ class MergePlan:
     modules_to_save: list[dict]
     warnings: list[str]
     side_files: list[str] = field(default_factory=list)  # base side files safe to copy (base.side_files)
+    config_patch: Callable[[dict], dict] | None = None  # applied to config.json (before a tensor hook's)
 
     def tasks(self) -> Iterator[TensorTask]:
         for shard in self.shards:
@@ -274,6 +281,9 @@ class _Producer:
         if not task.touched:
             self.counts["converted"] += 1
             blocks = self._convert(task)
+        elif task.compute is not None:
+            self.counts["computed"] += 1
+            blocks = self._computed(task)
         elif task.dora is not None:
             self.counts["merged"] += 1
             blocks = self._dora(task)
@@ -366,6 +376,12 @@ class _Producer:
             if float_codec.may_overflow(src.dtype, task.dtype, 0.0):  # a cast to a narrower dtype
                 _check_finite(task, src, out)
             yield out
+
+    def _computed(self, task: TensorTask):
+        t = task.compute()
+        if t.dtype != task.dtype or tuple(t.shape) != task.shape:
+            raise RuntimeError(f"{task.name}: computed {t.dtype} {tuple(t.shape)}, planned {task.dtype} {task.shape}")
+        yield t.contiguous()
 
     def _replace(self, task: TensorTask):
         t = task.replacement.load()
@@ -591,6 +607,7 @@ def execute_plan(
         "stream_s": stream_s,
         "compute_s": producer.compute_s - producer.wait_s,
         "write_s": write_s,
+        "files": list(writer.files),
     }
 
 
@@ -604,10 +621,11 @@ def _get(q: queue.Queue, thread: threading.Thread):
 
 
 def _write_side_files(plan: MergePlan, writer: ModelWriter, config_patch: Callable[[dict], dict] | None) -> None:
-    """config.json (the output dtype, and a tensor hook's patch: a quantization_config) and the
-    base's other side files, as they are."""
+    """config.json (the output dtype, the plan's patch, and a tensor hook's patch: a
+    quantization_config) and the base's other side files, as they are."""
     names = list(plan.side_files)
-    if "config.json" in names and (plan.dtype is not None or config_patch is not None):
+    patches = [p for p in (plan.config_patch, config_patch) if p is not None]
+    if "config.json" in names and (plan.dtype is not None or patches):
         names.remove("config.json")
         config = dict(plan.base.config)
         if plan.dtype is not None:
@@ -615,7 +633,9 @@ def _write_side_files(plan: MergePlan, writer: ModelWriter, config_patch: Callab
             config["dtype"] = dtype_name
             if "torch_dtype" in config:
                 config["torch_dtype"] = dtype_name
-        writer.write_json("config.json", config_patch(config) if config_patch is not None else config)
+        for patch in patches:
+            config = patch(config)
+        writer.write_json("config.json", config)
     writer.copy_side_files(plan.base.path, names)
 
 

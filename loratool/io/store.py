@@ -248,6 +248,13 @@ class TensorReader(Protocol):
     def get(self, name: str) -> "torch.Tensor": ...
 
 
+def entries_in_file_order(store: "TensorStore | TensorReader") -> list[TensorEntry]:
+    """Every entry of a store (or a view with ``files`` and ``entries``), file by file and by
+    offset within a file: the order of sequential reads."""
+    order = {p: i for i, p in enumerate(store.files)}
+    return sorted(store.entries(), key=lambda e: (order.get(e.path, 0), e.begin or 0, e.name))
+
+
 class TensorStore:
     """Read-only view of the tensors of one checkpoint (one or more files).
 
@@ -308,7 +315,6 @@ class TensorStore:
 
     def entries(self) -> Iterator[TensorEntry]:
         return iter(self._entries.values())
-
     @property
     def is_safetensors(self) -> bool:
         return not self._pickles

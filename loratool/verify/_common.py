@@ -11,7 +11,7 @@ import torch
 from loratool.adapter import Adapter
 from loratool.base import BaseModel
 from loratool.io.source import TensorSource
-from loratool.io.store import TensorEntry, TensorStore
+from loratool.io.store import TensorStore
 
 Progress = Callable[..., None]
 
@@ -79,11 +79,6 @@ def _open_adapter(adapter: Adapter | str | Path) -> Adapter:
     from loratool.formats import read_adapter
 
     return read_adapter(adapter)
-
-
-def _entries_in_file_order(store: TensorStore) -> list[TensorEntry]:
-    order = {p: i for i, p in enumerate(store.files)}
-    return sorted(store.entries(), key=lambda e: (order.get(e.path, 0), e.begin or 0, e.name))
 
 
 class _Views:

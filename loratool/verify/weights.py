@@ -14,7 +14,7 @@ from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
 from loratool.engine.codecs import bnb
 from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
 from loratool.errors import InputError
-from loratool.io.store import TensorEntry, TensorStore
+from loratool.io.store import TensorEntry, TensorStore, entries_in_file_order
 from loratool.names import is_output_head
 from loratool.verify._common import (
     U32,
@@ -22,7 +22,6 @@ from loratool.verify._common import (
     _bits_equal,
     _coarser,
     _dtype_name,
-    _entries_in_file_order,
     _gamma,
     _norm,
     _num,
@@ -375,7 +374,7 @@ def verify_weights(
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # adapter tensors loaded from pickles may require grad
     try:
-        for entry in _entries_in_file_order(base_m.store):
+        for entry in entries_in_file_order(base_m.store):
             bkey = entry.name
             mkey = merged_key(bkey)
             label = bkey
