@@ -146,35 +146,31 @@ def _resolve_scale(alpha, scale, rank: int, path: Path) -> tuple[float, float]:
     return float(rank), 1.0
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None) -> Adapter:
-    """Read a scratch LoRA state dict.
-
-    Args:
-        path: the .pth/.safetensors file (or a folder holding exactly one).
-        base: optional ``BaseModel``: module names are mapped onto the base's names (a wrapper
-            prefix such as ``model.`` is dropped), kinds follow the base, head tensors the base
-            has become modules_to_save.
-        alpha: scale = alpha / r for every module.
-        scale: an absolute scale for every module (default 1).
-    Raises:
-        FormatError, InputError.
-    """
-    path = Path(path)
+def _resolve_file(path: Path) -> Path:
+    """The scratch file to read: ``path`` itself, or the one scratch file of a folder."""
     if path.is_dir():
         single = _single_file(path)
         if single is None:
             raise FormatError(path, "expected a folder with exactly one scratch LoRA file (.pth or .safetensors); give the file")
-        path = single
-    store = TensorStore([path])
-    extras_entries: dict[str, object] = dict(store.extras)
+        return single
+    return path
+
+
+def _non_tensor_entries(store: TensorStore) -> dict[str, object]:
+    """The file's non-tensor entries: pickle extras, plus safetensors metadata (JSON-decoded when it parses)."""
+    entries: dict[str, object] = dict(store.extras)
     for k, v in store.metadata.items():
         if k == "format":
             continue
         try:
-            extras_entries[k] = json.loads(v)
+            entries[k] = json.loads(v)
         except ValueError:
-            extras_entries[k] = v
+            entries[k] = v
+    return entries
 
+
+def _pair_lora_keys(store: TensorStore, path: Path) -> tuple[dict[str, dict[str, str]], dict[str, str], list[str]]:
+    """Group the LoRA keys by module: ({module: {"A"|"B": key}}, {module: style}, other keys)."""
     pairs: dict[str, dict[str, str]] = {}
     styles: dict[str, str] = {}
     others: list[str] = []
@@ -190,22 +186,32 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         styles[module] = style
     if not pairs:
         raise FormatError(path, "no scratch LoRA tensors (lora_*_matrix_A / lora_*_matrix_B)")
+    return pairs, styles, others
 
-    warnings: list[str] = []
+
+def _check_pair_shapes(path: Path, module: str, A: LazyTensor, B: LazyTensor) -> None:
+    """A must be (r, in) and B (out, r), with r > 0."""
+    if len(A.shape) != 2 or len(B.shape) != 2:
+        raise FormatError(path, f"{module}: LoRA matrices must be 2-D, got A {A.shape}, B {B.shape}")
+    if A.shape[0] != B.shape[1]:
+        if A.shape[1] == B.shape[0]:
+            raise FormatError(path, f"{module}: A is {A.shape} and B is {B.shape}: expected A (r, in) and B (out, r)")
+        raise FormatError(path, f"{module}: A is {A.shape} but B is {B.shape} (ranks differ)")
+    if A.shape[0] == 0:
+        raise FormatError(path, f"{module}: rank 0")
+
+
+def _build_modules(
+    path: Path, store: TensorStore, pairs: dict[str, dict[str, str]], base, alpha, scale, warnings: list[str]
+) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """The LoraModules, keyed by their (base-mapped) names, and {file module name: that name}."""
     modules: dict[str, LoraModule] = {}
     renamed: dict[str, str] = {}
     for module, p in pairs.items():
         if "A" not in p or "B" not in p:
             raise FormatError(path, f"{module}: has lora_matrix_{'A' if 'A' in p else 'B'} without its pair")
         A, B = store.lazy(p["A"]), store.lazy(p["B"])
-        if len(A.shape) != 2 or len(B.shape) != 2:
-            raise FormatError(path, f"{module}: LoRA matrices must be 2-D, got A {A.shape}, B {B.shape}")
-        if A.shape[0] != B.shape[1]:
-            if A.shape[1] == B.shape[0]:
-                raise FormatError(path, f"{module}: A is {A.shape} and B is {B.shape}: expected A (r, in) and B (out, r)")
-            raise FormatError(path, f"{module}: A is {A.shape} but B is {B.shape} (ranks differ)")
-        if A.shape[0] == 0:
-            raise FormatError(path, f"{module}: rank 0")
+        _check_pair_shapes(path, module, A, B)
         mod_alpha, mod_scale = _resolve_scale(alpha, scale, A.shape[0], path)
         name = module
         kind = ModuleKind.LINEAR
@@ -220,15 +226,22 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         if name in modules:
             raise FormatError(path, f"{module}: maps onto {name}, which another LoRA pair already targets")
         modules[name] = LoraModule(name, kind, A, B, alpha=mod_alpha, scale=mod_scale)
+    return modules, renamed
 
+
+def _sort_other_tensors(
+    store: TensorStore, others: list[str], base, marked: set[str], adapted_files: set[str], adapted_base: set[str]
+) -> tuple[dict[str, LazyTensor], dict[str, LazyTensor], dict[str, list[str]], dict[str, dict[str, tuple[str, str, LazyTensor]]]]:
+    """Sort the non-LoRA tensors into (to_save, kept, {reason: kept keys}, candidates).
+
+    Without a base only the tensors ``marked`` by a modules_to_save entry are saved; with one,
+    a tensor the base has (same shape, outside the adapted modules) becomes a candidate:
+    {base module: {leaf: (file key, base name, tensor)}}, see ``_take_whole_modules``.
+    """
     to_save: dict[str, LazyTensor] = {}
     kept: dict[str, LazyTensor] = {}
     reasons: dict[str, list[str]] = {}
-    adapted_files = set(pairs)
-    adapted_base = set(modules)
-    marked = extras_entries.pop(MTS_ENTRY, None)
-    marked = set(marked) if isinstance(marked, list) and all(isinstance(x, str) for x in marked) else set()
-    candidates: dict[str, dict[str, tuple[str, str, LazyTensor]]] = {}  # base module -> leaf -> (key, target, t)
+    candidates: dict[str, dict[str, tuple[str, str, LazyTensor]]] = {}
     for key in others:
         t = store.lazy(key)
         owner = key.rsplit(".", 1)[0] if "." in key else ""
@@ -252,31 +265,80 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         else:
             mod, _, lf = target.rpartition(".")
             candidates.setdefault(mod, {})[lf] = (key, target, t)
-    if candidates:
-        # PEFT's modules_to_save replaces whole modules: take a module only when the file holds
-        # every tensor the base has for it (a LayerNorm's weight and bias, a head...)
-        base_leaves: dict[str, set[str]] = {}
-        for k in base.keys():
-            mod, _, lf = k.rpartition(".")
-            base_leaves.setdefault(mod, set()).add(lf)
-        for mod, leaves in candidates.items():
-            if set(leaves) == base_leaves.get(mod, set()):
-                for key, target, t in leaves.values():
-                    to_save[target] = t
-            else:
-                for key, _, t in leaves.values():
-                    reasons.setdefault("only part of their module is in the file (PEFT's modules_to_save replaces whole modules)", []).append(key)
-                    kept[key] = t
+    return to_save, kept, reasons, candidates
+
+
+def _take_whole_modules(
+    base,
+    candidates: dict[str, dict[str, tuple[str, str, LazyTensor]]],
+    to_save: dict[str, LazyTensor],
+    kept: dict[str, LazyTensor],
+    reasons: dict[str, list[str]],
+) -> None:
+    """Move candidates into ``to_save`` module by module, the rest into ``kept``.
+
+    PEFT's modules_to_save replaces whole modules: take a module only when the file holds
+    every tensor the base has for it (a LayerNorm's weight and bias, a head...).
+    """
+    base_leaves: dict[str, set[str]] = {}
+    for k in base.keys():
+        mod, _, lf = k.rpartition(".")
+        base_leaves.setdefault(mod, set()).add(lf)
+    for mod, leaves in candidates.items():
+        if set(leaves) == base_leaves.get(mod, set()):
+            for key, target, t in leaves.values():
+                to_save[target] = t
+        else:
+            for key, _, t in leaves.values():
+                reasons.setdefault("only part of their module is in the file (PEFT's modules_to_save replaces whole modules)", []).append(key)
+                kept[key] = t
+
+
+def _closing_warnings(
+    path: Path, reasons: dict[str, list[str]], entries: dict[str, object], modules: dict[str, LoraModule], base, alpha, scale
+) -> list[str]:
+    """The warnings about what was not carried, names kept and the assumed scale."""
+    warnings: list[str] = []
     for why, keys in reasons.items():
         shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
         warnings.append(f"{path.name}: {len(keys)} non-LoRA tensor(s) not carried as modules_to_save ({why}): {shown}")
-    if extras_entries:
-        shown = ", ".join(f"{k}={v!r}" for k, v in list(extras_entries.items())[:6])
+    if entries:
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(entries.items())[:6])
         warnings.append(f"{path.name}: non-tensor entries kept only for scratch output: {shown}")
     if base is None and any("." in m for m in modules):
         warnings.append(f"{path.name}: module names kept as in the file (e.g. {next(iter(modules))}); pass --base to map them onto the base's names")
     if alpha is None and scale is None:
         warnings.append(f"{path.name}: scratch LoRA stores no alpha: scale 1 assumed (use --alpha or --scale otherwise)")
+    return warnings
+
+
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None) -> Adapter:
+    """Read a scratch LoRA state dict.
+
+    Args:
+        path: the .pth/.safetensors file (or a folder holding exactly one).
+        base: optional ``BaseModel``: module names are mapped onto the base's names (a wrapper
+            prefix such as ``model.`` is dropped), kinds follow the base, head tensors the base
+            has become modules_to_save.
+        alpha: scale = alpha / r for every module.
+        scale: an absolute scale for every module (default 1).
+    Raises:
+        FormatError, InputError.
+    """
+    path = _resolve_file(Path(path))
+    store = TensorStore([path])
+    extras_entries = _non_tensor_entries(store)
+    pairs, styles, others = _pair_lora_keys(store, path)
+
+    warnings: list[str] = []
+    modules, renamed = _build_modules(path, store, pairs, base, alpha, scale, warnings)
+
+    marked = extras_entries.pop(MTS_ENTRY, None)
+    marked = set(marked) if isinstance(marked, list) and all(isinstance(x, str) for x in marked) else set()
+    to_save, kept, reasons, candidates = _sort_other_tensors(store, others, base, marked, set(pairs), set(modules))
+    if candidates:
+        _take_whole_modules(base, candidates, to_save, kept, reasons)
+    warnings += _closing_warnings(path, reasons, extras_entries, modules, base, alpha, scale)
 
     return Adapter(
         format=NAME,
