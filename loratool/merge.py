@@ -35,6 +35,7 @@ embedding) changes the one shared tensor, exactly as PEFT's merge into the tied 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -59,10 +60,7 @@ from loratool.engine.stream import (
 )
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
-from loratool.io.store import (
-    read_json,
-    read_safetensors_header,
-)
+from loratool.io.store import TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import INDEX_NAME, output_shard_names
 
 F32 = torch.float32
@@ -182,8 +180,36 @@ def plan_merge(
     if sign not in (1, -1):
         raise ValueError("sign must be +1 or -1")
     out_dtype = resolve_dtype(dtype)
-    tensor_hook = as_tensor_hook(tensor_hook)
-    warnings = list(adapter.warnings)
+    warnings = list(adapter.warnings) + _check_direction(base, adapter, sign=sign, strict=strict)
+    adapter, mapping = _bind_with_tied_heads(base, adapter, warnings)
+    tasks = _TaskTable(base, out_dtype)
+    added, mts_report = _plan_modules_to_save(base, adapter, tasks, sign=sign, keep=keep_modules_to_save,
+                                              float_default=_default_float_dtype(base), warnings=warnings)
+    _attach_modules(base, adapter, mapping, tasks)
+    _mirror_tied(base, tasks.tasks, tasks.get, warnings)
+    shards = _shards(base, tasks, added)
+    _declare_outputs(shards, as_tensor_hook(tensor_hook))
+    index_meta, has_index = _index_metadata(base)
+    copied, refused = side_files(base.path)
+    return MergePlan(
+        base=base,
+        adapter=adapter,
+        sign=sign,
+        dtype=out_dtype,
+        shards=shards,
+        write_index=len(shards) > 1 or has_index,
+        index_metadata=index_meta,
+        modules=mapping,
+        modules_to_save=mts_report,
+        warnings=warnings + refused,
+        side_files=copied,
+    )
+
+
+def _check_direction(base: BaseModel, adapter: Adapter, *, sign: int, strict: bool) -> list[str]:
+    """Refusals and warnings that depend on the direction: an adapter naming another base (merge),
+    DoRA (unmerge)."""
+    warnings = []
     # unmerge reads a merged model, which is not the model the adapter names by construction
     mismatch = base_mismatch(adapter, base) if sign > 0 else None
     if mismatch:
@@ -195,8 +221,12 @@ def plan_merge(
             "a DoRA adapter cannot be unmerged: DoRA rescales each row by m / ||W + dW||, and that pre-merge norm "
             "cannot be recovered from the merged weights"
         )
+    return warnings
 
-    # modules -> base tensors (tied heads first: their weight is the embedding)
+
+def _bind_with_tied_heads(base: BaseModel, adapter: Adapter, warnings: list[str]) -> tuple[Adapter, dict[str, str]]:
+    """The adapter bound to the base (each module's layout) and ``module -> base tensor``. A module
+    on a head the base ties to its input embedding (and does not store) targets the embedding."""
     mapping: dict[str, str] = {}
     tied: dict[str, LoraModule] = {}
     untied: dict[str, LoraModule] = {}
@@ -211,19 +241,36 @@ def plan_merge(
     binding = bind_adapter(adapter.replace_modules(untied), base)
     mapping.update(binding.keys)
     bound = {**tied, **binding.adapter.modules}
-    adapter = adapter.replace_modules({name: bound[name] for name in adapter.modules})
+    return adapter.replace_modules({name: bound[name] for name in adapter.modules}), mapping
 
-    float_default = _default_float_dtype(base)
-    tasks: dict[str, TensorTask] = {}
 
-    def task_for(key: str) -> TensorTask:
-        if key not in tasks:
-            e = base.store.entry(key)
-            tasks[key] = TensorTask(key, e, float_codec.output_dtype(e.dtype, out_dtype), tuple(e.shape))
-        return tasks[key]
+class _TaskTable:
+    """The ``TensorTask`` of each base tensor that gets a term, made on first use."""
 
+    def __init__(self, base: BaseModel, out_dtype: torch.dtype | None):
+        self.base, self.out_dtype = base, out_dtype
+        self.tasks: dict[str, TensorTask] = {}
+
+    def get(self, key: str) -> TensorTask:
+        if key not in self.tasks:
+            self.tasks[key] = self.plain(self.base.store.entry(key))
+        return self.tasks[key]
+
+    def plain(self, e: TensorEntry) -> TensorTask:
+        """A tensor copied (or cast to the output dtype)."""
+        return TensorTask(e.name, e, float_codec.output_dtype(e.dtype, self.out_dtype), tuple(e.shape))
+
+
+def _plan_modules_to_save(base: BaseModel, adapter: Adapter, tasks: _TaskTable, *, sign: int, keep: bool,
+                          float_default: torch.dtype, warnings: list[str]) -> tuple[list[TensorTask], list[dict]]:
+    """modules_to_save tensors (and PEFT's saved ``base_layer.weight``) as replacements of base
+    tensors, or tensors added to the output; on unmerge, kept (``keep``) or refused.
+
+    Returns:
+        (tasks of tensors the base lacks, the modules_to_save report).
+    """
     added: list[TensorTask] = []
-    mts_report: list[dict] = []
+    report: list[dict] = []
     refused: list[str] = []
     module_weights = {f"{n}.weight" for n in adapter.modules}
     for tname, tensor in adapter.modules_to_save.items():
@@ -235,58 +282,67 @@ def plan_merge(
         if sign < 0:
             if is_base_layer:
                 continue  # subtracting the delta recovers it
-            if keep_modules_to_save:
-                mts_report.append({"name": tname, "tensor": key, "action": "kept" if key else "absent"})
-                continue
-            refused.append(tname)
+            if keep:
+                report.append({"name": tname, "tensor": key, "action": "kept" if key else "absent"})
+            else:
+                refused.append(tname)
             continue
         if key is None:
-            t = TensorTask(tname, None, float_codec.output_dtype(tensor.dtype, out_dtype or float_default), tuple(tensor.shape), replacement=tensor)
-            added.append(t)
-            mts_report.append({"name": tname, "tensor": tname, "action": "added"})
+            dtype = float_codec.output_dtype(tensor.dtype, tasks.out_dtype or float_default)
+            added.append(TensorTask(tname, None, dtype, tuple(tensor.shape), replacement=tensor))
+            report.append({"name": tname, "tensor": tname, "action": "added"})
             why = " (the config ties it to the input embedding, so transformers ignores it unless tie_word_embeddings is turned off)" if tied_head else ""
             warnings.append(f"{tname}: modules_to_save tensor is not in the base; it is added to the output{why}")
             continue
         if tuple(base.store.shape(key)) != tuple(tensor.shape):
             raise ModuleMismatchError(tname, f"shape mismatch: adapter gives modules_to_save tensor {tuple(tensor.shape)}, base {key} is {tuple(base.store.shape(key))}")
-        task_for(key).replacement = tensor
-        mts_report.append({"name": tname, "tensor": key, "action": "replaced"})
+        tasks.get(key).replacement = tensor
+        report.append({"name": tname, "tensor": key, "action": "replaced"})
     if refused:
         raise UnsupportedError(
             f"cannot unmerge modules_to_save ({', '.join(refused)}): the adapter replaced those base tensors and the originals are gone; "
             "pass --keep-modules-to-save to keep them as they are in MERGED"
         )
+    return added, report
 
+
+def _attach_modules(base: BaseModel, adapter: Adapter, mapping: dict[str, str], tasks: _TaskTable) -> None:
+    """Each module's delta term on its base tensor (LoRA terms add up; DoRA stands alone), and a
+    lora_bias on the layer's bias."""
     for name, key in mapping.items():
         mod = adapter.modules[name]
-        task = task_for(key)
+        task = tasks.get(key)
+        if task.dora is not None or (mod.magnitude is not None and task.loras):
+            raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
         if mod.magnitude is not None:
-            if task.dora is not None or task.loras:
-                raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
             task.dora = mod
         else:
-            if task.dora is not None:
-                raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
             task.loras.append(mod)
         if mod.bias is not None:
-            if mod.kind is not ModuleKind.LINEAR and mod.kind is not ModuleKind.CONV1D:
-                raise UnsupportedError(f"{name}: lora_bias on an embedding is not supported (PEFT refuses it too)")
-            bkey = base.tensor_name(f"{name}.bias")
-            if bkey is None:
-                raise ModuleMismatchError(name, "lora_bias needs a bias in the base layer, and the base has none")
-            if tuple(base.store.shape(bkey)) != (mod.out_features,):
-                raise ModuleMismatchError(name, f"shape mismatch: lora bias is ({mod.out_features},), base {bkey} is {tuple(base.store.shape(bkey))}")
-            task_for(bkey).biases.append(mod)
+            tasks.get(_bias_key(base, name, mod)).biases.append(mod)
 
-    _mirror_tied(base, tasks, task_for, warnings)
 
-    # shards mirror the base files; tensors keep their file order (sequential reads)
+def _bias_key(base: BaseModel, name: str, mod: LoraModule) -> str:
+    """The base bias a lora_bias adds to (checked: the layer has one, of the right shape)."""
+    if mod.kind is not ModuleKind.LINEAR and mod.kind is not ModuleKind.CONV1D:
+        raise UnsupportedError(f"{name}: lora_bias on an embedding is not supported (PEFT refuses it too)")
+    bkey = base.tensor_name(f"{name}.bias")
+    if bkey is None:
+        raise ModuleMismatchError(name, "lora_bias needs a bias in the base layer, and the base has none")
+    if tuple(base.store.shape(bkey)) != (mod.out_features,):
+        raise ModuleMismatchError(name, f"shape mismatch: lora bias is ({mod.out_features},), base {bkey} is {tuple(base.store.shape(bkey))}")
+    return bkey
+
+
+def _shards(base: BaseModel, tasks: _TaskTable, added: list[TensorTask]) -> list[ShardPlan]:
+    """Shards mirror the base files; tensors keep their file order (sequential reads); tensors the
+    adapter adds go last."""
     shards: list[ShardPlan] = []
     shard_names = output_shard_names(base.store.files)
     for path in base.store.files:
         entries = [e for e in base.store.entries() if e.path == path]
         entries.sort(key=lambda e: (e.begin if e.begin is not None else 0))
-        shard_tasks = [tasks.get(e.name) or TensorTask(e.name, e, float_codec.output_dtype(e.dtype, out_dtype), tuple(e.shape)) for e in entries]
+        shard_tasks = [tasks.tasks.get(e.name) or tasks.plain(e) for e in entries]
         meta = {"format": "pt"}
         if path.suffix == ".safetensors":
             meta.update(read_safetensors_header(path)[1])
@@ -296,7 +352,11 @@ def plan_merge(
     names = Counter(s.filename for s in shards)
     if any(n > 1 for n in names.values()):
         raise InputError(f"{base.path}: two weight files map to the same output name")
+    return shards
 
+
+def _declare_outputs(shards: list[ShardPlan], tensor_hook: Any) -> None:
+    """What each task writes: itself, or what the tensor hook declares it emits instead."""
     for task in (t for s in shards for t in s.tasks):
         spec = None
         if tensor_hook is not None:
@@ -307,30 +367,16 @@ def plan_merge(
             task.hooked = True
             task.outputs = [(n, d, tuple(s)) for n, d, s in spec]
 
-    index_path = base.path / INDEX_NAME
-    bin_index = base.path / "pytorch_model.bin.index.json"
-    index_meta: dict = {}
-    for p in (index_path, bin_index):
+
+def _index_metadata(base: BaseModel) -> tuple[dict, bool]:
+    """(the base index's metadata, whether the base has an index at all)."""
+    for p in (base.path / INDEX_NAME, base.path / "pytorch_model.bin.index.json"):
         if p.is_file():
             data = read_json(p)
             if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
-                index_meta = dict(data["metadata"])
-            break
-    write_index = len(shards) > 1 or index_path.is_file() or bin_index.is_file()
-    copied, refused = side_files(base.path)
-    return MergePlan(
-        base=base,
-        adapter=adapter,
-        sign=sign,
-        dtype=out_dtype,
-        shards=shards,
-        write_index=write_index,
-        index_metadata=index_meta,
-        modules=mapping,
-        modules_to_save=mts_report,
-        warnings=warnings + refused,
-        side_files=copied,
-    )
+                return dict(data["metadata"]), True
+            return {}, True
+    return {}, False
 
 
 def _mirror_tied(base: BaseModel, tasks: dict[str, TensorTask], task_for, warnings: list[str]) -> None:
@@ -375,9 +421,6 @@ def _finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum(dtype=torch.float64))):  # fast path: NaN and Inf both propagate into the sum
         return True
     return bool(torch.isfinite(t).all())
-
-
-# ----------------------------------------------------------------------------- execution
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -427,14 +470,8 @@ def merge_model(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if not isinstance(base, BaseModel):
-        base = BaseModel.open(base)
-    if not isinstance(adapter, Adapter):
-        from loratool.formats import read_adapter
-
-        adapter = read_adapter(adapter)
+    base, adapter = _open_inputs(base, adapter)
     dev = resolve_device(device)
-    tensor_hook = as_tensor_hook(tensor_hook)
     inputs = [base.path] + ([adapter.path] if adapter.path is not None else []) + [Path(f).parent for f in adapter.files]
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
@@ -443,24 +480,12 @@ def merge_model(
     # and a per-tensor hook that quantizes the output
     from loratool.quantized import setup_quantization
 
-    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=resolve_dtype(dtype), sign=sign, tensor_hook=tensor_hook, warn=warn)
-    try:
-        plan = plan_merge(base, adapter, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save, strict=strict, tensor_hook=tensor_hook)
-    except ModuleMismatchError:
-        # an adapter trained on another model is the likely cause: say so with the refusal
-        mismatch = base_mismatch(adapter, base) if sign > 0 and warn is not None else None
-        if mismatch:
-            warn(mismatch)
-        raise
-    if warn is not None:
-        for w in plan.warnings:
-            warn(w)
+    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=resolve_dtype(dtype), sign=sign,
+                                           tensor_hook=as_tensor_hook(tensor_hook), warn=warn)
+    plan = _plan_explained(base, adapter, warn, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save,
+                           strict=strict, tensor_hook=tensor_hook)
     t_plan = time.perf_counter()
-    threads = torch.get_num_threads()
-    # the calling thread writes while the compute thread merges: leave it a core (on a small
-    # machine, two torch threads fighting the writer cost more than they give)
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
-    try:
+    with _one_core_for_the_writer():
         check_adapter_finite(adapter)
         t_check = time.perf_counter()
         with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
@@ -471,8 +496,6 @@ def merge_model(
                 tensor_hook.finalize(tmp, report)
             t_commit = time.perf_counter()
         t_end = time.perf_counter()
-    finally:
-        torch.set_num_threads(threads)
     report["timings"] = {
         "plan_s": round(t_plan - t0, 4),
         "check_s": round(t_check - t_plan, 4),
@@ -486,6 +509,44 @@ def merge_model(
         write_side_output(Path(report_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
                           force=force, inputs=inputs, completed=out)
     return report
+
+
+def _open_inputs(base: BaseModel | str | os.PathLike, adapter: Adapter | str | os.PathLike) -> tuple[BaseModel, Adapter]:
+    if not isinstance(base, BaseModel):
+        base = BaseModel.open(base)
+    if not isinstance(adapter, Adapter):
+        from loratool.formats import read_adapter
+
+        adapter = read_adapter(adapter)
+    return base, adapter
+
+
+def _plan_explained(base: BaseModel, adapter: Adapter, warn: Callable[[str], None] | None, **options) -> MergePlan:
+    """``plan_merge``, with its warnings passed to ``warn`` as soon as they are known, and a refused
+    module preceded by the likely cause (an adapter trained on another model)."""
+    try:
+        plan = plan_merge(base, adapter, **options)
+    except ModuleMismatchError:
+        mismatch = base_mismatch(adapter, base) if options.get("sign", 1) > 0 and warn is not None else None
+        if mismatch:
+            warn(mismatch)
+        raise
+    if warn is not None:
+        for w in plan.warnings:
+            warn(w)
+    return plan
+
+
+@contextlib.contextmanager
+def _one_core_for_the_writer() -> Iterator[None]:
+    """The calling thread writes while the compute thread merges: leave it a core (on a small
+    machine, two torch threads fighting the writer cost more than they give)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _report(plan: MergePlan, result: dict, out: Path, device: torch.device) -> dict:
