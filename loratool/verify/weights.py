@@ -332,123 +332,154 @@ def verify_weights(
     base_m = _open_model(base)
     merged_m = _open_model(merged)
     ad = _open_adapter(adapter)
-    device = torch.device(device)
     notes: list[str] = list(ad.warnings)
     base_m = _dequantized_view(base_m, ad, notes)
-    binding = bind_adapter(ad, base_m)
-    ad, mapping = binding.adapter, binding.keys  # module -> base weight key
-    by_key = {key: ad.modules[name] for name, key in mapping.items()}
-    bias_of: dict[str, LoraModule] = {}
-    for name, key in mapping.items():
-        mod = ad.modules[name]
-        if mod.bias is not None:
-            bias_of[key[: -len("weight")] + "bias"] = mod
-    to_save: dict[str, tuple[str, Any]] = {}  # base-or-merged key -> (adapter name, lazy tensor)
-    save_pending: dict[str, Any] = {}
-    for tname, lazy in ad.modules_to_save.items():
-        bkey = base_m.tensor_name(tname)
-        if bkey is not None:
-            to_save[bkey] = (tname, lazy)
-        else:
-            save_pending[tname] = lazy
-
-    mstore = merged_m.store
-    consumed: set[str] = set()
-    checks: list[_Check] = []
-    untouched = {"checked": 0, "identical": 0, "cast": 0, "quantized": 0, "differ": []}
-    missing: list[str] = []
-    quantized = False
-
-    views = _Views()
+    run = _WeightRun(base_m, merged_m, _Targets.of(ad, base_m), tolerance, torch.device(device), notes)
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if run.device.type == "cpu":
         # the work comes in cache-sized blocks, too small for threads to pay off (and threads
         # that spin-wait on a busy machine cost far more than they give)
         torch.set_num_threads(1)
-
-    def merged_key(bkey: str) -> str | None:
-        if bkey in mstore:
-            return bkey
-        return merged_m.tensor_name(bkey)
-
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # adapter tensors loaded from pickles may require grad
     try:
         for entry in entries_in_file_order(base_m.store):
-            bkey = entry.name
-            mkey = merged_key(bkey)
-            label = bkey
             try:
-                if mkey is None:
-                    if bkey.endswith(_BUFFER_SUFFIXES):
-                        notes.append(f"{bkey}: buffer of the base not stored in the merged model")
-                    elif _tied_alias(base_m, merged_m, bkey):
-                        notes.append(f"{bkey}: tied to the input embedding in the merged model (not stored)")
-                    else:
-                        missing.append(bkey)
-                        if bkey in by_key:
-                            mod = by_key[bkey]
-                            c = _Check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", None, list(entry.shape))
-                            c.passed, c.status, c.residual_norm = False, "missing", math.inf
-                            c.hint = "the merged model lacks this tensor"
-                            checks.append(c)
-                    continue
-                consumed.add(mkey)
-                qkind = _quant_kind(merged_m, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
-                if qkind is not None:
-                    quantized = True
-                    consumed.update(bnb.aux_keys(mkey, mstore))
-                if bkey in by_key:
-                        # PEFT's saved base_layer.weight (or a modules_to_save copy) replaces the base weight first
-                    replaced = to_save[bkey][1].load() if bkey in to_save else None
-                    checks.append(_weight_check(by_key[bkey], base_m, merged_m, bkey, mkey, qkind, tolerance, device, views, replaced))
-                elif bkey in bias_of:
-                    checks.append(_bias_check(bias_of[bkey], base_m, merged_m, bkey, mkey, tolerance, device))
-                elif bkey in to_save:
-                    tname, lazy = to_save[bkey]
-                    checks.append(_save_check(tname, lazy, base_m, merged_m, bkey, mkey, tolerance, device))
-                else:
-                    _untouched_check(base_m, merged_m, entry, mkey, qkind, untouched, device, views)
+                run.check_entry(entry)
             finally:
                 if progress is not None:
-                    progress(int(math.prod(entry.shape)) * entry.dtype.itemsize, label)
-
-        # modules_to_save tensors the base lacks (a new head): the merged model must carry them
-        for tname, lazy in save_pending.items():
-            mkey = merged_m.tensor_name(tname)
-            if mkey is None:
-                missing.append(tname)
-                c = _Check(tname, tname, "modules_to_save", None, list(lazy.shape))
-                c.passed, c.status, c.residual_norm, c.hint = False, "missing", math.inf, "the merged model lacks this tensor"
-                checks.append(c)
-                continue
-            consumed.add(mkey)
-            checks.append(_save_check(tname, lazy, None, merged_m, None, mkey, tolerance, device))
+                    progress(int(math.prod(entry.shape)) * entry.dtype.itemsize, entry.name)
+        run.check_additions()
     finally:
-        views.close()
+        run.views.close()
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)
+    run.check_orphan_biases()
+    extra = run.extras()
+    return _report(base_m, run.targets.adapter, merged_m, run.checks, run.untouched, run.missing, extra, notes, tolerance, run.quantized)
 
-    # bias of a lora_bias module whose base layer has no bias
-    for bkey, mod in bias_of.items():
-        if bkey not in base_m.store:
-            c = _Check(mod.name, bkey, "lora_bias", None, [mod.out_features])
-            c.passed, c.status, c.residual_norm = False, "fail", math.inf
-            c.hint = "the adapter has a lora_B bias but the base layer has no bias"
-            checks.append(c)
 
-    extra = []
-    for k in mstore.keys():
-        if k in consumed:
-            continue
-        if k.endswith(_BUFFER_SUFFIXES):
-            notes.append(f"{k}: buffer stored in the merged model only")
-        elif _tied_copy(merged_m, k):
-            notes.append(f"{k}: a copy of the tied input embedding")
+@dataclass
+class _Targets:
+    """What the adapter does to each base tensor: a module's delta (``by_key``), a lora_bias
+    (``bias_of``), a modules_to_save replacement (``to_save``), or a tensor it adds (``save_pending``)."""
+
+    adapter: Adapter  # bound to the base
+    by_key: dict[str, LoraModule]
+    bias_of: dict[str, LoraModule]
+    to_save: dict[str, tuple[str, Any]]  # base key -> (adapter name, lazy tensor)
+    save_pending: dict[str, Any]
+
+    @classmethod
+    def of(cls, ad: Adapter, base: BaseModel) -> "_Targets":
+        binding = bind_adapter(ad, base)
+        ad, mapping = binding.adapter, binding.keys  # module -> base weight key
+        by_key = {key: ad.modules[name] for name, key in mapping.items()}
+        bias_of = {key[: -len("weight")] + "bias": ad.modules[name] for name, key in mapping.items() if ad.modules[name].bias is not None}
+        to_save: dict[str, tuple[str, Any]] = {}
+        pending: dict[str, Any] = {}
+        for tname, lazy in ad.modules_to_save.items():
+            bkey = base.tensor_name(tname)
+            if bkey is not None:
+                to_save[bkey] = (tname, lazy)
+            else:
+                pending[tname] = lazy
+        return cls(ad, by_key, bias_of, to_save, pending)
+
+
+class _WeightRun:
+    """One pass of the weight check: the per-tensor checks and what they found."""
+
+    def __init__(self, base: BaseModel, merged: BaseModel, targets: _Targets, tolerance: float | None, device: torch.device, notes: list[str]):
+        self.base, self.merged, self.targets = base, merged, targets
+        self.tolerance, self.device, self.notes = tolerance, device, notes
+        self.views = _Views()
+        self.consumed: set[str] = set()
+        self.checks: list[_Check] = []
+        self.untouched = {"checked": 0, "identical": 0, "cast": 0, "quantized": 0, "differ": []}
+        self.missing: list[str] = []
+        self.quantized = False
+
+    def merged_key(self, bkey: str) -> str | None:
+        return bkey if bkey in self.merged.store else self.merged.tensor_name(bkey)
+
+    def check_entry(self, entry: TensorEntry) -> None:
+        """The base tensor against its counterpart in MERGED, by what the adapter does to it."""
+        bkey, t, mstore = entry.name, self.targets, self.merged.store
+        mkey = self.merged_key(bkey)
+        if mkey is None:
+            self._absent(entry)
+            return
+        self.consumed.add(mkey)
+        qkind = _quant_kind(self.merged, mkey) if not mstore.dtype(mkey).is_floating_point and entry.dtype.is_floating_point else None
+        if qkind is not None:
+            self.quantized = True
+            self.consumed.update(bnb.aux_keys(mkey, mstore))
+        args = (self.base, self.merged, bkey, mkey)
+        if bkey in t.by_key:
+            # PEFT's saved base_layer.weight (or a modules_to_save copy) replaces the base weight first
+            replaced = t.to_save[bkey][1].load() if bkey in t.to_save else None
+            self.checks.append(_weight_check(t.by_key[bkey], *args, qkind, self.tolerance, self.device, self.views, replaced))
+        elif bkey in t.bias_of:
+            self.checks.append(_bias_check(t.bias_of[bkey], *args, self.tolerance, self.device))
+        elif bkey in t.to_save:
+            tname, lazy = t.to_save[bkey]
+            self.checks.append(_save_check(tname, lazy, *args, self.tolerance, self.device))
         else:
-            extra.append(k)
+            _untouched_check(self.base, self.merged, entry, mkey, qkind, self.untouched, self.device, self.views)
 
-    return _report(base_m, ad, merged_m, checks, untouched, missing, extra, notes, tolerance, quantized)
+    def _absent(self, entry: TensorEntry) -> None:
+        """A base tensor MERGED does not store: a buffer, a tied head, or missing."""
+        bkey = entry.name
+        if bkey.endswith(_BUFFER_SUFFIXES):
+            self.notes.append(f"{bkey}: buffer of the base not stored in the merged model")
+        elif _tied_alias(self.base, self.merged, bkey):
+            self.notes.append(f"{bkey}: tied to the input embedding in the merged model (not stored)")
+        else:
+            self.missing.append(bkey)
+            mod = self.targets.by_key.get(bkey)
+            if mod is not None:
+                self.checks.append(_missing_check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", list(entry.shape)))
+
+    def check_additions(self) -> None:
+        """modules_to_save tensors the base lacks (a new head): MERGED must carry them."""
+        for tname, lazy in self.targets.save_pending.items():
+            mkey = self.merged.tensor_name(tname)
+            if mkey is None:
+                self.missing.append(tname)
+                self.checks.append(_missing_check(tname, tname, "modules_to_save", list(lazy.shape)))
+                continue
+            self.consumed.add(mkey)
+            self.checks.append(_save_check(tname, lazy, None, self.merged, None, mkey, self.tolerance, self.device))
+
+    def check_orphan_biases(self) -> None:
+        """A lora_bias module whose base layer has no bias."""
+        for bkey, mod in self.targets.bias_of.items():
+            if bkey not in self.base.store:
+                c = _Check(mod.name, bkey, "lora_bias", None, [mod.out_features])
+                c.passed, c.status, c.residual_norm = False, "fail", math.inf
+                c.hint = "the adapter has a lora_B bias but the base layer has no bias"
+                self.checks.append(c)
+
+    def extras(self) -> list[str]:
+        """Tensors of MERGED no check consumed (buffers and tied copies become notes)."""
+        extra = []
+        for k in self.merged.store.keys():
+            if k in self.consumed:
+                continue
+            if k.endswith(_BUFFER_SUFFIXES):
+                self.notes.append(f"{k}: buffer stored in the merged model only")
+            elif _tied_copy(self.merged, k):
+                self.notes.append(f"{k}: a copy of the tied input embedding")
+            else:
+                extra.append(k)
+        return extra
+
+
+def _missing_check(name: str, tensor: str, kind: str, shape: list[int]) -> _Check:
+    c = _Check(name, tensor, kind, None, shape)
+    c.passed, c.status, c.residual_norm, c.hint = False, "missing", math.inf, "the merged model lacks this tensor"
+    return c
 
 
 def _dequantized_view(base: BaseModel, ad: Adapter, notes: list[str]) -> BaseModel:
