@@ -413,21 +413,19 @@ def _parse_keys(store: TensorStore, path: Path) -> dict[str, dict[str, str]]:
     return parts
 
 
-def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, legacy_qkv: str | None = None) -> Adapter:
-    """Read a LitGPT LoRA checkpoint into canonical form (Hugging Face module names).
+@dataclass
+class _Sidecars:
+    """What sits beside a LitGPT checkpoint: hyperparameters, model config, and where lora_* came from."""
 
-    Args:
-        path: the checkpoint folder or its ``lit_model.pth.lora``.
-        base: optional ``BaseModel``: head sizes when no model_config.yaml is beside the file.
-        alpha: overrides ``lora_alpha`` (needed when no hyperparameters are beside the file).
-        scale: an absolute scale for every module (overrides alpha / r).
-        legacy_qkv: for the pre-v0.5.5 ``attn.attn`` layout, "scattered" or
-            "contiguous" (see ``LEGACY_MODES``); guessed from the file name when None.
-    Raises:
-        FormatError, UnsupportedError, InputError.
-    """
-    folder, weights = _locate(path)
-    warns: list[str] = []
+    hparams: dict
+    hp: dict  # the lora_* entries (from hyperparameters.yaml, else from the model config)
+    model_config: dict
+    model_config_path: Path | None
+    hp_src: Path  # the file named in errors about lora_* values
+    files: list[Path]
+
+
+def _read_sidecars(folder: Path, weights: Path) -> _Sidecars:
     hparams: dict = {}
     hp_path = folder / HPARAMS_NAME
     files = [weights]
@@ -446,16 +444,26 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
     if not hp and model_config:
         hp = _lora_hparams(model_config)
     hp_src = hp_path if hp_path.is_file() else (model_config_path or weights)
+    return _Sidecars(hparams, hp, model_config, model_config_path, hp_src, files)
 
-    store = TensorStore([weights])
+
+def _paired_parts(store: TensorStore, weights: Path) -> dict[str, dict[str, str]]:
+    """``_parse_keys``, refusing a file without LoRA tensors or with an unpaired factor."""
     parts = _parse_keys(store, weights)
     if not parts:
         raise FormatError(weights, "holds no LoRA tensors")
     for module, p in parts.items():
         if "A" not in p or "B" not in p:
             raise FormatError(weights, f"{module}: has lora_{'A' if 'B' not in p else 'B'} without its pair")
+    return parts
 
-    # rank and scale
+
+def _rank_and_scale(
+    parts: dict[str, dict[str, str]], store: TensorStore, side: _Sidecars, weights: Path,
+    alpha: float | None, scale: float | None, warns: list[str],
+) -> tuple[int, float, float]:
+    """(lora_r, lora_alpha, scale): one rank for the file; scale beats alpha beats lora_alpha beats the default."""
+    hp, hp_src = side.hp, side.hp_src
     ranks = {store.shape(p["B"])[1] if len(store.shape(p["B"])) == 2 else -1 for p in parts.values()}
     if len(ranks) != 1 or -1 in ranks:
         raise FormatError(weights, f"LitGPT uses one lora_r for every module, found ranks {sorted(ranks)}")
@@ -464,33 +472,54 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         raise FormatError(hp_src, f"lora_r is {hp['lora_r']} but the tensors have rank {r}")
     if scale is not None:
         scale = _finite(scale, "scale", hp_src)
-        file_alpha_value = scale * r
+        return r, scale * r, scale
+    if alpha is not None:
+        file_alpha_value = _finite(alpha, "alpha", hp_src)
+        if hp.get("lora_alpha") is not None and float(hp["lora_alpha"]) != file_alpha_value:
+            warns.append(f"{hp_src}: lora_alpha {hp['lora_alpha']} overridden by alpha {file_alpha_value:g}")
+    elif hp.get("lora_alpha") is not None:
+        file_alpha_value = _finite(hp["lora_alpha"], "lora_alpha", hp_src)
     else:
-        if alpha is not None:
-            file_alpha_value = _finite(alpha, "alpha", hp_src)
-            if hp.get("lora_alpha") is not None and float(hp["lora_alpha"]) != file_alpha_value:
-                warns.append(f"{hp_src}: lora_alpha {hp['lora_alpha']} overridden by alpha {file_alpha_value:g}")
-        elif hp.get("lora_alpha") is not None:
-            file_alpha_value = _finite(hp["lora_alpha"], "lora_alpha", hp_src)
-        else:
-            file_alpha_value = DEFAULT_ALPHA
-            warns.append(f"{weights}: no lora_alpha beside the file; assumed {DEFAULT_ALPHA:g} (LitGPT's default); pass --alpha to change it")
-        scale = file_alpha_value / r
+        file_alpha_value = DEFAULT_ALPHA
+        warns.append(f"{weights}: no lora_alpha beside the file; assumed {DEFAULT_ALPHA:g} (LitGPT's default); pass --alpha to change it")
+    return r, file_alpha_value, file_alpha_value / r
 
-    geometry = None
-    if model_config:
-        geometry = _geometry_from_model_config(model_config, model_config_path)
-    if geometry is None and base is not None:
-        geometry = _geometry_from_base(base)
 
+def _qkv_pairs(
+    lit_name: str, A: LazyTensor, B: LazyTensor, *, geometry: _Geometry | None, side: _Sidecars,
+    parts: dict[str, dict[str, str]], store: TensorStore, weights: Path, legacy_qkv: str | None,
+) -> list[tuple[str, LazyTensor, LazyTensor]]:
+    """(Hugging Face suffix, A, B) of the q/k/v projections a fused attn.qkv / legacy attn.attn LoRA adapts.
+
+    The legacy ``attn.attn`` delta is "scattered" (split like attn.qkv) or "contiguous" (its
+    rows landed in order on the interleaved weight, see ``_contiguous_legacy``).
+    """
+    enabled = _enabled_qkv(side.hp, A, B, side.hp_src, lit_name)
+    geo = _qkv_geometry(geometry, enabled, A, B, parts, store, weights, lit_name)
+    sizes = [s for s, e in zip((geo.q_size, geo.kv_size, geo.kv_size), enabled) if e]
+    pairs = split_fused(A, B, sizes, path=weights, what=lit_name)
+    mode = "scattered"
+    if lit_name.endswith(".attn.attn"):
+        mode = _legacy_mode(legacy_qkv, weights, enabled)
+    if mode == "scattered":
+        return [(hf, a, b) for (a, b), hf in zip(pairs, [h for h, e in zip(QKV_HF, enabled) if e])]
+    if geo.n_head is None:
+        raise InputError(f"{weights}: reading the legacy attn.attn layout as contiguous needs the head counts: pass --base (or put LitGPT's model_config.yaml beside the file)")
+    return [(hf, a, b) for hf, (a, b) in _contiguous_legacy(pairs, enabled, geo, weights).items()]
+
+
+def _hf_modules(
+    parts: dict[str, dict[str, str]], store: TensorStore, side: _Sidecars, weights: Path,
+    geometry: _Geometry | None, legacy_qkv: str | None, alpha: float, scale: float,
+) -> dict[str, LoraModule]:
+    """The LoRA modules under their Hugging Face names, fused q/k/v split apart."""
     modules: dict[str, LoraModule] = {}
 
     def add(name: str, A: LazyTensor, B: LazyTensor) -> None:
         if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] != B.shape[1]:
             raise FormatError(weights, f"{name}: lora_A {A.shape} and lora_B {B.shape} do not pair")
-        modules[name] = LoraModule(name, ModuleKind.LINEAR, A, B, alpha=file_alpha_value, scale=scale)
+        modules[name] = LoraModule(name, ModuleKind.LINEAR, A, B, alpha=alpha, scale=scale)
 
-    legacy_seen = False
     for lit_name in sorted(parts, key=_lit_sort_key):
         p = parts[lit_name]
         A, B = store.lazy(p["A"]), store.lazy(p["B"])
@@ -502,43 +531,62 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         if sub in LIT_TO_HF:
             add(prefix + LIT_TO_HF[sub], A, B)
             continue
-        # fused q/k/v
-        enabled = _enabled_qkv(hp, A, B, hp_src, lit_name)
-        geo = _qkv_geometry(geometry, enabled, A, B, parts, store, weights, lit_name)
-        sizes = [s for s, e in zip((geo.q_size, geo.kv_size, geo.kv_size), enabled) if e]
-        pairs = split_fused(A, B, sizes, path=weights, what=lit_name)
-        legacy = sub == "attn.attn"
-        mode = "scattered"
-        if legacy:
-            legacy_seen = True
-            mode = _legacy_mode(legacy_qkv, weights, enabled)
-        if mode == "scattered":
-            for (a, b), hf in zip(pairs, [h for h, e in zip(QKV_HF, enabled) if e]):
-                add(prefix + hf, a, b)
-        else:
-            if geo.n_head is None:
-                raise InputError(f"{weights}: reading the legacy attn.attn layout as contiguous needs the head counts: pass --base (or put LitGPT's model_config.yaml beside the file)")
-            for hf, (a, b) in _contiguous_legacy(pairs, enabled, geo, weights).items():
-                add(prefix + hf, a, b)
+        for hf, a, b in _qkv_pairs(lit_name, A, B, geometry=geometry, side=side, parts=parts, store=store,
+                                   weights=weights, legacy_qkv=legacy_qkv):
+            add(prefix + hf, a, b)
+    return modules
 
-    if legacy_seen:
-        warns.extend(_legacy_warning(legacy_qkv, weights, hp))
 
-    flags = {k: v for k, v in hp.items() if k in ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")}
+def _base_model_name(hparams: dict) -> str | None:
+    """The base named by LitGPT's ``checkpoint_dir`` (``checkpoints/`` dropped)."""
     checkpoint_dir = hparams.get("checkpoint_dir")
-    base_model = None
     if isinstance(checkpoint_dir, str) and checkpoint_dir:
-        base_model = checkpoint_dir[len("checkpoints/"):] if checkpoint_dir.startswith("checkpoints/") else checkpoint_dir
+        return checkpoint_dir[len("checkpoints/"):] if checkpoint_dir.startswith("checkpoints/") else checkpoint_dir
+    return None
+
+
+def read(path: Path, *, base=None, alpha: float | None = None, scale: float | None = None, legacy_qkv: str | None = None) -> Adapter:
+    """Read a LitGPT LoRA checkpoint into canonical form (Hugging Face module names).
+
+    Args:
+        path: the checkpoint folder or its ``lit_model.pth.lora``.
+        base: optional ``BaseModel``: head sizes when no model_config.yaml is beside the file.
+        alpha: overrides ``lora_alpha`` (needed when no hyperparameters are beside the file).
+        scale: an absolute scale for every module (overrides alpha / r).
+        legacy_qkv: for the pre-v0.5.5 ``attn.attn`` layout, "scattered" or
+            "contiguous" (see ``LEGACY_MODES``); guessed from the file name when None.
+    Raises:
+        FormatError, UnsupportedError, InputError.
+    """
+    folder, weights = _locate(path)
+    warns: list[str] = []
+    side = _read_sidecars(folder, weights)
+
+    store = TensorStore([weights])
+    parts = _paired_parts(store, weights)
+    r, file_alpha_value, scale = _rank_and_scale(parts, store, side, weights, alpha, scale, warns)
+
+    geometry = None
+    if side.model_config:
+        geometry = _geometry_from_model_config(side.model_config, side.model_config_path)
+    if geometry is None and base is not None:
+        geometry = _geometry_from_base(base)
+
+    modules = _hf_modules(parts, store, side, weights, geometry, legacy_qkv, file_alpha_value, scale)
+    if any(name.endswith(".attn.attn") for name in parts):
+        warns.extend(_legacy_warning(legacy_qkv, weights, side.hp))
+
+    flags = {k: v for k, v in side.hp.items() if k in ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")}
     return Adapter(
         format=NAME,
         modules=modules,
-        base_model=base_model,
+        base_model=_base_model_name(side.hparams),
         target_modules=sorted({n.rsplit(".", 1)[-1] for n in modules}),
         path=Path(path),
-        files=files,
-        config=hparams,
+        files=side.files,
+        config=side.hparams,
         warnings=warns,
-        extras={"litgpt_flags": flags, "litgpt_model_config": model_config, "lora_r": r, "lora_alpha": file_alpha_value},
+        extras={"litgpt_flags": flags, "litgpt_model_config": side.model_config, "lora_r": r, "lora_alpha": file_alpha_value},
     )
 
 
@@ -701,6 +749,48 @@ def _plan(adapter: Adapter) -> dict[str, tuple[int, str]]:
     return plan
 
 
+def _lora_flags(by_layer: dict[int, dict[str, LoraModule]]) -> dict[str, bool]:
+    """LitGPT's lora_query/key/value/projection/mlp/head switches for the slots the adapter fills."""
+    present = {suffix for layer, d in by_layer.items() if layer >= 0 for suffix in d}
+    return {
+        "lora_query": "self_attn.q_proj" in present,
+        "lora_key": "self_attn.k_proj" in present,
+        "lora_value": "self_attn.v_proj" in present,
+        "lora_projection": "self_attn.o_proj" in present,
+        "lora_mlp": bool(present & {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
+        "lora_head": -1 in by_layer,
+    }
+
+
+def _layer_count(by_layer: dict[int, dict[str, LoraModule]], base) -> int:
+    """Layers to write: the base's count when known (every layer gets its factors), else up to the last adapted one."""
+    n_layers = max((l for l in by_layer if l >= 0), default=-1) + 1
+    if base is not None:
+        n_base = base.config.get("num_hidden_layers")
+        if isinstance(n_base, int):
+            if n_base < n_layers:
+                raise UnsupportedError(f"the adapter has layer {n_layers - 1} but the base {base.path} has {n_base} layers")
+            n_layers = n_base
+    return n_layers
+
+
+def _layer_tensors(pre: str, d: dict[str, LoraModule], flags: dict[str, bool], factors) -> dict[str, torch.Tensor]:
+    """The lora_A/lora_B tensors of one layer (``pre`` = ``transformer.h.i.``); ``factors`` zero-fills missing slots."""
+    sd: dict[str, torch.Tensor] = {}
+    qkv_on = [hf for hf, f in zip(QKV_HF, QKV_FLAGS) if flags[f]]
+    if qkv_on:
+        blocks = [factors(d.get(hf), hf) for hf in qkv_on]
+        sd[pre + "attn.qkv.lora_A"] = torch.cat([a for a, _ in blocks]).contiguous()
+        sd[pre + "attn.qkv.lora_B"] = torch.cat([b for _, b in blocks]).contiguous()
+    if flags["lora_projection"]:
+        sd[pre + "attn.proj.lora_A"], sd[pre + "attn.proj.lora_B"] = factors(d.get("self_attn.o_proj"), "self_attn.o_proj")
+    if flags["lora_mlp"]:
+        for hf in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            lit = HF_TO_LIT[hf]
+            sd[pre + lit + ".lora_A"], sd[pre + lit + ".lora_B"] = factors(d.get(hf), hf)
+    return sd
+
+
 def build_state_dict(adapter: Adapter, *, base=None, report: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The ``lit_model.pth.lora`` tensors and the lora_* hyperparameters for an adapter.
 
@@ -721,23 +811,9 @@ def build_state_dict(adapter: Adapter, *, base=None, report: dict | None = None)
     by_layer: dict[int, dict[str, LoraModule]] = {}
     for name, (layer, suffix) in plan.items():
         by_layer.setdefault(layer, {})[suffix] = adapter.modules[name]
-    present = {suffix for layer, d in by_layer.items() if layer >= 0 for suffix in d}
-    flags = {
-        "lora_query": "self_attn.q_proj" in present,
-        "lora_key": "self_attn.k_proj" in present,
-        "lora_value": "self_attn.v_proj" in present,
-        "lora_projection": "self_attn.o_proj" in present,
-        "lora_mlp": bool(present & {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
-        "lora_head": -1 in by_layer,
-    }
+    flags = _lora_flags(by_layer)
     shapes = _slot_shapes(adapter, plan, base)
-    n_layers = max((l for l in by_layer if l >= 0), default=-1) + 1
-    if base is not None:
-        n_base = base.config.get("num_hidden_layers")
-        if isinstance(n_base, int):
-            if n_base < n_layers:
-                raise UnsupportedError(f"the adapter has layer {n_layers - 1} but the base {base.path} has {n_base} layers")
-            n_layers = n_base
+    n_layers = _layer_count(by_layer, base)
 
     zero_filled = 0
 
@@ -753,20 +829,8 @@ def build_state_dict(adapter: Adapter, *, base=None, report: dict | None = None)
     if flags["lora_head"]:
         A, B = factors(by_layer[-1]["lm_head"], "lm_head")
         sd["lm_head.lora_A"], sd["lm_head.lora_B"] = A, B
-    qkv_on = [hf for hf, f in zip(QKV_HF, QKV_FLAGS) if flags[f]]
     for layer in range(n_layers):
-        d = by_layer.get(layer, {})
-        pre = f"transformer.h.{layer}."
-        if qkv_on:
-            blocks = [factors(d.get(hf), hf) for hf in qkv_on]
-            sd[pre + "attn.qkv.lora_A"] = torch.cat([a for a, _ in blocks]).contiguous()
-            sd[pre + "attn.qkv.lora_B"] = torch.cat([b for _, b in blocks]).contiguous()
-        if flags["lora_projection"]:
-            sd[pre + "attn.proj.lora_A"], sd[pre + "attn.proj.lora_B"] = factors(d.get("self_attn.o_proj"), "self_attn.o_proj")
-        if flags["lora_mlp"]:
-            for hf in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-                lit = HF_TO_LIT[hf]
-                sd[pre + lit + ".lora_A"], sd[pre + lit + ".lora_B"] = factors(d.get(hf), hf)
+        sd.update(_layer_tensors(f"transformer.h.{layer}.", by_layer.get(layer, {}), flags, factors))
     report_packing(report, "LitGPT", mods, rank=rank, file_scale=file_scale, held=f"lora_alpha / lora_r = {alpha}/{rank}",
                    zero_filled=zero_filled, dtype=dtype)
     hparams = {"lora_r": rank, "lora_alpha": alpha, **flags}
