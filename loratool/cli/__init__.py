@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "extract",
     "convert",
     "push",
+    "check",
 )
 
 

@@ -92,6 +92,8 @@ def rank_limit(engine: Engine, max_rank: int | None) -> int | None:
     """
     if max_rank is None:
         return engine.max_rank_default
+    if "rank" not in engine.rules:
+        raise InputError(f"--max-rank does not apply to {engine.name}: it has no rank limit")
     if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
         raise InputError(f"--max-rank must be a positive integer, got {max_rank}")
     allowed = engine.max_rank_allowed
