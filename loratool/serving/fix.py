@@ -21,7 +21,14 @@ from loratool.adapter import Adapter, LoraModule, lora_scale
 from loratool.errors import InputError, UnsupportedError
 from loratool.io.store import LazyTensor
 from loratool.serving import rules as R
-from loratool.serving.check import MERGE_HINT, Finding, findings, get_engine, rank_limit, served_name
+from loratool.serving.check import (
+    MERGE_HINT,
+    Finding,
+    findings,
+    get_engine,
+    rank_limit,
+    served_name,
+)
 
 
 def fix_adapter(adapter: Adapter, *, target: str, base=None, max_rank: int | None = None,
