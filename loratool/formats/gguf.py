@@ -204,24 +204,21 @@ def _n_blocks(config: dict) -> int | None:
     return None
 
 
-def read(path: Path, *, base=None) -> Adapter:
-    """Read a llama.cpp LoRA GGUF into canonical form (HF module names and row order).
-
-    Args:
-        path: the .gguf file.
-        base: optional ``BaseModel``: module names as the base names them, head counts for
-            un-permuting q/k when the file does not carry them.
-    Raises:
-        FormatError, UnsupportedError.
-    """
+def _open_reader(path: Path):
+    """A ``gguf.GGUFReader`` on a header already checked to be bounded."""
     import gguf
 
-    path = Path(path)
     check_gguf_header(path)  # bounded: before gguf-py allocates what the header claims
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on garbage
         raise FormatError(path, f"not a readable GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _adapter_fields(reader, path: Path) -> tuple[str, float]:
+    """(general.architecture, adapter.lora.alpha) of a LoRA adapter GGUF (alpha 0 when absent)."""
+    import gguf
+
     gtype = _field(reader, gguf.Keys.General.TYPE)
     if gtype is not None and gtype != gguf.GGUFType.ADAPTER:
         raise UnsupportedError(f"{path}: a GGUF {gtype}, not an adapter (general.type)")
@@ -235,7 +232,16 @@ def read(path: Path, *, base=None) -> Adapter:
     alpha = float(alpha) if isinstance(alpha, (int, float)) else 0.0
     if not math.isfinite(alpha):
         raise FormatError(path, f"adapter.lora.alpha is {alpha}")
-    warnings: list[str] = []
+    return arch_name, alpha
+
+
+def _read_geometry(reader, arch_name: str, base, path: Path) -> tuple[GGUFArch, int | None, int | None, int, dict[str, str] | None]:
+    """(arch, n_head, n_kv, n_blocks, GGUF name -> base module name or None).
+
+    From the base when given (which must be of the file's architecture), else from the
+    head/block counts loratool writes into its own files (llama.cpp's converter does not).
+    """
+    import gguf
 
     if base is not None:
         try:
@@ -248,13 +254,16 @@ def read(path: Path, *, base=None) -> Adapter:
         n_blocks = _n_blocks(base.config) or 0
         # a config-only base (no weights) gives head counts but no names
         name_map = _base_name_map(base, arch, n_blocks) if len(base.store) else None
-    else:
-        arch = gguf_arch_by_name(arch_name)
-        n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
-        n_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name)) or n_head
-        n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)) or 0
-        name_map = None
+        return arch, n_head, n_kv, n_blocks, name_map
+    arch = gguf_arch_by_name(arch_name)
+    n_head = _field(reader, gguf.Keys.Attention.HEAD_COUNT.format(arch=arch_name))
+    n_kv = _field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch_name)) or n_head
+    n_blocks = _field(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch_name)) or 0
+    return arch, n_head, n_kv, n_blocks, None
 
+
+def _tensor_pairs(reader, path: Path) -> dict[str, dict[str, object]]:
+    """GGUF base tensor name -> {"a": lora_a tensor, "b": lora_b tensor}; any other tensor is refused."""
     pairs: dict[str, dict[str, object]] = {}
     for t in reader.tensors:
         name = t.name
@@ -264,52 +273,103 @@ def read(path: Path, *, base=None) -> Adapter:
                 break
         else:
             raise UnsupportedError(f"{path}: tensor {name} is not a LoRA pair member (full tensors in a GGUF adapter are not supported)")
+    return pairs
+
+
+def _numpy_shapes(path: Path, gname: str, ta, tb) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The 2-D numpy-order shapes of lora_a and lora_b (GGUF stores ggml order, reversed)."""
+    sa = tuple(int(x) for x in reversed(list(ta.shape)))  # numpy order
+    sb = tuple(int(x) for x in reversed(list(tb.shape)))
+    if len(sa) != 2 or len(sb) != 2:
+        raise UnsupportedError(f"{path}: {gname}: {len(sa)}-D LoRA tensors are not supported")
+    return sa, sb
+
+
+def _lazy_factors(path: Path, gname: str, ta, tb, sa: tuple, sb: tuple, embedding: bool) -> tuple[LazyTensor, LazyTensor]:
+    """Lazy A (r, in) and B (out, r); a token embedding's lora_a is stored as A^T (vocab, r)."""
+    if embedding:
+        A_shape, B_shape = (sa[1], sa[0]), sb
+    else:
+        A_shape, B_shape = sa, sb
+    if A_shape[0] != B_shape[1]:
+        raise FormatError(path, f"{gname}: lora_a is {sa} but lora_b is {sb} (ranks differ)")
+    if A_shape[0] == 0:
+        raise FormatError(path, f"{gname}: rank 0")
+    dtype_a = _GGML_TO_TORCH.get(ta.tensor_type.name, torch.float32)
+    dtype_b = _GGML_TO_TORCH.get(tb.tensor_type.name, torch.float32)
+    A = LazyTensor(A_shape, dtype_a, (lambda t=ta, e=embedding: _to_torch(t).T.contiguous() if e else _to_torch(t)))
+    B = LazyTensor(B_shape, dtype_b, (lambda t=tb: _to_torch(t)))
+    return A, B
+
+
+def _module_kind(module: str, embedding: bool, base, arch: GGUFArch) -> ModuleKind:
+    if embedding:
+        return ModuleKind.EMBEDDING
+    if base is not None:
+        return base.module_kind(module, ModuleKind.LINEAR)
+    return ModuleKind.CONV1D if is_conv1d(arch.name, module) else ModuleKind.LINEAR
+
+
+def _read_module(
+    path: Path, gname: str, p: dict[str, object], *, arch: GGUFArch, name_map: dict[str, str] | None, base,
+    heads: tuple[int | None, int | None], alpha: float,
+) -> tuple[LoraModule, bool]:
+    """The LoraModule of one lora_a/lora_b pair, and whether its q/k rows stay permuted for want of head counts.
+
+    llama.cpp's converter permutes the rows of q/k (``LlamaModel.permute``): B is un-permuted here.
+    llama.cpp scales by alpha / r, or by 1 when alpha is 0.
+    """
+    if "a" not in p or "b" not in p:
+        raise FormatError(path, f"{gname}: has lora_{'a' if 'a' in p else 'b'} without its pair")
+    ta, tb = p["a"], p["b"]
+    sa, sb = _numpy_shapes(path, gname, ta, tb)
+    kind_info = gguf_tensor_kind(gname)
+    tkind = kind_info[0] if kind_info else None
+    module = name_map.get(gname) if name_map is not None else hf_module_name(gname, arch)
+    if module is None:
+        where = f"the base {base.path}" if base is not None else f"the {arch.name} naming (pass --base)"
+        raise UnsupportedError(f"{path}: GGUF tensor {gname} has no module in {where}")
+    embedding = tkind in ("TOKEN_EMBD", "POS_EMBD")
+    A, B = _lazy_factors(path, gname, ta, tb, sa, sb, embedding)
+    rank = A.shape[0]
+    lacks_heads = False
+    role = qk_projection(module) if arch.permute_qk else None
+    if role is not None:
+        n = heads[0] if role == "q" else heads[1]
+        if not isinstance(n, int) or n <= 0:
+            lacks_heads = True
+        else:
+            B = B.map(lambda t, h=n: unpermute_qk_rows(t, h))
+    kind = _module_kind(module, embedding, base, arch)
+    scale = alpha / rank if alpha else 1.0
+    return LoraModule(module, kind, A, B, alpha=alpha if alpha else float(rank), scale=scale), lacks_heads
+
+
+def read(path: Path, *, base=None) -> Adapter:
+    """Read a llama.cpp LoRA GGUF into canonical form (HF module names and row order).
+
+    Args:
+        path: the .gguf file.
+        base: optional ``BaseModel``: module names as the base names them, head counts for
+            un-permuting q/k when the file does not carry them.
+    Raises:
+        FormatError, UnsupportedError.
+    """
+    import gguf
+
+    path = Path(path)
+    reader = _open_reader(path)
+    arch_name, alpha = _adapter_fields(reader, path)
+    warnings: list[str] = []
+    arch, n_head, n_kv, n_blocks, name_map = _read_geometry(reader, arch_name, base, path)
 
     modules: dict[str, LoraModule] = {}
     needs_heads = []
-    for gname, p in pairs.items():
-        if "a" not in p or "b" not in p:
-            raise FormatError(path, f"{gname}: has lora_{'a' if 'a' in p else 'b'} without its pair")
-        ta, tb = p["a"], p["b"]
-        sa = tuple(int(x) for x in reversed(list(ta.shape)))  # numpy order
-        sb = tuple(int(x) for x in reversed(list(tb.shape)))
-        if len(sa) != 2 or len(sb) != 2:
-            raise UnsupportedError(f"{path}: {gname}: {len(sa)}-D LoRA tensors are not supported")
-        kind_info = gguf_tensor_kind(gname)
-        tkind = kind_info[0] if kind_info else None
-        module = name_map.get(gname) if name_map is not None else hf_module_name(gname, arch)
-        if module is None:
-            where = f"the base {base.path}" if base is not None else f"the {arch.name} naming (pass --base)"
-            raise UnsupportedError(f"{path}: GGUF tensor {gname} has no module in {where}")
-        embedding = tkind in ("TOKEN_EMBD", "POS_EMBD")
-        if embedding:
-            A_shape, B_shape = (sa[1], sa[0]), sb
-        else:
-            A_shape, B_shape = sa, sb
-        if A_shape[0] != B_shape[1]:
-            raise FormatError(path, f"{gname}: lora_a is {sa} but lora_b is {sb} (ranks differ)")
-        rank = A_shape[0]
-        if rank == 0:
-            raise FormatError(path, f"{gname}: rank 0")
-        dtype_a = _GGML_TO_TORCH.get(ta.tensor_type.name, torch.float32)
-        dtype_b = _GGML_TO_TORCH.get(tb.tensor_type.name, torch.float32)
-        A = LazyTensor(A_shape, dtype_a, (lambda t=ta, e=embedding: _to_torch(t).T.contiguous() if e else _to_torch(t)))
-        B = LazyTensor(B_shape, dtype_b, (lambda t=tb: _to_torch(t)))
-        role = qk_projection(module) if arch.permute_qk else None
-        if role is not None:
-            heads = n_head if role == "q" else n_kv
-            if not isinstance(heads, int) or heads <= 0:
-                needs_heads.append(module)
-            else:
-                B = B.map(lambda t, h=heads: unpermute_qk_rows(t, h))
-        if embedding:
-            kind = ModuleKind.EMBEDDING
-        elif base is not None:
-            kind = base.module_kind(module, ModuleKind.LINEAR)
-        else:
-            kind = ModuleKind.CONV1D if is_conv1d(arch.name, module) else ModuleKind.LINEAR
-        scale = alpha / rank if alpha else 1.0
-        modules[module] = LoraModule(module, kind, A, B, alpha=alpha if alpha else float(rank), scale=scale)
+    for gname, p in _tensor_pairs(reader, path).items():
+        module, lacks_heads = _read_module(path, gname, p, arch=arch, name_map=name_map, base=base, heads=(n_head, n_kv), alpha=alpha)
+        if lacks_heads:
+            needs_heads.append(module.name)
+        modules[module.name] = module
     if needs_heads:
         raise UnsupportedError(
             f"{path}: q/k rows are in llama.cpp's permuted order and the file names no head counts; "
@@ -391,32 +451,42 @@ def _encode(t: torch.Tensor, outtype: str):
         return gguf.quants.quantize(data, qt.F16), qt.F16, True
 
 
-def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", report: dict | None = None) -> list[Path]:
-    """Write a llama.cpp LoRA GGUF file.
+def _module_factors(m: LoraModule, gname: str, tkind: str, arch: GGUFArch, heads: tuple[int | None, int | None], alpha: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(A, B, rescaled) of one module as llama.cpp wants them.
 
-    Args:
-        adapter: the adapter (HF module names, HF row order).
-        target: the file to write.
-        base: a ``BaseModel`` (its config is enough): architecture, head counts, block count.
-            Needed unless the adapter was read from a GGUF.
-        outtype: f32, f16, bf16 or q8_0 (tensors Q8_0 cannot hold, such as lora_b with a rank
-            that is not a multiple of 32, fall back to F16 as llama.cpp's converter does).
-        report: a dict that receives ``baked`` and ``notes`` lists.
-    Raises:
-        UnsupportedError, InputError.
+    The scale differing from alpha / r is baked into B (``rescaled`` only when it differs by
+    more than alpha's float32 rounding), q/k rows are permuted like the HF converter does, and
+    a token embedding's A is stored transposed.
     """
-    import gguf
+    A, B = m.A.load(), m.B.load()
+    if A.dtype != B.dtype:
+        A, B = A.float(), B.float()
+    rescaled = False
+    llama_scale = alpha / m.rank if alpha else 1.0
+    if not math.isclose(m.scale, llama_scale, rel_tol=1e-9, abs_tol=0.0):
+        B = (B.double() * (m.scale / llama_scale)).to(B.dtype)
+        if not math.isclose(m.scale, llama_scale, rel_tol=1e-6, abs_tol=0.0):
+            rescaled = True  # below that, only alpha's float32 rounding
+    role = qk_projection(m.name) if arch.permute_qk else None
+    if role is not None:
+        n_head, n_kv = heads
+        n = n_head if role == "q" else n_kv
+        if not n:
+            raise InputError(f"GGUF ({arch.name}): head counts are needed to permute {m.name}; pass --base")
+        B = permute_qk_rows(B, n)
+    if m.kind is ModuleKind.EMBEDDING:
+        if tkind != "TOKEN_EMBD":
+            raise UnsupportedError(f"GGUF: embedding LoRA on {m.name} ({gname}) is not applied by llama.cpp; its delta would be lost")
+        A = A.T
+    return A, B, rescaled
 
-    if outtype not in OUTTYPES:
-        raise InputError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
-    check_writable(adapter)
-    arch, (n_head, n_kv), n_blocks, config = _resolve_arch(adapter, base)
-    mods = list(adapter)
-    alpha = _alpha_for(mods)
-    tied = bool(config.get("tie_word_embeddings", False))
 
+def _plan_tensors(
+    mods: list[LoraModule], arch: GGUFArch, heads: tuple[int | None, int | None], n_blocks: int, alpha: float, tied: bool
+) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """The (GGUF tensor name, tensor) list to write, and the modules whose scale was baked into lora_b."""
     planned: list[tuple[str, torch.Tensor]] = []
-    rescaled, fallback = [], []
+    rescaled: list[str] = []
     seen: dict[str, str] = {}
     for m in mods:
         gname = _gguf_name(m.name, arch, n_blocks)
@@ -428,32 +498,28 @@ def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", re
         tkind = (gguf_tensor_kind(gname) or ("", None))[0]
         if tkind == "OUTPUT" and tied:
             raise UnsupportedError(f"GGUF: llama.cpp ties {m.name} to the token embedding in this base; its delta would be lost")
-        A, B = m.A.load(), m.B.load()
-        if A.dtype != B.dtype:
-            A, B = A.float(), B.float()
-        llama_scale = alpha / m.rank if alpha else 1.0
-        if not math.isclose(m.scale, llama_scale, rel_tol=1e-9, abs_tol=0.0):
-            B = (B.double() * (m.scale / llama_scale)).to(B.dtype)
-            if not math.isclose(m.scale, llama_scale, rel_tol=1e-6, abs_tol=0.0):
-                rescaled.append(m.name)  # below that, only alpha's float32 rounding
-        role = qk_projection(m.name) if arch.permute_qk else None
-        if role is not None:
-            heads = n_head if role == "q" else n_kv
-            if not heads:
-                raise InputError(f"GGUF ({arch.name}): head counts are needed to permute {m.name}; pass --base")
-            B = permute_qk_rows(B, heads)
-        if m.kind is ModuleKind.EMBEDDING:
-            if tkind != "TOKEN_EMBD":
-                raise UnsupportedError(f"GGUF: embedding LoRA on {m.name} ({gname}) is not applied by llama.cpp; its delta would be lost")
-            A = A.T
+        A, B, was_rescaled = _module_factors(m, gname, tkind, arch, heads, alpha)
+        if was_rescaled:
+            rescaled.append(m.name)
         planned.append((f"{gname}.weight.lora_a", A))
         planned.append((f"{gname}.weight.lora_b", B))
+    return planned, rescaled
 
+
+def _write_file(
+    target: Path, arch: GGUFArch, alpha: float, base_model, outtype: str, n_blocks: int,
+    heads: tuple[int | None, int | None], planned: list[tuple[str, torch.Tensor]],
+) -> list[str]:
+    """Write the GGUF (metadata, then tensors); the names of tensors that fell back to F16."""
+    import gguf
+
+    n_head, n_kv = heads
+    fallback: list[str] = []
     writer = gguf.GGUFWriter(str(target), arch.name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(Path(str(adapter.base_model or "loratool adapter")).name or "loratool adapter")
+    writer.add_name(Path(str(base_model or "loratool adapter")).name or "loratool adapter")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -475,6 +541,32 @@ def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", re
     writer.close()
     if expected is not None and os.path.getsize(target) < expected:
         raise OSError(errno.ENOSPC, "the file came out short (disk full or file size limit reached)", str(target))
+    return fallback
+
+
+def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", report: dict | None = None) -> list[Path]:
+    """Write a llama.cpp LoRA GGUF file.
+
+    Args:
+        adapter: the adapter (HF module names, HF row order).
+        target: the file to write.
+        base: a ``BaseModel`` (its config is enough): architecture, head counts, block count.
+            Needed unless the adapter was read from a GGUF.
+        outtype: f32, f16, bf16 or q8_0 (tensors Q8_0 cannot hold, such as lora_b with a rank
+            that is not a multiple of 32, fall back to F16 as llama.cpp's converter does).
+        report: a dict that receives ``baked`` and ``notes`` lists.
+    Raises:
+        UnsupportedError, InputError.
+    """
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    check_writable(adapter)
+    arch, heads, n_blocks, config = _resolve_arch(adapter, base)
+    mods = list(adapter)
+    alpha = _alpha_for(mods)
+    tied = bool(config.get("tie_word_embeddings", False))
+    planned, rescaled = _plan_tensors(mods, arch, heads, n_blocks, alpha, tied)
+    fallback = _write_file(target, arch, alpha, adapter.base_model, outtype, n_blocks, heads, planned)
     if report is not None:
         if rescaled:
             report.setdefault("baked", []).append(f"per-module scale baked into lora_b for {len(rescaled)} module(s) (GGUF holds one alpha, {alpha:g})")
