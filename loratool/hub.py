@@ -17,7 +17,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from loratool.errors import FormatError, InputError
 from loratool.names import SIDE_FILES, TOKENIZER_FILES
@@ -138,6 +138,16 @@ def resolve_path(
     if kind not in ("adapter", "model"):
         raise ValueError(f"kind must be 'adapter' or 'model', not {kind!r}")
     repo_id, revision = parse_repo_id(text)
+    download = _snapshot_downloader(text, repo_id, revision, token=token, offline=local_only or hub_offline())
+    return _fetch_snapshot(text, download, kind=kind, subfolder=subfolder)
+
+
+def _snapshot_downloader(text: str, repo_id: str, revision: str | None, *, token: str | None, offline: bool) -> Callable[[list[str], list[str]], Path | str]:
+    """``download(allow_patterns, ignore_patterns)``: ``snapshot_download`` of the repo into the Hugging
+    Face cache, returning the snapshot folder, or the reason (a str) when the snapshot is incomplete.
+
+    Every other Hub failure raises an InputError that says what went wrong.
+    """
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -150,27 +160,21 @@ def resolve_path(
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise InputError(f"{text}: not a local path and huggingface_hub is not installed") from None
 
-    offline = local_only or hub_offline()
     cache = hub_cache_dir()
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    pattern_sets = ADAPTER_PATTERN_SETS if kind == "adapter" else MODEL_PATTERN_SETS
-    ignores = TRAINING_LEFTOVERS + (_NOT_ADAPTER_FILES if kind == "adapter" else ())
-    incomplete: str | None = None
-    local: Path | None = None
-    for patterns in pattern_sets:
+
+    def download(allow: list[str], ignore: list[str]) -> Path | str:
         try:
             found = snapshot_download(
                 repo_id,
                 revision=revision,
                 cache_dir=str(cache),
-                allow_patterns=[prefix + p for p in patterns],
-                ignore_patterns=[f"{prefix}*/*", *(prefix + p for p in ignores)],
+                allow_patterns=allow,
+                ignore_patterns=ignore,
                 token=token or None,
                 local_files_only=offline,
             )
         except IncompleteSnapshotError as exc:
-            incomplete = str(exc).split(". ")[0]
-            continue
+            return str(exc).split(". ")[0]
         except LocalEntryNotFoundError:
             raise InputError(_not_cached_message(text, repo_id, revision, cache, offline)) from None
         except GatedRepoError:
@@ -182,7 +186,27 @@ def resolve_path(
         except Exception as exc:  # network errors come in many types
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise InputError(f"{text}: could not download from the Hub ({type(exc).__name__}: {first})") from None
-        local = Path(found)
+        return Path(found)
+
+    return download
+
+
+def _fetch_snapshot(text: str, download: Callable[[list[str], list[str]], Path | str], *, kind: str, subfolder: str | None) -> Path:
+    """Download the pattern sets of ``kind`` in order until the snapshot holds what the command reads.
+
+    Only top-level files (or those of ``subfolder``) are fetched, never training leftovers.
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    pattern_sets = ADAPTER_PATTERN_SETS if kind == "adapter" else MODEL_PATTERN_SETS
+    ignores = TRAINING_LEFTOVERS + (_NOT_ADAPTER_FILES if kind == "adapter" else ())
+    incomplete: str | None = None
+    local: Path | None = None
+    for patterns in pattern_sets:
+        found = download([prefix + p for p in patterns], [f"{prefix}*/*", *(prefix + p for p in ignores)])
+        if isinstance(found, str):
+            incomplete = found
+            continue
+        local = found
         if _has_needed_files(local / prefix if prefix else local, kind):
             return local
     if local is not None and local.is_dir():
@@ -473,16 +497,10 @@ def _read_adapters(path: Path):
     return found + [(name, read_adapter(path, format="peft", adapter_name=name)) for name in subs]
 
 
-def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None):
+def _adapter_card_data(first, base_obj, base_model_id: str | None):
+    """(``ModelCardData``, the transformers Auto class that loads the base) of an adapter card."""
     from huggingface_hub import ModelCardData
 
-    from loratool.inspect import inspect_adapter
-
-    adapters = _read_adapters(path)
-    first = adapters[0][1]
-    base_model_id = _hub_id(os.fspath(base)) if base is not None else None
-    base_model_id = base_model_id or _hub_id(first.base_model) or _hub_id(named_base)
-    base_obj = _open_card_base(base, first.base_model, token)
     model_type = (base_obj.model_type if base_obj is not None else None) or _model_type_from_config(first.config)
     architecture = None
     if base_obj is not None and base_obj.architectures:
@@ -505,8 +523,11 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None
         pipeline_tag=_PIPELINE_TAGS.get(auto_cls) if (first.task_type or architecture) else None,
         tags=tags,
     )
+    return data, auto_cls
 
-    name = repo_id.split("/")[-1] if repo_id else path.name
+
+def _adapter_summary(first, base_model_id: str | None) -> str:
+    """The card's one-line summary: what kind of adapter, for which base."""
     if base_model_id:
         base_text = f"[`{base_model_id}`](https://huggingface.co/{base_model_id})"
     elif first.base_model:
@@ -514,18 +535,17 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None
     else:
         base_text = "an unnamed base model"
     kind_text = "DoRA" if first.use_dora else ("AdaLoRA" if first.variant == "adalora" else "LoRA")
-    summary = f"A {kind_text} adapter for {base_text}."
-    lines: list[str] = []
-    for sub, ad in adapters:
-        report = inspect_adapter(ad, base=base_obj, scan=False)
-        lines += _adapter_section(sub, ad, report)
+    return f"A {kind_text} adapter for {base_text}."
 
+
+def _how_to_load(first, sub: str | None, auto_cls: str, *, repo_id, revision, base_model_id: str | None) -> list[str]:
+    """The card's "How to load" section: with PEFT (PEFT adapters), and merging with loratool."""
     repo = repo_id or "REPO_ID"
     rev_arg = f', revision="{revision}"' if revision else ""
     base_ref = base_model_id or "BASE_MODEL"
-    lines += ["## How to load", ""]
-    if is_peft:
-        sub_arg = f', subfolder="{adapters[0][0]}"' if adapters[0][0] else ""
+    lines = ["## How to load", ""]
+    if first.format == "peft":
+        sub_arg = f', subfolder="{sub}"' if sub else ""
         lines += [
             "With PEFT:",
             "",
@@ -541,7 +561,7 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None
     else:
         lines += [f"This adapter is in {first.format} format; `loratool convert` turns it into a PEFT adapter.", ""]
     spec = f"{repo}@{revision}" if revision else repo
-    name_opt = f" --adapter-name {adapters[0][0]}" if adapters[0][0] else ""
+    name_opt = f" --adapter-name {sub}" if sub else ""
     lines += [
         "To merge it into the base weights with loratool:",
         "",
@@ -551,6 +571,25 @@ def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None
     ]
     if not base_model_id:
         lines += ["", "Replace `BASE_MODEL` with the base model this adapter was trained on."]
+    return lines
+
+
+def _adapter_card(path: Path, *, repo_id, revision, base, token, named_base=None):
+    from loratool.inspect import inspect_adapter
+
+    adapters = _read_adapters(path)
+    first = adapters[0][1]
+    base_model_id = _hub_id(os.fspath(base)) if base is not None else None
+    base_model_id = base_model_id or _hub_id(first.base_model) or _hub_id(named_base)
+    base_obj = _open_card_base(base, first.base_model, token)
+    data, auto_cls = _adapter_card_data(first, base_obj, base_model_id)
+    name = repo_id.split("/")[-1] if repo_id else path.name
+    summary = _adapter_summary(first, base_model_id)
+    lines: list[str] = []
+    for sub, ad in adapters:
+        report = inspect_adapter(ad, base=base_obj, scan=False)
+        lines += _adapter_section(sub, ad, report)
+    lines += _how_to_load(first, adapters[0][0], auto_cls, repo_id=repo_id, revision=revision, base_model_id=base_model_id)
     return _CardParts(data, name, summary, lines)
 
 
@@ -919,6 +958,63 @@ def check_push_repo_id(repo_id: str) -> None:
         raise InputError(f"{repo_id}: not a Hugging Face repo id (expected org/name)")
 
 
+def _files_to_push(path: Path, kind: str, include: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(files to send, files left out), relative to ``path``, once the folder was read as ``kind``.
+
+    Raises:
+        InputError: an unreadable adapter or model, or nothing to push.
+    """
+    adapter_files: list[Path] = []
+    if kind == "adapter":
+        try:
+            adapter_files = [f for _, ad in _read_adapters(path) for f in ad.files]
+        except FormatError as exc:
+            raise InputError(f"{path}: not a readable adapter ({exc.reason})") from None
+    else:
+        from loratool.base import BaseModel
+
+        BaseModel.open(path)  # config.json and weights must be readable
+    kept, left_out = select_files(path, kind, include=include, adapter_files=adapter_files)
+    if not kept:
+        raise InputError(f"{path}: nothing to push")
+    return kept, left_out
+
+
+def _upload(api, path: Path, repo_id: str, kept: list[str], card: bytes | None, *, message: str, private: bool,
+            revision: str | None, create_pr: bool, token: str | None):
+    """Create the repo (and branch) when missing and commit ``kept`` plus the in-memory README ``card``
+    in one commit; the ``create_commit`` result.
+
+    Raises:
+        InputError: the upload failed.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api if api is not None else HfApi(token=token)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in kept]
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    try:
+        api.create_repo(repo_id, token=token, private=True if private else None, repo_type="model", exist_ok=True)
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message,
+            token=token,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr or None,
+        )
+    except HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{repo_id}: upload failed ({first})") from None
+    except OSError as exc:
+        raise InputError(f"{repo_id}: upload failed ({type(exc).__name__}: {exc})") from None
+
+
 def push(
     path: str | os.PathLike,
     repo_id: str,
@@ -972,72 +1068,26 @@ def push(
     if revision is not None and not revision.strip():
         raise InputError("--revision must not be empty")
     kind = folder_kind(path)
-
-    adapter_files: list[Path] = []
-    if kind == "adapter":
-        try:
-            adapter_files = [f for _, ad in _read_adapters(path) for f in ad.files]
-        except FormatError as exc:
-            raise InputError(f"{path}: not a readable adapter ({exc.reason})") from None
-    else:
-        from loratool.base import BaseModel
-
-        BaseModel.open(path)  # config.json and weights must be readable
-    kept, left_out = select_files(path, kind, include=include, adapter_files=adapter_files)
-    if not kept:
-        raise InputError(f"{path}: nothing to push")
+    kept, left_out = _files_to_push(path, kind, include)
 
     card_text, card_source = push_card(path, repo_id=repo_id, revision=revision, base=base, adapter=adapter, token=token)
-    if card_source != "kept":
-        kept = [rel for rel in kept if rel != "README.md"]  # committed from memory instead
+    card = None if card_source == "kept" else card_text.encode("utf-8")  # committed from memory
+    if card is not None:
+        kept = [rel for rel in kept if rel != "README.md"]
     files = [{"path": rel, "size": (path / rel).stat().st_size} for rel in kept]
-    if card_source != "kept":
-        files.append({"path": "README.md", "size": len(card_text.encode("utf-8")), "generated": True})
+    if card is not None:
+        files.append({"path": "README.md", "size": len(card), "generated": True})
     message = commit_message or f"Upload {'LoRA adapter' if kind == 'adapter' else 'merged model'} with loratool"
     result: dict[str, Any] = {
-        "repo_id": repo_id,
-        "revision": revision,
-        "kind": kind,
-        "path": str(path),
-        "private": private,
-        "create_pr": create_pr,
-        "commit_message": message,
-        "files": files,
-        "total_size": sum(f["size"] for f in files),
-        "left_out": left_out,
-        "card": card_text,
-        "card_source": card_source,
-        "dry_run": dry_run,
+        "repo_id": repo_id, "revision": revision, "kind": kind, "path": str(path), "private": private,
+        "create_pr": create_pr, "commit_message": message, "files": files,
+        "total_size": sum(f["size"] for f in files), "left_out": left_out,
+        "card": card_text, "card_source": card_source, "dry_run": dry_run,
     }
     if dry_run:
         return result
-
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    token = token or None
-    api = api if api is not None else HfApi(token=token)
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel)) for rel in kept]
-    if card_source != "kept":
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
-    try:
-        api.create_repo(repo_id, token=token, private=True if private else None, repo_type="model", exist_ok=True)
-        if revision and not create_pr:
-            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-        info = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=message,
-            token=token,
-            repo_type="model",
-            revision=revision,
-            create_pr=create_pr or None,
-        )
-    except HfHubHTTPError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{repo_id}: upload failed ({first})") from None
-    except OSError as exc:
-        raise InputError(f"{repo_id}: upload failed ({type(exc).__name__}: {exc})") from None
+    info = _upload(api, path, repo_id, kept, card, message=message, private=private, revision=revision,
+                   create_pr=create_pr, token=token or None)
     result["commit_url"] = getattr(info, "commit_url", None)
     result["pr_url"] = getattr(info, "pr_url", None)
     return result
