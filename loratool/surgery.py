@@ -537,6 +537,180 @@ class ModelLayout:
         return module.split(".")[0] in TASK_HEAD_ROOTS
 
 
+def _check_extract_args(base: BaseModel, finetuned: BaseModel, *, rank, energy, alpha, niter: int) -> None:
+    if (rank is None) == (energy is None):
+        raise InputError("give exactly one of --rank or --energy")
+    validate_rule(rank=rank, energy=energy)
+    _check_alpha(alpha)
+    if niter < 0:
+        raise InputError(f"niter must be >= 0, got {niter}")
+    if base.model_type and finetuned.model_type and base.model_type != finetuned.model_type:
+        raise InputError(f"BASE is a {base.model_type} model but FINETUNED is a {finetuned.model_type} model")
+
+
+def _extract_targets(modules: Sequence[str] | str | None) -> Sequence[str] | str:
+    """``modules`` as PEFT target_modules; nothing given, or ``["all-linear"]``, is "all-linear"."""
+    targets = "all-linear" if modules is None or (not isinstance(modules, str) and len(modules) == 0) else modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    return targets
+
+
+def _group_by_module(finetuned: BaseModel, layout: ModelLayout) -> dict[str, dict[str, str]]:
+    """FINETUNED's checkpoint keys grouped by module as PEFT names them: {module: {leaf: key}}."""
+    groups: dict[str, dict[str, str]] = {}
+    for key in finetuned.keys():
+        pname = layout.param_name(key)
+        module, _, leaf = pname.rpartition(".")
+        groups.setdefault(module, {})[leaf] = key
+    return groups
+
+
+class _Extraction:
+    """One ``extract`` run: its inputs, and what it gathers module by module.
+
+    ``lora_modules`` and ``rows`` hold the extracted LoRA and its report rows; ``other`` the
+    changed tensors the LoRA does not represent; ``saved`` the modules_to_save tensors;
+    ``head_roots`` the heads saved whole at their root (PEFT's task types keep heads whole).
+    """
+
+    def __init__(self, base: BaseModel, finetuned: BaseModel, layout: ModelLayout, targets, *, svd_args: dict[str, Any],
+                 dtype: torch.dtype | None, modules_to_save: bool, progress: Callable[[int, str], None] | None):
+        self.base, self.finetuned, self.layout, self.targets = base, finetuned, layout, targets
+        self.svd_args = svd_args  # rank, energy, alpha, exact, niter, seed of _extract_module
+        self.dtype = dtype
+        self.modules_to_save = modules_to_save
+        self.progress = progress
+        self.lora_modules: dict[str, LoraModule] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.other: list[dict[str, Any]] = []
+        self.saved: dict[str, LazyTensor] = {}
+        self.unchanged = 0
+        self.head_roots: set[str] = set()
+        self.ft_dtypes: Counter = Counter()
+
+    def add_module(self, module: str, leaves: dict[str, str]) -> None:
+        """Compare one module's tensors; extract its LoRA, or report (and maybe save) what changed."""
+        shape = self.finetuned.store.shape
+        layout = self.layout
+        changed_leaves, module_is_new = self._compare_leaves(leaves)
+        wkey = leaves.get("weight")
+        kind = layout.kind(module, tuple(shape(wkey)) if wkey else ())
+        is_linear = wkey is not None and kind in ("linear", "conv1d") and "weight" not in changed_leaves and len(shape(wkey)) == 2
+        selected = is_linear and self._selected(module)
+        lora_done = False
+        if wkey is not None and "weight" not in changed_leaves and len(shape(wkey)) == 2:
+            lora_done = self._extract_weight(module, wkey, kind, selected, changed_leaves)
+        if self.progress is not None:
+            self.progress(sum(_nbytes(self.finetuned.store.entry(k)) for k in leaves.values()), module)
+        if changed_leaves:
+            self._report_changed(module, leaves, changed_leaves, kind, module_is_new,
+                                 unselected=is_linear and not selected, lora_done=lora_done)
+            deselected = is_linear and not selected and not layout.is_head(module)
+            if self.modules_to_save and not deselected:
+                self.save_whole(module, leaves)
+                if layout.is_head(module):
+                    self.head_roots.add(module.split(".")[0])
+
+    def _selected(self, module: str) -> bool:
+        from loratool.formats.peft import target_matches
+
+        targets = self.targets
+        return (targets == "all-linear" and not self.layout.is_head(module)) or (targets != "all-linear" and target_matches(targets, module))
+
+    def _compare_leaves(self, leaves: dict[str, str]) -> tuple[dict[str, str], bool]:
+        """({leaf: "new"|"shape"|"changed"}, whether the module is new); 2-D weights are compared later."""
+        base, ft_store = self.base, self.finetuned.store
+        changed_leaves: dict[str, str] = {}
+        module_is_new = False
+        for leaf, key in leaves.items():
+            ft_shape = tuple(ft_store.shape(key))
+            base_key = base.tensor_name(key)
+            if base_key is None:
+                changed_leaves[leaf] = "new"
+                module_is_new = True
+                continue
+            if tuple(base.store.shape(base_key)) != ft_shape:
+                changed_leaves[leaf] = "shape"
+                continue
+            if leaf == "weight" and len(ft_shape) == 2:
+                continue  # compared in _extract_weight, only once
+            if not _same(ft_store.get(key), base.store.get(base_key)):
+                changed_leaves[leaf] = "changed"
+            else:
+                self.unchanged += 1
+        return changed_leaves, module_is_new
+
+    def _extract_weight(self, module: str, wkey: str, kind: str, selected: bool, changed_leaves: dict[str, str]) -> bool:
+        """Factor a changed, selected 2-D weight's difference into a LoRA; True when one was extracted.
+
+        A changed weight that is not selected is marked in ``changed_leaves`` instead.
+        """
+        ft_w = self.finetuned.store.get(wkey)
+        base_w = self.base.store.get(self.base.tensor_name(wkey))
+        if _same(ft_w, base_w):
+            self.unchanged += 1
+            return False
+        if not selected:
+            changed_leaves["weight"] = "changed"
+            return False
+        self.ft_dtypes[ft_w.dtype] += 1
+        mod_dtype = self.dtype or (ft_w.dtype if ft_w.dtype.is_floating_point else torch.float32)
+        work = torch.float64 if torch.float64 in (ft_w.dtype, base_w.dtype) else torch.float32
+        D = ft_w.to(work) - base_w.to(work)
+        del ft_w, base_w
+        if kind == "conv1d":
+            D = D.T  # Conv1D stores (in, out)
+        self.lora_modules[module], row = _extract_module(module, D, kind, dtype=mod_dtype, **self.svd_args)
+        self.rows.append(row)
+        return True
+
+    def _report_changed(self, module: str, leaves: dict[str, str], changed_leaves: dict[str, str], kind: str,
+                        module_is_new: bool, *, unselected: bool, lora_done: bool) -> None:
+        """Add the changed tensors the LoRA does not represent to ``other``, each with what it is."""
+        head = self.layout.is_head(module)
+        what = _describe_kind(kind, head, module_is_new)
+        for leaf, how in changed_leaves.items():
+            if lora_done and leaf == "bias":
+                what_leaf = "bias"
+            elif leaf == "weight" and unselected and how == "changed":
+                what_leaf = "head" if head else "unselected linear"
+            else:
+                what_leaf = what if leaf == "weight" else (what if what in ("norm", "embedding", "new") else leaf)
+            self.other.append({"tensor": f"{module}.{leaf}", "kind": what_leaf, "change": how,
+                               "shape": list(self.finetuned.store.shape(leaves[leaf]))})
+
+    def save_whole(self, module: str, leaves: dict[str, str]) -> None:
+        """Store a module's tensors as modules_to_save, dropping any LoRA extracted for it."""
+        self.lora_modules.pop(module, None)
+        self.rows[:] = [r for r in self.rows if r["name"] != module]
+        for leaf, key in leaves.items():
+            self.saved[f"{module}.{leaf}"] = self.finetuned.store.lazy(key)
+
+    def save_heads(self, groups: dict[str, dict[str, str]]) -> None:
+        """Save every module under each head root whole (PEFT's task types add e.g. "classifier" to modules_to_save)."""
+        for root in sorted(self.head_roots):
+            for module, leaves in groups.items():
+                if module == root or module.startswith(root + "."):
+                    self.save_whole(module, leaves)
+
+
+def _extract_warnings(layout: ModelLayout, other: list[dict[str, Any]], modules_to_save: bool) -> list[str]:
+    warnings = []
+    if layout.guessed:
+        warnings.append("the model class could not be built on the meta device; module kinds were guessed from names")
+    deselected_n = sum(o["kind"] == "unselected linear" for o in other)
+    rest = [o for o in other if o["kind"] != "unselected linear"]
+    if deselected_n:
+        warnings.append(f"{deselected_n} changed linear modules are not represented by the adapter (not selected by --modules)")
+    if rest and not modules_to_save:
+        warnings.append(
+            f"{len(rest)} changed tensors are not represented by the adapter "
+            f"({', '.join(sorted({o['kind'] for o in rest}))}); --modules-to-save keeps their modules whole"
+        )
+    return warnings
+
+
 def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, energy: float | None = None,
             modules: Sequence[str] | str | None = None, alpha: float | None = None, dtype: torch.dtype | None = None,
             modules_to_save: bool = False, exact: bool | None = None, niter: int = 4, seed: int = 0,
@@ -566,156 +740,45 @@ def extract(base: BaseModel, finetuned: BaseModel, *, rank: int | None = None, e
     Raises:
         InputError: bad rule, different architectures, nothing changed.
     """
-    if (rank is None) == (energy is None):
-        raise InputError("give exactly one of --rank or --energy")
-    validate_rule(rank=rank, energy=energy)
-    _check_alpha(alpha)
-    if niter < 0:
-        raise InputError(f"niter must be >= 0, got {niter}")
-    if base.model_type and finetuned.model_type and base.model_type != finetuned.model_type:
-        raise InputError(f"BASE is a {base.model_type} model but FINETUNED is a {finetuned.model_type} model")
+    _check_extract_args(base, finetuned, rank=rank, energy=energy, alpha=alpha, niter=niter)
     layout = ModelLayout(base)
-    targets = "all-linear" if modules is None or (not isinstance(modules, str) and len(modules) == 0) else modules
-    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
-    from loratool.formats.peft import target_matches
-
-    # group checkpoint tensors by module (as PEFT names them)
-    groups: dict[str, dict[str, str]] = {}
-    for key in finetuned.keys():
-        pname = layout.param_name(key)
-        module, _, leaf = pname.rpartition(".")
-        groups.setdefault(module, {})[leaf] = key
-
-    lora_modules: dict[str, LoraModule] = {}
-    rows: list[dict[str, Any]] = []
-    other: list[dict[str, Any]] = []
-    saved: dict[str, LazyTensor] = {}
-    unchanged = 0
-    head_roots: set[str] = set()
-    ft_dtypes: Counter = Counter()
+    run = _Extraction(base, finetuned, layout, _extract_targets(modules), dtype=dtype, modules_to_save=modules_to_save,
+                      progress=progress, svd_args=dict(rank=rank, energy=energy, alpha=alpha, exact=exact, niter=niter, seed=seed))
+    groups = _group_by_module(finetuned, layout)
     for module, leaves in groups.items():
-        changed_leaves: dict[str, str] = {}
-        module_is_new = False
-        for leaf, key in leaves.items():
-            ft_shape = tuple(finetuned.store.shape(key))
-            base_key = base.tensor_name(key)
-            if base_key is None:
-                changed_leaves[leaf] = "new"
-                module_is_new = True
-                continue
-            if tuple(base.store.shape(base_key)) != ft_shape:
-                changed_leaves[leaf] = "shape"
-                continue
-            if leaf == "weight" and len(ft_shape) == 2:
-                continue  # compared below, only once
-            if not _same(finetuned.store.get(key), base.store.get(base_key)):
-                changed_leaves[leaf] = "changed"
-            else:
-                unchanged += 1
-        wkey = leaves.get("weight")
-        kind = layout.kind(module, tuple(finetuned.store.shape(wkey)) if wkey else ())
-        is_linear = (
-            wkey is not None and kind in ("linear", "conv1d") and "weight" not in changed_leaves
-            and len(finetuned.store.shape(wkey)) == 2
-        )
-        selected = is_linear and (
-            (targets == "all-linear" and not layout.is_head(module)) or (targets != "all-linear" and target_matches(targets, module))
-        )
-        lora_done = False
-        if wkey is not None and "weight" not in changed_leaves and len(finetuned.store.shape(wkey)) == 2:
-            ft_w = finetuned.store.get(wkey)
-            base_w = base.store.get(base.tensor_name(wkey))
-            if _same(ft_w, base_w):
-                unchanged += 1
-            elif selected:
-                ft_dtypes[ft_w.dtype] += 1
-                mod_dtype = dtype or (ft_w.dtype if ft_w.dtype.is_floating_point else torch.float32)
-                work = torch.float64 if torch.float64 in (ft_w.dtype, base_w.dtype) else torch.float32
-                D = ft_w.to(work) - base_w.to(work)
-                del ft_w, base_w
-                if kind == "conv1d":
-                    D = D.T  # Conv1D stores (in, out)
-                lora_modules[module], row = _extract_module(
-                    module, D, kind, rank=rank, energy=energy, alpha=alpha, dtype=mod_dtype, exact=exact, niter=niter, seed=seed,
-                )
-                rows.append(row)
-                lora_done = True
-            else:
-                changed_leaves["weight"] = "changed"
-        if progress is not None:
-            progress(sum(_nbytes(finetuned.store.entry(k)) for k in leaves.values()), module)
-        if changed_leaves:
-            what = _describe_kind(kind, layout.is_head(module), module_is_new)
-            for leaf, how in changed_leaves.items():
-                if lora_done and leaf == "bias":
-                    what_leaf = "bias"
-                elif leaf == "weight" and is_linear and not selected and how == "changed":
-                    what_leaf = "head" if layout.is_head(module) else "unselected linear"
-                else:
-                    what_leaf = what if leaf == "weight" else (what if what in ("norm", "embedding", "new") else leaf)
-                other.append({"tensor": f"{module}.{leaf}", "kind": what_leaf, "change": how,
-                              "shape": list(finetuned.store.shape(leaves[leaf]))})
-            deselected = is_linear and not selected and not layout.is_head(module)
-            if modules_to_save and not deselected:
-                lora_modules.pop(module, None)
-                rows[:] = [r for r in rows if r["name"] != module]
-                for leaf, key in leaves.items():
-                    saved[f"{module}.{leaf}"] = finetuned.store.lazy(key)
-                if layout.is_head(module):
-                    head_roots.add(module.split(".")[0])
-
-    # PEFT keeps a head whole (its task types add e.g. "classifier" to modules_to_save): save it at its root
-    for root in sorted(head_roots):
-        for module, leaves in groups.items():
-            if module == root or module.startswith(root + "."):
-                lora_modules.pop(module, None)
-                rows[:] = [r for r in rows if r["name"] != module]
-                for leaf, key in leaves.items():
-                    saved[f"{module}.{leaf}"] = finetuned.store.lazy(key)
-    if not lora_modules and not saved:
-        hint = f" ({len(other)} changed tensors are not selected linear modules; see --modules-to-save)" if other else ""
+        run.add_module(module, leaves)
+    run.save_heads(groups)
+    if not run.lora_modules and not run.saved:
+        hint = f" ({len(run.other)} changed tensors are not selected linear modules; see --modules-to-save)" if run.other else ""
         raise InputError(f"FINETUNED equals BASE on every selected linear module: nothing to extract{hint}")
     arch = (base.architectures or [None])[0]
-    out_dtype = dtype or (ft_dtypes.most_common(1)[0][0] if ft_dtypes else torch.float32)
+    out_dtype = dtype or (run.ft_dtypes.most_common(1)[0][0] if run.ft_dtypes else torch.float32)
     task_type = _task_type(arch)
-    if task_type in _HEAD_TASKS and not head_roots:
+    if task_type in _HEAD_TASKS and not run.head_roots:
         task_type = None  # PEFT would demand the task head in modules_to_save
     adapter = Adapter(
         format="peft",
-        modules=lora_modules,
-        modules_to_save=saved,
+        modules=run.lora_modules,
+        modules_to_save=run.saved,
         base_model=base_name if base_name is not None else str(base.path),
         target_modules=None,
         task_type=task_type,
-        config={"modules_to_save": sorted(head_roots)} if head_roots else {},
+        config={"modules_to_save": sorted(run.head_roots)} if run.head_roots else {},
         warnings=[],
     )
-    warnings = []
-    if layout.guessed:
-        warnings.append("the model class could not be built on the meta device; module kinds were guessed from names")
-    deselected_n = sum(o["kind"] == "unselected linear" for o in other)
-    rest = [o for o in other if o["kind"] != "unselected linear"]
-    if deselected_n:
-        warnings.append(f"{deselected_n} changed linear modules are not represented by the adapter (not selected by --modules)")
-    if rest and not modules_to_save:
-        warnings.append(
-            f"{len(rest)} changed tensors are not represented by the adapter "
-            f"({', '.join(sorted({o['kind'] for o in rest}))}); --modules-to-save keeps their modules whole"
-        )
     report = {
         "operation": "extract",
         "base": str(base.path),
         "finetuned": str(finetuned.path),
         "criterion": {"rank": rank} if rank is not None else {"energy": energy},
         "dtype": _dtype_name(out_dtype if dtype is None else dtype),
-        "modules": rows,
-        "unchanged_tensors": unchanged,
-        "other_changed": other,
-        "modules_to_save": sorted(saved),
-        "rank_histogram": _histogram(r["rank"] for r in rows),
+        "modules": run.rows,
+        "unchanged_tensors": run.unchanged,
+        "other_changed": run.other,
+        "modules_to_save": sorted(run.saved),
+        "rank_histogram": _histogram(r["rank"] for r in run.rows),
         "lora_params": adapter.lora_params,
-        "warnings": warnings,
+        "warnings": _extract_warnings(layout, run.other, modules_to_save),
     }
     return adapter, report
 
