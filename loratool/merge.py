@@ -42,6 +42,7 @@ import os
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -51,6 +52,7 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.base import BaseModel, bind_adapter, bound_module, side_files
 from loratool.engine.codecs import float as float_codec
 from loratool.engine.codecs.float import CONVERTIBLE, HALF
+from loratool.engine.combine import CombinedTerm, CombineSpec
 from loratool.engine.stream import (
     MergePlan,
     ShardPlan,
@@ -62,6 +64,7 @@ from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import INDEX_NAME, output_shard_names
+from loratool.surgery import check_same_base
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -187,6 +190,13 @@ def plan_merge(
                                               float_default=_default_float_dtype(base), warnings=warnings)
     _attach_modules(base, adapter, mapping, tasks)
     _mirror_tied(base, tasks.tasks, tasks.get, warnings)
+    return _finish_plan(base, adapter, tasks, added, out_dtype, tensor_hook, sign=sign,
+                        mapping=mapping, mts_report=mts_report, warnings=warnings)
+
+
+def _finish_plan(base: BaseModel, adapter: Adapter, tasks: "_TaskTable", added: list[TensorTask], out_dtype: torch.dtype | None,
+                 tensor_hook: Any, *, sign: int, mapping: dict[str, str], mts_report: list[dict], warnings: list[str]) -> MergePlan:
+    """Shards, declared outputs, the index and side files around the planned tasks."""
     shards = _shards(base, tasks, added)
     _declare_outputs(shards, as_tensor_hook(tensor_hook))
     index_meta, has_index = _index_metadata(base)
@@ -204,6 +214,89 @@ def plan_merge(
         warnings=warnings + refused,
         side_files=copied,
     )
+
+
+def plan_combined_merge(
+    base: BaseModel,
+    adapters: list[Adapter],
+    spec: CombineSpec,
+    *,
+    dtype: torch.dtype | str | None = None,
+    strict: bool = False,
+    tensor_hook: Any = None,
+) -> MergePlan:
+    """Lay out one merge of several adapters into ``base``: every weight any of them targets gets one
+    ``CombinedTerm`` (their deltas combined by ``spec.method``, see ``engine.combine``); reads no tensor data.
+
+    Raises:
+        ModuleMismatchError: adapters for different bases (a module's shapes differ), or a module the base lacks.
+        UnsupportedError: DoRA; modules_to_save or lora_bias with a sparsifying method; modules_to_save
+            that differ between adapters.
+        InputError: ``strict`` and an adapter names another base model.
+    """
+    out_dtype = resolve_dtype(dtype)
+    labels = [str(a.path) if a.path else f"adapter {i + 1}" for i, a in enumerate(adapters)]
+    _refuse_uncombinable(adapters, labels, spec)
+    check_same_base(adapters, labels=labels, ignore_base_name=True)
+    warnings = [w for a in adapters for w in a.warnings]
+    parts: dict[str, list[tuple[int, LoraModule]]] = {}
+    bound: list[Adapter] = []
+    tasks = _TaskTable(base, out_dtype)
+    for i, adapter in enumerate(adapters):
+        warnings += _check_direction(base, adapter, sign=1, strict=strict)
+        adapter, mapping = _bind_with_tied_heads(base, adapter, warnings)
+        bound.append(adapter)
+        for name, key in mapping.items():
+            mod = adapter.modules[name]
+            parts.setdefault(key, []).append((i, mod))
+            if mod.bias is not None:  # linear only: lora_bias terms add with the adapter's weight
+                tasks.get(_bias_key(base, name, mod)).biases.append(replace(mod, scale=mod.scale * spec.weights[i]))
+    for key, pairs in parts.items():
+        tasks.get(key).combined = CombinedTerm(key, tuple(pairs), spec)
+    view = bound[0].replace_modules({n: m for a in reversed(bound) for n, m in a.modules.items()},
+                                    modules_to_save=_shared_modules_to_save(adapters, labels))
+    added, mts_report = _plan_modules_to_save(base, view, tasks, sign=1, keep=False,
+                                              float_default=_default_float_dtype(base), warnings=warnings)
+    _mirror_tied(base, tasks.tasks, tasks.get, warnings)
+    plan = _finish_plan(base, bound[0], tasks, added, out_dtype, tensor_hook, sign=1,
+                        mapping={}, mts_report=mts_report, warnings=warnings)
+    plan.adapters, plan.combine = bound, spec
+    return plan
+
+
+def _refuse_uncombinable(adapters: list[Adapter], labels: list[str], spec: CombineSpec) -> None:
+    """What several adapters cannot combine: DoRA always; trained modules_to_save and lora_bias under
+    a sparsifying method."""
+    for a, label in zip(adapters, labels):
+        if any(m.magnitude is not None for m in a.modules.values()):
+            raise UnsupportedError(
+                f"{label}: is a DoRA adapter; DoRA rescales each row of W + dW by m / ||W + dW||, which is not a delta "
+                "that adds up or can be pruned across adapters (merge it alone)"
+            )
+        if not spec.sparsifying:
+            continue
+        if a.trained_to_save:
+            raise UnsupportedError(
+                f"{label}: has modules_to_save ({', '.join(sorted(a.trained_to_save))}); --method {spec.method} prunes "
+                "and elects signs of deltas, and a replacement tensor is not a delta (use --method linear)"
+            )
+        if any(m.bias is not None for m in a.modules.values()):
+            raise UnsupportedError(f"{label}: has lora_bias terms; --method {spec.method} applies to weight deltas only (use --method linear)")
+
+
+def _shared_modules_to_save(adapters: list[Adapter], labels: list[str]) -> dict:
+    """The union of the adapters' modules_to_save; the same name with different contents is refused."""
+    merged: dict = {}
+    for a, label in zip(adapters, labels):
+        for name, t in a.modules_to_save.items():
+            if name not in merged:
+                merged[name] = t
+            elif not torch.equal(merged[name].load(), t.load()):
+                raise UnsupportedError(
+                    f"{name}: modules_to_save differs between the adapters ({label}); a replacement tensor "
+                    "cannot be combined, so the merge refuses it"
+                )
+    return merged
 
 
 def _check_direction(base: BaseModel, adapter: Adapter, *, sign: int, strict: bool) -> list[str]:
@@ -395,9 +488,20 @@ def _mirror_tied(base: BaseModel, tasks: dict[str, TensorTask], task_for, warnin
     dora = ta.dora or tb.dora
     if dora is not None and (loras or (ta.dora is not None and tb.dora is not None)):
         raise UnsupportedError(f"DoRA on a tied embedding ({embed} / {head}) together with another module is not supported")
+    combined = _tied_combination(ta.combined, tb.combined, embed)
     for t in (ta, tb):
-        t.replacement, t.loras, t.dora = replacement, list(loras), dora
+        t.replacement, t.loras, t.dora, t.combined = replacement, list(loras), dora, combined
     warnings.append(f"{embed} and {head} are tied (tie_word_embeddings) and both stored; both get the same merged tensor")
+
+
+def _tied_combination(a: CombinedTerm | None, b: CombinedTerm | None, key: str) -> CombinedTerm | None:
+    """One combined term for both halves of a stored tied pair: the parts of both (an adapter with
+    modules on both halves has its two deltas summed as its task vector by PEFT's merge too)."""
+    if a is None or b is None:
+        return a or b
+    if {i for i, _ in a.parts} & {i for i, _ in b.parts}:
+        raise UnsupportedError(f"{key}: an adapter adapts both halves of a tied embedding pair; combining that with other adapters is not supported")
+    return CombinedTerm(key, tuple(sorted(a.parts + b.parts, key=lambda p: p[0])), a.spec)
 
 
 def check_adapter_finite(adapter: Adapter) -> None:
@@ -443,12 +547,15 @@ def merge_model(
     warn: Callable[[str], None] | None = None,
     weight_norms: bool | None = None,
     quantization: Any = None,
+    combine: CombineSpec | None = None,
+    mask_hook: Callable | None = None,
 ) -> dict:
     """Merge (``sign=+1``) or unmerge (``sign=-1``) an adapter into a base, streaming, into OUT.
 
     Args:
         base: base model folder or ``BaseModel`` (for unmerge: the merged model).
-        adapter: adapter path (any format ``read_adapter`` detects) or ``Adapter``.
+        adapter: adapter path (any format ``read_adapter`` detects) or ``Adapter``; a list of them
+            merges several at once, combined as ``combine`` says (default: linear, weights 1).
         out: the output folder; written to a temporary sibling and renamed when complete.
         dtype: output dtype for floating tensors (default: each base tensor's own).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``: where the float32 merge math runs.
@@ -463,6 +570,9 @@ def merge_model(
         weight_norms: measure ||W|| (and so ||dW||/||W||) per module; default: when ``report_path`` is given.
         quantization: a ``loratool.quantized.QuantOptions`` (--qlora / --quantize); a base saved
             quantized by bitsandbytes is dequantized whatever this says (see docs/quantization.md).
+        combine: how several adapters combine (``engine.combine.CombineSpec``: linear, ties, dare_linear,
+            dare_ties, magnitude_prune, weights, density, seed); also applies to a single adapter.
+        mask_hook: a test hook ``(weight, adapter index, kept mask)`` seeing each sparsifying mask.
     Returns:
         The report: per-module ||dW||, ||dW||/||W|| and seconds, counts, timings, warnings.
     Raises:
@@ -470,27 +580,35 @@ def merge_model(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    base, adapter = _open_inputs(base, adapter)
+    base, adapters = _open_inputs(base, adapter)
+    combined = len(adapters) > 1 or combine is not None
     dev = resolve_device(device)
-    inputs = [base.path] + ([adapter.path] if adapter.path is not None else []) + [Path(f).parent for f in adapter.files]
+    inputs = [base.path] + [a.path for a in adapters if a.path is not None] + [Path(f).parent for a in adapters for f in a.files]
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
         check_output_path(Path(report_path), force=force, inputs=inputs)
-    # bitsandbytes (--qlora / --quantize, or a quantized base): a dequantizing view of the base
-    # and a per-tensor hook that quantizes the output
-    from loratool.quantized import setup_quantization
+    if combined:
+        spec = combine or CombineSpec.checked(len(adapters))
+        _refuse_combined_options(base, spec, len(adapters), sign=sign, quantization=quantization, tensor_hook=tensor_hook)
+        plan = _plan_explained(base, adapters, warn, combine=spec, dtype=dtype, strict=strict)
+    else:
+        # bitsandbytes (--qlora / --quantize, or a quantized base): a dequantizing view of the base
+        # and a per-tensor hook that quantizes the output
+        from loratool.quantized import setup_quantization
 
-    base, tensor_hook = setup_quantization(base, adapter, quantization, dtype=resolve_dtype(dtype), sign=sign,
-                                           tensor_hook=as_tensor_hook(tensor_hook), warn=warn)
-    plan = _plan_explained(base, adapter, warn, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save,
-                           strict=strict, tensor_hook=tensor_hook)
+        base, tensor_hook = setup_quantization(base, adapters[0], quantization, dtype=resolve_dtype(dtype), sign=sign,
+                                               tensor_hook=as_tensor_hook(tensor_hook), warn=warn)
+        plan = _plan_explained(base, adapters, warn, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save,
+                               strict=strict, tensor_hook=tensor_hook)
     t_plan = time.perf_counter()
     with _one_core_for_the_writer():
-        check_adapter_finite(adapter)
+        for a in adapters:
+            check_adapter_finite(a)
         t_check = time.perf_counter()
         with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
             norms = report_path is not None if weight_norms is None else weight_norms
-            result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook, weight_norms=norms)
+            result = execute_plan(plan, tmp, device=dev, progress=progress, tensor_hook=tensor_hook, weight_norms=norms,
+                                  mask_hook=mask_hook)
             report = _report(plan, result, out, dev)
             if tensor_hook is not None and hasattr(tensor_hook, "finalize"):
                 tensor_hook.finalize(tmp, report)
@@ -511,25 +629,46 @@ def merge_model(
     return report
 
 
-def _open_inputs(base: BaseModel | str | os.PathLike, adapter: Adapter | str | os.PathLike) -> tuple[BaseModel, Adapter]:
+def _open_inputs(base, adapter) -> tuple[BaseModel, list[Adapter]]:
+    """The base and the adapter(s), each opened if given as a path."""
     if not isinstance(base, BaseModel):
         base = BaseModel.open(base)
-    if not isinstance(adapter, Adapter):
+    adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    if not adapters:
+        raise InputError("no adapter to merge")
+    if not all(isinstance(a, Adapter) for a in adapters):
         from loratool.formats import read_adapter
 
-        adapter = read_adapter(adapter)
-    return base, adapter
+        adapters = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
+    return base, adapters
 
 
-def _plan_explained(base: BaseModel, adapter: Adapter, warn: Callable[[str], None] | None, **options) -> MergePlan:
-    """``plan_merge``, with its warnings passed to ``warn`` as soon as they are known, and a refused
-    module preceded by the likely cause (an adapter trained on another model)."""
+def _refuse_combined_options(base: BaseModel, spec: CombineSpec, n: int, *, sign: int, quantization: Any, tensor_hook: Any) -> None:
+    """What a merge of several adapters (or one with --method / --weights) does not do."""
+    if len(spec.weights) != n:
+        raise InputError(f"{len(spec.weights)} weights for {n} adapters")
+    if sign < 0:
+        raise UnsupportedError("unmerge takes one adapter; unmerging a combination is not supported")
+    quantized = getattr(quantization, "active", False) or isinstance(base.config.get("quantization_config"), dict)
+    if quantized:
+        raise UnsupportedError("several adapters (or --method / --weights) into a quantized model are not supported; merge into the 16-bit base")
+    if tensor_hook is not None:
+        raise UnsupportedError("a tensor hook with several adapters is not supported")
+
+
+def _plan_explained(base: BaseModel, adapters: list[Adapter], warn: Callable[[str], None] | None, *,
+                    combine: CombineSpec | None = None, **options) -> MergePlan:
+    """``plan_merge`` (or ``plan_combined_merge``), with its warnings passed to ``warn`` as soon as
+    they are known, and a refused module preceded by the likely cause (an adapter trained on another model)."""
     try:
-        plan = plan_merge(base, adapter, **options)
+        if combine is not None:
+            plan = plan_combined_merge(base, adapters, combine, **options)
+        else:
+            plan = plan_merge(base, adapters[0], **options)
     except ModuleMismatchError:
-        mismatch = base_mismatch(adapter, base) if options.get("sign", 1) > 0 and warn is not None else None
-        if mismatch:
-            warn(mismatch)
+        if options.get("sign", 1) > 0 and warn is not None:
+            for mismatch in filter(None, (base_mismatch(a, base) for a in adapters)):
+                warn(mismatch)
         raise
     if warn is not None:
         for w in plan.warnings:
@@ -584,6 +723,10 @@ def _report(plan: MergePlan, result: dict, out: Path, device: torch.device) -> d
         "bytes_written": result["bytes"],
         "warnings": plan.warnings,
     }
+    if plan.combine is not None:
+        report["adapters"] = [str(a.path) if a.path else None for a in plan.adapters]
+        report["combination"] = plan.combine.as_dict()
+        report["combined"] = [result["combined"][t.name].as_dict() for t in plan.tasks() if t.name in result["combined"]]
     if plan.sign < 0:
         half = sorted({str(t.source.dtype if t.source is not None else t.dtype).replace("torch.", "") for t in plan.tasks() if t.loras and ((t.source is not None and t.source.dtype in HALF) or t.dtype in HALF)})
         bound = max((m.get("rounding_bound", 0.0) for m in modules), default=0.0)

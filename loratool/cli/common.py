@@ -286,6 +286,41 @@ def json_option(fn: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
 
 
+def combine_options(fn: Callable) -> Callable:
+    """--weights, --method, --density, --majority-sign, --seed: how several adapters combine
+    (``engine.methods``; docs/merge.md#several-adapters)."""
+    from loratool.engine.methods import MAJORITY_SIGN, METHODS
+
+    options = [
+        click.option("--weights", metavar="W1,W2,...", help="One weight per adapter, comma-separated (default 1 each)."),
+        click.option("--method", type=click.Choice(METHODS), help="How several adapters' deltas combine (default linear: the weighted sum)."),
+        click.option("--density", type=float, help="ties, dare_*, magnitude_prune: the fraction of each delta's entries kept, in (0, 1]."),
+        click.option("--majority-sign", "majority_sign", type=click.Choice(MAJORITY_SIGN), default="total", show_default=True,
+                     help="ties, dare_ties: elect each entry's sign by the sum of the deltas (total) or by counting signs (frequency)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="dare_*: the random seed of the drop masks (default 0; the same seed gives the same bytes)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def combine_spec(n_adapters: int, *, weights: str | None, method: str | None, density: float | None,
+                 majority_sign: str, seed: int | None):
+    """The checked ``CombineSpec``, or None for a plain merge of one adapter (no method options given)."""
+    from loratool.engine.methods import CombineSpec
+
+    if n_adapters == 1 and weights is None and method is None and density is None and seed is None:
+        return None
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {weights!r}", param_hint="--weights") from None
+    return CombineSpec.checked(n_adapters, method=method or "linear", weights=parsed, density=density,
+                               majority_sign=majority_sign, seed=seed or 0)
+
+
 def emit_warnings(out: Output, messages: Iterable[str]) -> None:
     for m in messages:
         out.warn(m)

@@ -6,34 +6,47 @@ import math
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import (
+    Output,
+    combine_options,
+    combine_spec,
+    common_options,
+    emit_warnings,
+    json_option,
+)
 from loratool.cli.resolve import adapter_argument_options, open_adapter, open_base
 
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda", "mps"])
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 
-def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, force, strict, report, keep_modules_to_save=False, adapter_opts=None, quantization=None) -> dict:
-    """Shared body of merge and unmerge: open the inputs, stream, print a summary (not in JSON mode); the report."""
-    from loratool.cli.reports import format_retention
+def run_merge(out: Output, base, adapter, dest, *, sign: int, dtype, device, force, strict, report, keep_modules_to_save=False,
+              adapter_opts=None, quantization=None, combine=None) -> dict:
+    """Shared body of merge and unmerge: open the inputs, stream, print a summary (not in JSON mode); the report.
+    ``adapter`` is a list with ``combine`` (several adapters)."""
+    from loratool.cli.reports import format_combined, format_retention
     from loratool.merge import merge_model
 
     adapter_opts = adapter_opts or {}
-    ad = open_adapter(adapter, **adapter_opts)
+    ads = [open_adapter(a, **adapter_opts) for a in (adapter if isinstance(adapter, list) else [adapter])]
     base_model = open_base(base, **adapter_opts)
-    emit_warnings(out, ad.warnings)
-    ad = ad.without_warnings()  # printed above; merge_model's warn callback adds the rest
+    for a in ads:
+        emit_warnings(out, a.warnings)
+    ads = [a.without_warnings() for a in ads]  # printed above; merge_model's warn callback adds the rest
+    ad = ads if isinstance(adapter, list) else ads[0]
     with out.progress(total=_output_bytes(base_model, dtype), desc="unmerge" if sign < 0 else "merge") as bar:
         rep = merge_model(
             base_model, ad, dest, dtype=dtype, device=device, force=force, strict=strict, sign=sign,
             keep_modules_to_save=keep_modules_to_save, report_path=report, progress=bar, warn=out.warn,
-            weight_norms=bool(report) or out.json_mode, quantization=quantization,
+            weight_norms=bool(report) or out.json_mode, quantization=quantization, combine=combine,
         )
     if not out.json_mode:
         t = rep["tensors"]
         verb = "unmerged" if sign < 0 else "merged"
+        if combine is not None:
+            out.info(format_combined(rep))
         out.info(
-            f"{verb} {len(rep['modules'])} modules into {rep['out']}: {t['total']} tensors "
+            f"{verb} {len(rep['modules']) or len(rep.get('combined', []))} modules into {rep['out']}: {t['total']} tensors "
             f"({t['merged']} {verb}, {t['replaced'] + t['added']} replaced/added, {t['copied']} copied, {t['converted']} converted), "
             f"{rep['bytes_written']:,} bytes in {rep['timings']['total_s']:.2f} s on {rep['device']}"
         )
@@ -84,7 +97,7 @@ def _output_bytes(base_model, dtype: str | None) -> int:
 
 @click.command("merge")
 @click.argument("base")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True)
 @click.argument("out", type=click.Path())
 @click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: the base's own, tensor by tensor).")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help="Where the merge math runs (float32); auto picks CUDA, then MPS, then CPU.")
@@ -105,13 +118,17 @@ def _output_bytes(base_model, dtype: str | None) -> int:
 @click.option("--pooling", type=click.Choice(["avg", "sum", "peft"]), help="With --qalora: the adapter's pooling (default: peft when adapter_config.json sets use_qalora, else avg as in the original QA-LoRA code).")
 @click.option("--group-size", "group_size", type=click.IntRange(min=1), help="With --qalora: the pooling group size Lp (checked against lora_A, which is r x in/Lp).")
 @click.option("--to", "to", type=click.Choice(["dense", "float-zeros", "gptq"]), help="With --qalora: dense 16-bit weights (default, exact), float-zeros (low-bit codes, float zero points, exact) or gptq (integer zeros, not exact).")
+# several adapters at once, docs/merge.md#several-adapters
+@combine_options
 @adapter_argument_options
 @json_option
 @common_options
-def command(base, adapter, out, dtype, device, force, strict, report, verify_mode, push_repo, private,
+def command(base, adapters, out, dtype, device, force, strict, report, verify_mode, push_repo, private,
             qlora, quantize, blocksize, double_quant, retention_threshold, qalora, pooling, group_size, to,
-            as_json, quiet, **adapter_opts):
+            weights, method, density, majority_sign, seed, as_json, quiet, **adapter_opts):
     """Merge ADAPTER into BASE and write the merged model to OUT, streaming.
+
+    Several adapters (BASE A1 A2 ... OUT) merge in one pass, combined by --method with --weights.
 
     OUT is what PEFT's merge_and_unload() + save_pretrained() would give: the base's tensor
     names, dtypes and sharding, its config and tokenizer files; tensors the adapter does not
@@ -124,6 +141,12 @@ def command(base, adapter, out, dtype, device, force, strict, report, verify_mod
     from loratool.quantized import QuantOptions
 
     o = Output(json_mode=as_json, quiet=quiet)
+    spec = combine_spec(len(adapters), weights=weights, method=method, density=density, majority_sign=majority_sign, seed=seed)
+    adapter = adapters[0] if spec is None else list(adapters)
+    if spec is not None and (qalora or qlora or quantize):
+        raise click.UsageError("several adapters (or --method / --weights) do not combine with --qalora, --qlora or --quantize")
+    if spec is not None and push_repo:
+        raise click.UsageError("--push takes a merge of one adapter; push OUT with `loratool push` after a merge of several")
     quant = QuantOptions(qlora=qlora, quantize=quantize, blocksize=int(blocksize), double_quant=double_quant,
                          retention_threshold=retention_threshold)
     # flag combinations are refused before any work
@@ -143,14 +166,14 @@ def command(base, adapter, out, dtype, device, force, strict, report, verify_mod
                                force=force, report=report, adapter_opts=adapter_opts)
     else:
         rep = run_merge(o, base, adapter, out, sign=1, dtype=dtype, device=device, force=force, strict=strict,
-                        report=report, adapter_opts=adapter_opts, quantization=quant)
+                        report=report, adapter_opts=adapter_opts, quantization=quant, combine=spec)
     # one JSON object in the end: the merge report, with the check and the upload inside
     if verify_mode:
         from loratool.cli.verify_cmd import verify_after_merge
         from loratool.errors import CheckFailedError
 
         try:
-            rep["verify"] = verify_after_merge(o, base, adapter, out, mode=verify_mode, adapter_opts=adapter_opts, quantization=quant)
+            rep["verify"] = verify_after_merge(o, base, adapter, out, mode=verify_mode, adapter_opts=adapter_opts, quantization=quant, combine=spec)
         except CheckFailedError as exc:
             if as_json:
                 o.json(dict(rep, verify=exc.report))  # a failed check still prints what it found

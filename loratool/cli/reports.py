@@ -115,3 +115,19 @@ def format_outputs_report(report: dict[str, Any]) -> str:
     ]
     lines.extend(f"  note: {n}" for n in report.get("notes", []))
     return "\n".join(lines)
+
+
+def format_combined(report: dict[str, Any]) -> str:
+    """The per-weight table of a merge of several adapters: each adapter's ||dW_i||, the share of
+    entries kept, the share outvoted (TIES), ||D|| of the combined delta."""
+    spec = report["combination"]
+    opts = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("method", "weights"))
+    lines = [f"{spec['method']} of {len(report['adapters'])} adapters, weights {', '.join(f'{w:g}' for w in spec['weights'])}"
+             + (f" ({opts})" if opts else "")]
+    lines.append(f"{'tensor':<48} {'||dW_i||':<28} {'kept':<18} {'outvoted':>8} {'||D||':>10}")
+    for row in report["combined"]:
+        norms = " ".join(f"{i + 1}:{n:.3g}" for i, n in zip(row["adapters"], row["delta_norms"]))
+        kept = " ".join(f"{k:.2f}" for k in row.get("kept_fraction", [])) or "all"
+        outvoted = f"{row['outvoted']:.3f}" if row.get("outvoted") is not None else "-"
+        lines.append(f"{row['tensor']:<48} {norms:<28} {kept:<18} {outvoted:>8} {row['combined_norm']:>10.4g}")
+    return "\n".join(lines)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli.common import Output, common_options, emit_warnings, json_option
+from loratool.cli.common import (
+    Output,
+    combine_options,
+    combine_spec,
+    common_options,
+    emit_warnings,
+    json_option,
+)
 from loratool.cli.resolve import adapter_argument_options, open_adapter, open_base
 from loratool.errors import CheckFailedError
 
@@ -32,7 +39,19 @@ def failure_summary(report: dict) -> str:
     return "verification failed: " + "; ".join(parts) if parts else "verification failed"
 
 
-def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tolerance, device: str, prompts=(), samples=4, seq_len=32) -> dict:
+def _split_paths(paths: tuple[str, ...], several: bool) -> tuple[str, list[str]]:
+    """(MERGED, adapters) from the arguments after BASE: ADAPTER MERGED, or with --adapters MERGED A1 A2 ..."""
+    if several:
+        if len(paths) < 2:
+            raise click.UsageError("--adapters: give MERGED and then at least one adapter")
+        return paths[0], list(paths[1:])
+    if len(paths) != 2:
+        raise click.UsageError(f"expected ADAPTER MERGED after BASE, got {len(paths)} paths (several adapters: verify BASE MERGED --adapters A1 A2 ...)")
+    return paths[1], [paths[0]]
+
+
+def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tolerance, device: str, prompts=(), samples=4, seq_len=32,
+               combine=None) -> dict:
     """Run the weight check (and the output check); print it unless in JSON mode; return the report.
 
     Used by ``verify`` and ``merge --verify``, which print the JSON themselves. Raises
@@ -44,7 +63,7 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
     device = resolve_device(device)
     total = sum(e.end - e.begin if e.begin is not None else 0 for e in base_model.store.entries())
     with out.progress(total=total, desc="verify") as bar:
-        report = verify_weights(base_model, ad, merged_model, tolerance=tolerance, device=device, progress=bar)
+        report = verify_weights(base_model, ad, merged_model, tolerance=tolerance, device=device, progress=bar, combine=combine)
     if outputs:
         report["outputs"] = verify_outputs(
             base_model, ad, merged_model, prompts=list(prompts) or None, samples=samples, seq_len=seq_len,
@@ -66,18 +85,20 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
 
 @click.command("verify")
 @click.argument("base")
-@click.argument("adapter")
-@click.argument("merged")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER MERGED")
+@click.option("--adapters", "several", is_flag=True, help="MERGED comes first, then the adapters merged into it together: verify BASE MERGED --adapters A1 A2 ... (with --method, --weights, --density, --seed as given to merge).")
 @click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) and compare their outputs.")
 @click.option("--tolerance", type=float, help="Fixed limit on residual / ||delta|| per module (and on the relative output difference) instead of the bound derived from the dtypes.")
 @click.option("--prompt", "prompts", multiple=True, help="With --outputs: a text to run through the base's tokenizer (repeatable). Default: random token ids.")
 @click.option("--samples", type=click.IntRange(min=1, max=4096), default=4, show_default=True, help="With --outputs: how many random sequences (at most 4096).")
 @click.option("--seq-len", type=click.IntRange(min=1, max=1 << 16), default=32, show_default=True, help="With --outputs: tokens per random sequence (capped by the model's positions).")
 @click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help="Where the checks compute.")
+@combine_options
 @adapter_argument_options
 @json_option
 @common_options
-def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len, device, as_json, quiet, **adapter_opts):
+def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len, device,
+            weights, method, density, majority_sign, seed, as_json, quiet, **adapter_opts):
     """Prove that MERGED is BASE + ADAPTER, tensor by tensor (streaming).
 
     Each adapted module's residual MERGED - (BASE + dW) is measured against ||dW|| and must be
@@ -94,15 +115,20 @@ def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len
         raise click.UsageError("--prompt, --samples and --seq-len apply only with --outputs")
     if tolerance is not None and not tolerance >= 0:
         raise click.BadParameter("must be a non-negative number", param_hint="--tolerance")
+    merged, adapters = _split_paths(paths, several)
+    spec = combine_spec(len(adapters), weights=weights, method=method, density=density, majority_sign=majority_sign, seed=seed)
+    if spec is not None and outputs:
+        raise click.UsageError("--outputs checks one adapter; a merge of several adapters is verified by its weights")
     out = Output(json_mode=as_json, quiet=quiet)
-    ad = open_adapter(adapter, **adapter_opts)
+    ads = [open_adapter(a, **adapter_opts) for a in adapters]
     base_model = open_base(base, **adapter_opts)
     merged_model = open_base(merged, **adapter_opts)
-    emit_warnings(out, ad.warnings)
-    ad = ad.without_warnings()  # printed above
+    for a in ads:
+        emit_warnings(out, a.warnings)
+    ads = [a.without_warnings() for a in ads]  # printed above
     try:
-        report = run_verify(out, base_model, ad, merged_model, outputs=outputs, tolerance=tolerance, device=device,
-                            prompts=prompts, samples=samples, seq_len=seq_len)
+        report = run_verify(out, base_model, ads if spec is not None else ads[0], merged_model, outputs=outputs, tolerance=tolerance,
+                            device=device, prompts=prompts, samples=samples, seq_len=seq_len, combine=spec)
     except CheckFailedError as exc:
         if out.json_mode:
             out.json(exc.report)  # a failed check still prints what it found
@@ -111,12 +137,18 @@ def command(base, adapter, merged, outputs, tolerance, prompts, samples, seq_len
         out.json(report)
 
 
-def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None) -> dict:
+def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None, combine=None) -> dict:
     """``merge --verify [weights|outputs]``: check the OUT just written against BASE + ADAPTER.
 
     Prints the check unless in JSON mode and returns its report. Raises CheckFailedError naming
     OUT (the report as ``.report``) when it fails.
     """
+    if combine is not None:  # several adapters (a list), combined as merge did
+        if mode == "outputs":
+            raise click.UsageError("--verify outputs checks one adapter; a merge of several adapters is verified by its weights")
+        ads = [open_adapter(a, **adapter_opts).without_warnings() for a in adapter]
+        return run_verify(out, open_base(base, **adapter_opts), ads, open_base(str(dest)), outputs=False, tolerance=None,
+                          device="cpu", combine=combine)
     ad = open_adapter(adapter, **adapter_opts).without_warnings()  # the merge printed them
     base_model = open_base(base, **adapter_opts)
     if quantization is not None and getattr(quantization, "qlora", None):

@@ -50,6 +50,12 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import BaseModel
 from loratool.engine.codecs import float as float_codec
 from loratool.engine.codecs.float import HALF
+from loratool.engine.combine import (
+    CombinedStats,
+    CombinedTerm,
+    CombineSpec,
+    combined_delta,
+)
 from loratool.engine.delta import DeltaKernel, dora_rows
 from loratool.errors import InputError
 from loratool.io.source import TensorSource
@@ -83,6 +89,7 @@ class TensorTask:
     # a tensor a codec computes whole (QA-LoRA: zero points with the pooled delta folded in,
     # a dequantized weight plus its delta); returns it in ``dtype``
     compute: Callable[[], torch.Tensor] | None = None
+    combined: CombinedTerm | None = None  # several adapters' deltas combined by a method (engine.combine)
     outputs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
     hooked: bool = False
 
@@ -90,7 +97,7 @@ class TensorTask:
     def touched(self) -> bool:
         return (
             self.replacement is not None or bool(self.loras) or self.dora is not None or bool(self.biases)
-            or self.compute is not None
+            or self.compute is not None or self.combined is not None
         )
 
     @property
@@ -137,6 +144,8 @@ class MergePlan:
     warnings: list[str]
     side_files: list[str] = field(default_factory=list)  # base side files safe to copy (base.side_files)
     config_patch: Callable[[dict], dict] | None = None  # applied to config.json (before a tensor hook's)
+    adapters: list[Adapter] = field(default_factory=list)  # several adapters combined (``combine`` says how)
+    combine: CombineSpec | None = None
 
     def tasks(self) -> Iterator[TensorTask]:
         for shard in self.shards:
@@ -225,6 +234,8 @@ class _Producer:
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()
         self.stats: dict[str, _ModuleStats] = {}
+        self.combined: dict[str, CombinedStats] = {}  # weight name -> what the combination did
+        self.on_mask = None  # a test hook: sees each sparsifying mask (engine.combine.MaskHook)
         self.compute_s = 0.0
         self.wait_s = 0.0  # time the producer waited for the writer
         self.counts = Counter()
@@ -284,6 +295,9 @@ class _Producer:
         elif task.compute is not None:
             self.counts["computed"] += 1
             blocks = self._computed(task)
+        elif task.combined is not None:
+            self.counts["merged"] += 1
+            blocks = self._combined(task)
         elif task.dora is not None:
             self.counts["merged"] += 1
             blocks = self._dora(task)
@@ -487,6 +501,27 @@ class _Producer:
             yield emitted
         st.weight_sq, st.delta_sq = (weight_sq if self.weight_norms else None), delta_sq
 
+    def _combined(self, task: TensorTask):
+        """W + D, D the combined delta of several adapters (formed whole: TIES and magnitude pruning
+        rank every entry of a delta), in float32, rounded once."""
+        t0 = time.perf_counter()
+        D, st = combined_delta(task.combined, device=self.device, on_mask=self.on_mask)  # stored layout
+        repl = self._replacement(task)
+        cols = math.prod(task.shape[1:])
+        D = D.reshape(task.shape[0], cols)
+        weight_sq = 0.0
+        for start, stop in _blocks(task.shape):
+            w = self._source_rows(task, start, stop, repl).reshape(stop - start, cols)
+            if self.weight_norms:
+                weight_sq += float(torch.linalg.vector_norm(w)) ** 2
+            w.add_(D[start:stop])
+            emitted = self._emit(w, task.dtype)
+            _check_finite(task, w, emitted)
+            yield emitted.reshape((stop - start, *task.shape[1:]))
+        st.weight_norm = math.sqrt(weight_sq) if self.weight_norms else None
+        st.seconds = time.perf_counter() - t0
+        self.combined[task.name] = st
+
     def _bias(self, task: TensorTask):
         repl = self._replacement(task)
         b = self._source_rows(task, 0, task.shape[0] if task.shape else 1, repl)
@@ -533,8 +568,12 @@ def execute_plan(
     progress: Callable[..., None] | None = None,
     tensor_hook: Any = None,
     weight_norms: bool = True,
+    mask_hook: Callable | None = None,
 ) -> dict:
     """Write the planned model into ``folder`` (normally a temporary sibling of OUT).
+
+    ``mask_hook(weight, adapter index, kept mask)`` sees each mask a sparsifying combination draws
+    (``engine.combine``; tests check DARE against its formula with it).
 
     ``weight_norms`` measures ||W|| of every adapted tensor for the report (one more read of
     each block; ||dW|| is always measured, from the r x r Gram matrices).
@@ -546,6 +585,7 @@ def execute_plan(
     tensor_hook = as_tensor_hook(tensor_hook)
     device = torch.device(device) if not isinstance(device, torch.device) else device
     producer = _Producer(plan, device, tensor_hook, track_rounding=plan.sign < 0, weight_norms=weight_norms)
+    producer.on_mask = mask_hook
     for task in plan.tasks():  # every module reports, even if a hook reorders work
         for mod in task.modules:
             producer._stat(mod, task)
@@ -601,6 +641,7 @@ def execute_plan(
     _write_side_files(plan, writer, getattr(tensor_hook, "config_patch", None))
     return {
         "stats": producer.stats,
+        "combined": producer.combined,
         "counts": dict(producer.counts),
         "bytes": writer.total_bytes,
         "tensors": len(writer.weight_map),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
 from loratool.engine.codecs import bnb
+from loratool.engine.combine import CombinedTerm, CombineSpec, combined_delta
 from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
 from loratool.errors import InputError
 from loratool.io.store import TensorEntry, TensorStore, entries_in_file_order
@@ -307,8 +308,9 @@ def verify_weights(
     tolerance: float | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    combine: CombineSpec | None = None,
 ) -> dict[str, Any]:
-    """Check, tensor by tensor, that MERGED = BASE + ADAPTER.
+    """Check, tensor by tensor, that MERGED = BASE + ADAPTER (or BASE + the combination of several).
 
     Reads one tensor of each model at a time (the adapter's small factors are read per module).
 
@@ -320,6 +322,8 @@ def verify_weights(
             (for a quantized MERGED: a limit on |1 - retention|).
         device: where to compute ("cpu", "cuda", ...).
         progress: called as ``progress(nbytes, label)`` after each base tensor.
+        combine: ``adapter`` is a list of adapters merged together as this spec says (method,
+            weights, density, seed): each weight must be W + their combined delta (``engine.combine``).
     Returns:
         A JSON-ready report: ``passed``, ``modules`` (worst first), ``untouched``, ``missing``,
         ``extra``, ``notes`` and ``summary``.
@@ -331,10 +335,16 @@ def verify_weights(
         raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
     base_m = _open_model(base)
     merged_m = _open_model(merged)
-    ad = _open_adapter(adapter)
-    notes: list[str] = list(ad.warnings)
-    base_m = _dequantized_view(base_m, ad, notes)
-    run = _WeightRun(base_m, merged_m, _Targets.of(ad, base_m), tolerance, torch.device(device), notes)
+    if combine is not None or isinstance(adapter, (list, tuple)):
+        adapters = [_open_adapter(a) for a in (adapter if isinstance(adapter, (list, tuple)) else [adapter])]
+        notes: list[str] = [w for a in adapters for w in a.warnings]
+        targets = _Targets.of_combination(adapters, base_m, combine or CombineSpec.checked(len(adapters)))
+    else:
+        ad = _open_adapter(adapter)
+        notes = list(ad.warnings)
+        base_m = _dequantized_view(base_m, ad, notes)
+        targets = _Targets.of(ad, base_m)
+    run = _WeightRun(base_m, merged_m, targets, tolerance, torch.device(device), notes)
     threads = torch.get_num_threads()
     if run.device.type == "cpu":
         # the work comes in cache-sized blocks, too small for threads to pay off (and threads
@@ -366,9 +376,10 @@ class _Targets:
 
     adapter: Adapter  # bound to the base
     by_key: dict[str, LoraModule]
-    bias_of: dict[str, LoraModule]
+    bias_of: dict[str, LoraModule | list[LoraModule]]
     to_save: dict[str, tuple[str, Any]]  # base key -> (adapter name, lazy tensor)
     save_pending: dict[str, Any]
+    combined: dict[str, CombinedTerm] = field(default_factory=dict)  # base key -> several adapters' term
 
     @classmethod
     def of(cls, ad: Adapter, base: BaseModel) -> "_Targets":
@@ -385,6 +396,22 @@ class _Targets:
             else:
                 pending[tname] = lazy
         return cls(ad, by_key, bias_of, to_save, pending)
+
+    @classmethod
+    def of_combination(cls, adapters: list[Adapter], base: BaseModel, spec: CombineSpec) -> "_Targets":
+        """Several adapters merged together: the terms the merge planned (``merge.plan_combined_merge``)."""
+        from loratool.merge import plan_combined_merge
+
+        plan = plan_combined_merge(base, adapters, spec)
+        combined = {t.name: t.combined for t in plan.tasks() if t.combined is not None}
+        bias_of = {t.name: list(t.biases) for t in plan.tasks() if t.biases}
+        to_save: dict[str, tuple[str, Any]] = {}
+        pending: dict[str, Any] = {}
+        for t in plan.tasks():
+            if t.replacement is not None:
+                target = to_save if t.source is not None else pending
+                target[t.name] = (t.name, t.replacement) if t.source is not None else t.replacement
+        return cls(plan.adapter, {}, bias_of, to_save, pending, combined)
 
 
 class _WeightRun:
@@ -420,6 +447,9 @@ class _WeightRun:
             # PEFT's saved base_layer.weight (or a modules_to_save copy) replaces the base weight first
             replaced = t.to_save[bkey][1].load() if bkey in t.to_save else None
             self.checks.append(_weight_check(t.by_key[bkey], *args, qkind, self.tolerance, self.device, self.views, replaced))
+        elif bkey in t.combined:
+            replaced = t.to_save[bkey][1].load() if bkey in t.to_save else None
+            self.checks.append(_combined_check(t.combined[bkey], *args, self.tolerance, self.device, self.views, replaced))
         elif bkey in t.bias_of:
             self.checks.append(_bias_check(t.bias_of[bkey], *args, self.tolerance, self.device))
         elif bkey in t.to_save:
@@ -440,6 +470,8 @@ class _WeightRun:
             mod = self.targets.by_key.get(bkey)
             if mod is not None:
                 self.checks.append(_missing_check(mod.name, bkey, "dora" if mod.magnitude is not None else "lora", list(entry.shape)))
+            elif bkey in self.targets.combined:
+                self.checks.append(_missing_check(_combined_name(self.targets.combined[bkey]), bkey, "combined", list(entry.shape)))
 
     def check_additions(self) -> None:
         """modules_to_save tensors the base lacks (a new head): MERGED must carry them."""
@@ -454,7 +486,8 @@ class _WeightRun:
 
     def check_orphan_biases(self) -> None:
         """A lora_bias module whose base layer has no bias."""
-        for bkey, mod in self.targets.bias_of.items():
+        for bkey, mods in self.targets.bias_of.items():
+            mod = mods[0] if isinstance(mods, list) else mods
             if bkey not in self.base.store:
                 c = _Check(mod.name, bkey, "lora_bias", None, [mod.out_features])
                 c.passed, c.status, c.residual_norm = False, "fail", math.inf
@@ -594,13 +627,16 @@ def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: 
     return c
 
 
-def _bias_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, tolerance, device) -> _Check:
+def _bias_check(mods: LoraModule | list[LoraModule], base: BaseModel, merged: BaseModel, bkey: str, mkey: str, tolerance, device) -> _Check:
+    """A bias = base bias + the sum of scale * lora_B.bias of the module(s) with a lora_bias on it."""
+    mods = mods if isinstance(mods, list) else [mods]
+    mod = mods[0]
     b = base.store.get(bkey).to(device)
     M = merged.store.get(mkey).to(device)
     mdtype = M.dtype
     if tuple(M.shape) != tuple(b.shape):
         return _shape_fail(mod.name, mkey, "lora_bias", M.shape, b.shape, mdtype)
-    db = mod.bias.load().to(device=device, dtype=torch.float32) * float(mod.scale)
+    db = sum(m.bias.load().to(device=device, dtype=torch.float32) * float(m.scale) for m in mods)
     expected = b.to(torch.float32) + db
     store = _coarser(mdtype, b.dtype)
     c = _check_plain(mod.name, mkey, "lora_bias", expected, M, b, merged_dtype=mdtype,
@@ -608,6 +644,32 @@ def _bias_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str, 
     _judge(c, tolerance)
     if not c.passed and c.applied_fraction is not None:
         c.hint = _hint(c.applied_fraction, math.sqrt(max(c.residual**2 - (c.applied_fraction - 1) ** 2, 0.0)), mod) or "bias differs from base bias + scale * lora_B.bias"
+    return c
+
+
+def _combined_name(term: CombinedTerm) -> str:
+    """The module name a combined term reports under (its first part's: the adapters' modules share it)."""
+    return term.parts[0][1].name
+
+
+def _combined_check(term: CombinedTerm, base: BaseModel, merged: BaseModel, bkey: str, mkey: str, tolerance, device,
+                    views: _Views, replaced: torch.Tensor | None = None) -> _Check:
+    """A weight several adapters merged into: M = W + D, D their combined delta (the same masks:
+    DARE's are drawn from the seed, so verify draws them again)."""
+    name = _combined_name(term)
+    W = views.get(base.store, bkey) if replaced is None else replaced
+    M = views.get(merged.store, mkey)
+    mdtype = merged.store.dtype(mkey)
+    if tuple(M.shape) != tuple(W.shape):
+        return _shape_fail(name, mkey, "combined", M.shape, W.shape, mdtype)
+    D, _ = combined_delta(term, device=device)  # stored layout, float32
+    E = D.add_(W.to(device=device, dtype=torch.float32))
+    c = _check_plain(name, mkey, "combined", E, M.to(device), W.to(device), merged_dtype=mdtype,
+                     extra_u=unit_roundoff(W.dtype) if W.dtype != torch.float32 else 0.0, extra_norm=_norm(W.float()))
+    _judge(c, tolerance)
+    if not c.passed:
+        k = c.applied_fraction
+        c.hint = (f"about {k:.3g} of the combined delta is there" if k is not None else None) or "differs from base + the combined delta"
     return c
 
 
