@@ -83,9 +83,8 @@ def _refuse_unfixable(found: list[Finding], engine) -> None:
         return
     f = bad[0]
     more = f" (and {len(f.modules) - 1} more)" if len(f.modules) > 1 else ""
-    hint = "pass --base" if f.rule.fix is not None else MERGE_HINT
     raise UnsupportedError(f"{f.modules[0]}{more}: {f.what}: {f.rule.effect} by {engine.name} ({f.rule.why}); "
-                           f"cannot be fixed in the adapter: {hint}")
+                           f"cannot be fixed in the adapter: {MERGE_HINT}")
 
 
 def _renamed(adapter: Adapter, base, changes: list) -> Adapter:
