@@ -64,6 +64,26 @@ class DeltaKernel:
             return block.addmm_(self.A[:, start:stop].T, self.B.T, alpha=alpha)  # (rows, r) @ (r, out)
         return block.addmm_(self.B[start:stop], self.A, alpha=alpha)  # (rows, r) @ (r, in)
 
+    def lora_term(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The unmerged LoRA output for inputs x (..., in): scale * ((x @ A.T) @ B.T + bias) -> (..., out).
+
+        PEFT's forward, ``lora_B(lora_A(x)) * scaling``, in the same order (the optional ``bias`` is
+        lora_B's, PEFT's lora_bias); the same for the linear and the Conv1D layout (A and B are
+        always (r, in) and (out, r)).
+        """
+        import torch.nn.functional as F
+
+        return F.linear(F.linear(x, self.A), self.B, bias) * self.scale  # (..., r) -> (..., out)
+
+    def embedding_term(self, ids: torch.Tensor) -> torch.Tensor:
+        """The unmerged embedding LoRA output for token ids (...): scale * A.T[ids] @ B.T -> (..., out).
+
+        PEFT's ``(F.embedding(x, lora_embedding_A.T) @ lora_embedding_B.T) * scaling``: A is (r, num), B (dim, r).
+        """
+        import torch.nn.functional as F
+
+        return (F.embedding(ids, self.A.T) @ self.B.T) * self.scale  # (..., r) @ (r, dim)
+
     def dense(self, *, layout: str = "stored") -> torch.Tensor:
         """The whole delta in float32: ``layout="stored"`` as the base stores it, ``"out_in"`` as PEFT's (out, in)."""
         d = factor_product(self.A, self.B, self.scale)  # (out, in)

@@ -1,4 +1,8 @@
-"""The output check: the unmerged base + adapter (PEFT) and MERGED (transformers) on the same inputs."""
+"""The output check: the unmerged base + adapter and MERGED on the same inputs.
+
+``verify_outputs`` streams both layer by layer (``layered``); ``verify_outputs_whole`` is the
+whole-model path through PEFT, kept as the reference the tests and benchmarks compare with.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import gc
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +157,125 @@ def _quiet_transformers():
             tlog.enable_progress_bar()
 
 
+@dataclass
+class _Context:
+    """What both output checks start from: the opened inputs, the task, the inputs to run."""
+
+    base: BaseModel
+    merged: BaseModel
+    adapter: Adapter
+    targets: Any  # weights._Targets: what the adapter does to each base tensor
+    task: str
+    auto: Any
+    inputs: list
+    prompts: bool
+    quantized: bool
+    merged_dtype: torch.dtype
+    roundings: int
+    notes: list
+
+
+def _check_options(tolerance: float | None, samples: int, seq_len: int) -> None:
+    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+        raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
+    if not 1 <= samples <= MAX_SAMPLES or not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise InputError(f"samples must be 1 to {MAX_SAMPLES} and seq_len 1 to {MAX_SEQ_LEN}, got {samples} and {seq_len}")
+
+
+def _setup(base, adapter, merged, prompts, samples: int, seq_len: int, seed: int) -> _Context:
+    """Open the three inputs, bind the adapter (a clear error before any model is built), make the inputs."""
+    from loratool.verify.weights import _dequantized_view, _Targets
+
+    base_m, merged_m, ad = _open_model(base), _open_model(merged), _open_adapter(adapter)
+    notes: list[str] = []
+    targets = _Targets.of(ad, base_m)
+    base_m = _dequantized_view(base_m, ad, notes)
+    task, auto = _task(merged_m.architectures or base_m.architectures)
+    inputs = _inputs(base_m, prompts, samples, seq_len, seed)
+    # a correct merge may round each weight more than once on its way to the merged dtype (the
+    # delta, then W + dW; DoRA also the row norm, the m / norm factor and the product)
+    roundings = 4 if any(m.magnitude is not None for m in ad.modules.values()) else 2
+    return _Context(base_m, merged_m, ad, targets, task, auto, inputs, bool(prompts), _is_quantized(merged_m),
+                    _main_float_dtype(merged_m), roundings, notes)
+
+
+def _report(ctx: _Context, ref: torch.Tensor, got: torch.Tensor, *, floor32: float, floor_d: float, allowed: float | None,
+            tolerance: float | None, judged: bool) -> dict[str, Any]:
+    """The output report both checks give (the keys existing users read)."""
+    metrics = _compare(ref, got, ctx.task)
+    rel = metrics["relative_diff"]
+    passed = (rel is not None and allowed is not None and rel <= allowed) if judged else None
+    return {
+        "check": "outputs",
+        "passed": passed if passed is not None else True,
+        "judged": judged,
+        "task": ctx.task,
+        "base": str(ctx.base.path),
+        "adapter": str(ctx.adapter.path) if ctx.adapter.path else None,
+        "merged": str(ctx.merged.path),
+        "merged_dtype": "quantized" if ctx.quantized else _dtype_name(ctx.merged_dtype),
+        "samples": len(ctx.inputs),
+        "tokens": int(sum(b["input_ids"].numel() for b in ctx.inputs)),
+        "inputs": "prompts" if ctx.prompts else "random token ids",
+        **metrics,
+        "allowed_relative_diff": _num(allowed) if allowed is not None else None,
+        "tolerance": tolerance,
+        "floor_float32": _num(floor32),
+        "floor_merged_dtype": _num(floor_d),
+        "roundings": ctx.roundings,
+        "notes": list(ctx.notes) + (["quantized merged model: outputs are reported, not judged (give --tolerance to judge them)"] if not judged else []),
+    }
+
+
 def verify_outputs(
+    base: BaseModel | str | Path,
+    adapter: Adapter | str | Path,
+    merged: BaseModel | str | Path,
+    *,
+    prompts: list[str] | None = None,
+    samples: int = 4,
+    seq_len: int = 32,
+    tolerance: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    max_memory: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run BASE + ADAPTER (unmerged) and MERGED on the same inputs and compare them, layer by layer.
+
+    Both run the model's own transformers implementation in float32, streamed one layer at a time
+    (``loratool.verify.layered``): only one layer's weights are resident, the adapter is applied on
+    the fly (PEFT is not needed), and the hidden states are compared after the embeddings, after
+    every layer and at the output. The noise floor is measured, not guessed: the same merge in
+    float32 and rounded to MERGED's dtypes runs alongside, and each stage passes when its relative
+    difference is within as many floors as a correct merge may round each weight (2 for LoRA: the
+    delta and W + dW; 4 for DoRA), plus float32 rounding. The first stage over its bound is named.
+
+    Args:
+        base, adapter, merged: as for ``verify_weights``.
+        prompts: texts to encode with the base's tokenizer; random token ids when None.
+        samples: how many random sequences (without ``prompts``).
+        seq_len: tokens per random sequence (capped by the model's positions).
+        tolerance: a fixed limit on the relative difference instead of the measured one.
+        device: where to run the models.
+        seed: for the random token ids.
+        max_memory: bytes the check may hold at once; refused up front when one layer needs more.
+        progress: called as ``progress(1, stage)`` after each stage.
+    Returns:
+        A JSON-ready report: ``passed``, ``task``, the metrics (``max_abs_diff``, ``mean_abs_diff``,
+        ``relative_diff``, ``kl_divergence``, ``top1_agreement``), ``allowed_relative_diff``, the
+        floors, ``layers`` (per stage) and ``first_divergent_layer`` / ``first_divergent``.
+    Raises:
+        InputError: unreadable inputs, an architecture transformers cannot build, ``prompts`` without
+            a tokenizer, ``max_memory`` below what one layer needs.
+    """
+    from loratool.verify.layered import verify_outputs_layered
+
+    return verify_outputs_layered(base, adapter, merged, prompts=prompts, samples=samples, seq_len=seq_len, tolerance=tolerance,
+                                  device=device, seed=seed, max_memory=max_memory, progress=progress)
+
+
+def verify_outputs_whole(
     base: BaseModel | str | Path,
     adapter: Adapter | str | Path,
     merged: BaseModel | str | Path,
@@ -165,103 +288,58 @@ def verify_outputs(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) on the same inputs and compare.
+    """The whole-model output check (needs PEFT and both models in memory, float32): BASE with the
+    adapter through ``PeftModel``, PEFT's own merge for the floors, and MERGED through transformers.
 
-    Both run in float32, so the only differences a correct merge shows come from the merged file's
-    storage precision. That noise floor is measured, not guessed: PEFT's own in-memory merge of
-    the same model (float32, then rounded to the merged dtype) is run on the same inputs, and a
-    merged file passes when its relative output difference is within as many floors as a correct
-    merge may round each weight (2 for LoRA: the delta and W + dW; 4 for DoRA), plus float32
-    rounding.
-
-    Args:
-        base, adapter, merged: as for ``verify_weights``.
-        prompts: texts to encode with the base's tokenizer; random token ids when None.
-        samples: how many random sequences (without ``prompts``).
-        seq_len: tokens per random sequence (capped by the model's positions).
-        tolerance: a fixed limit on the relative difference instead of the measured one.
-        device: where to run the models.
-        seed: for the random token ids.
-        progress: called as ``progress(1, label)`` after each model run.
-    Returns:
-        A JSON-ready report: ``passed``, ``task``, the metrics (``max_abs_diff``, ``mean_abs_diff``,
-        ``relative_diff``, ``kl_divergence``, ``top1_agreement``), ``allowed_relative_diff`` and the floors.
-    Raises:
-        InputError: unreadable inputs, or ``prompts`` without a tokenizer.
+    Kept as the reference the layer-streamed check is measured against (tests, bench/); same
+    arguments and report keys as ``verify_outputs`` (without ``layers``).
     """
-    if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
-        raise InputError(f"tolerance must be a non-negative number, got {tolerance}")
-    if not 1 <= samples <= MAX_SAMPLES or not 1 <= seq_len <= MAX_SEQ_LEN:
-        raise InputError(f"samples must be 1 to {MAX_SAMPLES} and seq_len 1 to {MAX_SEQ_LEN}, got {samples} and {seq_len}")
-    base_m = _open_model(base)
-    merged_m = _open_model(merged)
-    ad = _open_adapter(adapter)
-    bind_adapter(ad, base_m)  # a clear error before any model is built
-    task, auto = _task(merged_m.architectures or base_m.architectures)
-    inputs = _inputs(base_m, prompts, samples, seq_len, seed)
+    _check_options(tolerance, samples, seq_len)
+    ctx = _setup(base, adapter, merged, prompts, samples, seq_len, seed)
     device = torch.device(device)
-    quantized = _is_quantized(merged_m)
-    mdtype = _main_float_dtype(merged_m)
     step = progress or (lambda *a, **k: None)
+    ref, floor32, floor_d = _peft_runs(ctx, device, step)
+    got = _merged_run(ctx, device)
+    step(1, "merged")
+    if got.shape != ref.shape:
+        raise InputError(f"{ctx.merged.path}: outputs have shape {tuple(got.shape)}, the base + adapter gives {tuple(ref.shape)}")
+    allowed = tolerance if tolerance is not None else ctx.roundings * floor_d + 2 * floor32 + 2 * U32 * math.sqrt(ref.shape[-1])
+    judged = tolerance is not None or not ctx.quantized
+    report = _report(ctx, ref, got, floor32=floor32, floor_d=floor_d, allowed=allowed, tolerance=tolerance, judged=judged)
+    report["method"] = "whole-model"
+    return report
 
+
+def _peft_runs(ctx: _Context, device, step) -> tuple[torch.Tensor, float, float]:
+    """PEFT's unmerged outputs, and the floors of its own merge (float32, then rounded to MERGED's dtype)."""
     from peft import PeftModel
 
-    with _peft_folder(ad, base_m) as folder, _quiet_transformers():
-        model = auto.from_pretrained(str(base_m.path), dtype=torch.float32).to(device).eval()
+    with _peft_folder(ctx.adapter, ctx.base) as folder, _quiet_transformers():
+        model = ctx.auto.from_pretrained(str(ctx.base.path), dtype=torch.float32).to(device).eval()
         pm = PeftModel.from_pretrained(model, str(folder)).eval()
-        ref = _run(pm, inputs, task, device)
+        ref = _run(pm, ctx.inputs, ctx.task, device)
         step(1, "base + adapter (PEFT)")
         merged_mem = pm.merge_and_unload().eval()
-        floor32 = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+        floor32 = _ratio(_norm(_run(merged_mem, ctx.inputs, ctx.task, device) - ref), _norm(ref))
         floor_d = floor32
-        if not quantized and torch.finfo(mdtype).eps > torch.finfo(torch.float32).eps:
+        if not ctx.quantized and torch.finfo(ctx.merged_dtype).eps > torch.finfo(torch.float32).eps:
             with torch.no_grad():
                 for p in merged_mem.parameters():
                     if p.dtype.is_floating_point:
-                        p.copy_(p.to(mdtype).to(p.dtype))
-            floor_d = _ratio(_norm(_run(merged_mem, inputs, task, device) - ref), _norm(ref))
+                        p.copy_(p.to(ctx.merged_dtype).to(p.dtype))
+            floor_d = _ratio(_norm(_run(merged_mem, ctx.inputs, ctx.task, device) - ref), _norm(ref))
         step(1, "PEFT's merge (noise floor)")
         del model, pm, merged_mem
         gc.collect()
-    kwargs: dict[str, Any] = {"device_map": str(device)} if quantized else {"dtype": torch.float32}
-    if (merged_m.config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
+    return ref, floor32, floor_d
+
+
+def _merged_run(ctx: _Context, device) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"device_map": str(device)} if ctx.quantized else {"dtype": torch.float32}
+    if (ctx.merged.config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
         import_bitsandbytes()  # before transformers imports it: no kernel download from the Hub
     with _quiet_transformers():
-        mm = auto.from_pretrained(str(merged_m.path), **kwargs)
-    if not quantized:
+        mm = ctx.auto.from_pretrained(str(ctx.merged.path), **kwargs)
+    if not ctx.quantized:
         mm = mm.to(device)
-    got = _run(mm.eval(), inputs, task, device)
-    step(1, "merged")
-    del mm
-    if got.shape != ref.shape:
-        raise InputError(f"{merged_m.path}: outputs have shape {tuple(got.shape)}, the base + adapter gives {tuple(ref.shape)}")
-    metrics = _compare(ref, got, task)
-    # A correct merge may round each weight more than once on its way to the merged dtype (the
-    # delta, then W + dW; DoRA also the row norm, the m / norm factor and the product): each
-    # rounding moves the outputs by about the measured floor, so allow that many floors, plus
-    # the float32 differences of merged vs unmerged arithmetic (twice: PEFT's and the file's).
-    roundings = 4 if any(m.magnitude is not None for m in ad.modules.values()) else 2
-    allowed = tolerance if tolerance is not None else roundings * floor_d + 2 * floor32 + 2 * U32 * math.sqrt(ref.shape[-1])
-    rel = metrics["relative_diff"]
-    judged = tolerance is not None or not quantized
-    passed = (rel is not None and rel <= allowed) if judged else None
-    return {
-        "check": "outputs",
-        "passed": passed if passed is not None else True,
-        "judged": judged,
-        "task": task,
-        "base": str(base_m.path),
-        "adapter": str(ad.path) if ad.path else None,
-        "merged": str(merged_m.path),
-        "merged_dtype": "quantized" if quantized else _dtype_name(mdtype),
-        "samples": len(inputs),
-        "tokens": int(sum(b["input_ids"].numel() for b in inputs)),
-        "inputs": "prompts" if prompts else "random token ids",
-        **metrics,
-        "allowed_relative_diff": _num(allowed),
-        "tolerance": tolerance,
-        "floor_float32": _num(floor32),
-        "floor_merged_dtype": _num(floor_d),
-        "roundings": roundings,
-        "notes": ["quantized merged model: outputs are reported, not judged (give --tolerance to judge them)"] if not judged else [],
-    }
+    return _run(mm.eval(), ctx.inputs, ctx.task, device)
