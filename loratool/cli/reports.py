@@ -113,8 +113,23 @@ def format_outputs_report(report: dict[str, Any]) -> str:
         f"  max |diff| {f(report['max_abs_diff'])}  mean |diff| {f(report['mean_abs_diff'])}"
         + (f"  KL {f(report['kl_divergence'])}  top-1 agreement {f(report['top1_agreement'], '.4f')}" if report["kl_divergence"] is not None else ""),
     ]
+    lines.extend(_layers_lines(report))
     lines.extend(f"  note: {n}" for n in report.get("notes", []))
     return "\n".join(lines)
+
+
+def _layers_lines(report: dict[str, Any]) -> list[str]:
+    """The per-stage comparison of the layer-streamed check: where MERGED first leaves its bound."""
+    stages = report.get("layers") or []
+    if not stages:
+        return []
+    first = next((s for s in stages if s["passed"] is False), None)
+    if first is not None:
+        return [f"  first diverging at {first['stage']}: relative diff {first['relative_diff']:.3g} > allowed {first['allowed_relative_diff']:.3g}"
+                f" ({len(stages)} stages compared: embeddings, {len(stages) - 2} layers, output)"]
+    worst = max(stages, key=lambda s: (s["relative_diff"] or 0) / (s["allowed_relative_diff"] or 1))
+    return [f"  {len(stages)} stages compared (embeddings, {len(stages) - 2} layers, output), each within its bound; "
+            f"closest: {worst['stage']} ({worst['relative_diff']:.3g} of {worst['allowed_relative_diff']:.3g})"]
 
 
 def format_combined(report: dict[str, Any]) -> str:

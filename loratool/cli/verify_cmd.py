@@ -27,6 +27,27 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+class SizeType(click.ParamType):
+    """A byte count: ``1073741824``, ``800MB``, ``1GiB``, ``1.5 GB``."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            self.fail(f"{value!r} is not a size (a number of bytes, or with a unit: 800MB, 1GiB)", param, ctx)
+        return int(float(m.group(1)) * _UNITS[unit])
+
+
 def failure_summary(report: dict) -> str:
     """One line for the error boundary: how many checks failed and the worst one."""
     fails = report.get("failures") or []
@@ -36,6 +57,8 @@ def failure_summary(report: dict) -> str:
         parts.append(f"{len(fails)} weight check{'s' if len(fails) != 1 else ''} failed (first: {fails[0]})")
     if out_rep is not None and not out_rep["passed"]:
         parts.append(f"outputs differ: relative difference {out_rep['relative_diff']:.3g} > allowed {out_rep['allowed_relative_diff']:.3g}")
+        if out_rep.get("first_divergent"):
+            parts[-1] += f" (first diverging at {out_rep['first_divergent']})"
     return "verification failed: " + "; ".join(parts) if parts else "verification failed"
 
 
@@ -51,7 +74,7 @@ def _split_paths(paths: tuple[str, ...], several: bool) -> tuple[str, list[str]]
 
 
 def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tolerance, device: str, prompts=(), samples=4, seq_len=32,
-               combine=None) -> dict:
+               combine=None, max_memory=None) -> dict:
     """Run the weight check (and the output check); print it unless in JSON mode; return the report.
 
     Used by ``verify`` and ``merge --verify``, which print the JSON themselves. Raises
@@ -67,7 +90,7 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
     if outputs:
         report["outputs"] = verify_outputs(
             base_model, ad, merged_model, prompts=list(prompts) or None, samples=samples, seq_len=seq_len,
-            tolerance=tolerance, device=device,
+            tolerance=tolerance, device=device, max_memory=max_memory,
         )
         report["passed"] = bool(report["passed"] and report["outputs"]["passed"])
     if not out.json_mode:
@@ -87,17 +110,18 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
 @click.argument("base")
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER MERGED")
 @click.option("--adapters", "several", is_flag=True, help="MERGED comes first, then the adapters merged into it together: verify BASE MERGED --adapters A1 A2 ... (with --method, --weights, --density, --seed as given to merge).")
-@click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (PEFT, unmerged) and MERGED (transformers) and compare their outputs.")
+@click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (unmerged) and MERGED layer by layer and compare their hidden states and outputs.")
 @click.option("--tolerance", type=float, help="Fixed limit on residual / ||delta|| per module (and on the relative output difference) instead of the bound derived from the dtypes.")
 @click.option("--prompt", "prompts", multiple=True, help="With --outputs: a text to run through the base's tokenizer (repeatable). Default: random token ids.")
 @click.option("--samples", type=click.IntRange(min=1, max=4096), default=4, show_default=True, help="With --outputs: how many random sequences (at most 4096).")
 @click.option("--seq-len", type=click.IntRange(min=1, max=1 << 16), default=32, show_default=True, help="With --outputs: tokens per random sequence (capped by the model's positions).")
 @click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help="Where the checks compute.")
+@click.option("--max-memory", type=SizeType(), help="With --outputs: the most the layer-streamed run may hold at once (800MB, 1GiB); refused when one layer needs more.")
 @combine_options
 @adapter_argument_options
 @json_option
 @common_options
-def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len, device,
+def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len, device, max_memory,
             weights, method, density, majority_sign, seed, as_json, quiet, **adapter_opts):
     """Prove that MERGED is BASE + ADAPTER, tensor by tensor (streaming).
 
@@ -111,8 +135,8 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
       loratool merge fixtures/bases/llama fixtures/adapters/llama-lora merged-llama
       loratool verify fixtures/bases/llama fixtures/adapters/llama-lora merged-llama --outputs
     """
-    if not outputs and (prompts or samples != 4 or seq_len != 32):
-        raise click.UsageError("--prompt, --samples and --seq-len apply only with --outputs")
+    if not outputs and (prompts or samples != 4 or seq_len != 32 or max_memory is not None):
+        raise click.UsageError("--prompt, --samples, --seq-len and --max-memory apply only with --outputs")
     if tolerance is not None and not tolerance >= 0:
         raise click.BadParameter("must be a non-negative number", param_hint="--tolerance")
     merged, adapters = _split_paths(paths, several)
@@ -128,7 +152,7 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
     ads = [a.without_warnings() for a in ads]  # printed above
     try:
         report = run_verify(out, base_model, ads if spec is not None else ads[0], merged_model, outputs=outputs, tolerance=tolerance,
-                            device=device, prompts=prompts, samples=samples, seq_len=seq_len, combine=spec)
+                            device=device, prompts=prompts, samples=samples, seq_len=seq_len, combine=spec, max_memory=max_memory)
     except CheckFailedError as exc:
         if out.json_mode:
             out.json(exc.report)  # a failed check still prints what it found

@@ -113,26 +113,32 @@ class _Run:
     def layer(self, i: int) -> None:
         names = self.sk.layer_names(i)
         live = S.Materialized(self.sk.model)
+        w = self.w
         try:
             # MERGED first: its quantized weights' requantizers are what the rounded path uses
-            self._run_path(MERGED, i, live, {n: self.w.merged_value for n in names})
-            live.restore()
-            self._run_path(UNMERGED, i, live, {n: self.w.base_value for n in names})
-            self._run_path(MERGE32, i, live, {n: lambda n, t=live: self.w.merge_(n, t.get(n)) for n in names})
-            self._run_path(ROUNDED, i, live, {n: lambda n, t=live: self.w.round_(n, t.get(n)) for n in names})
-            live.restore()
-            if QBASE in self.paths:
-                self._run_path(QBASE, i, live, {n: lambda n: self.w.requant_(n, self.w.base_value(n)) for n in names})
+            self._run_path(MERGED, i, live, {n: w.merged_value for n in names}, restore=True)
+            self._run_path(UNMERGED, i, live, {n: w.base_value for n in names})
+            # the floors from the unmerged tensors, in place: + delta (float32), then rounded
+            self._run_path(MERGE32, i, live, {n: lambda n: w.merge_(n, live.get(n)) for n in names})
+            self._run_path(ROUNDED, i, live, {n: lambda n: w.round_(n, live.get(n)) for n in names}, restore=True)
+            self._run_path(QBASE, i, live, {n: lambda n: w.requant_(n, w.base_value(n)) for n in names}, restore=True)
         finally:
             live.restore()
-            self.w.drop_kernels()
+            w.drop_kernels()
         self._compare(f"{self.sk.prefix}.{i}", i)
 
-    def _run_path(self, path: str, i: int, live: S.Materialized, make: dict) -> None:
+    def _run_path(self, path: str, i: int, live: S.Materialized, make: dict, *, restore: bool = False) -> None:
+        """Layer ``i`` on ``path``: its parameters set by ``make`` (name -> value), run on every input."""
+        if path not in self.paths:
+            if restore:
+                live.restore()
+            return
         for name, fn in make.items():
             live.set(name, fn(name))
         with self._adapter(path):
             self.hidden[path] = [S.run_layer(self.sk, i, st, h) for st, h in zip(self.states, self.hidden[path])]
+        if restore:
+            live.restore()
 
     def output(self) -> None:
         for path in self.paths:
@@ -219,6 +225,12 @@ def verify_outputs_layered(
     sk = S.build_skeleton(ctx.base.path, ctx.auto)
     paths = [MERGED, UNMERGED, MERGE32, ROUNDED] + ([QBASE] if ctx.quantized else [])
     need = _check_memory(sk, ctx.inputs, len(paths), max_memory)
+    run = _stream(ctx, sk, paths, device, progress)
+    return _layered_report(ctx, run, tolerance, need)
+
+
+def _stream(ctx, sk: S.Skeleton, paths: list[str], device, progress: Progress | None) -> _Run:
+    """Every path through the embeddings, each layer in turn and the output."""
     device = torch.device(device)
     inputs = [{k: v.to(device) for k, v in b.items()} for b in ctx.inputs]
     weights = Weights(sk, ctx.base, ctx.merged, ctx.targets, device, ctx.merged_dtype)
@@ -233,7 +245,19 @@ def verify_outputs_layered(
     finally:
         weights.close()
         torch.set_grad_enabled(grad)
-    return _layered_report(ctx, run, tolerance, need)
+    return run
+
+
+def unmerged_outputs(base: BaseModel | str | Path, adapter: Adapter | str | Path, *, samples: int = 4, seq_len: int = 32,
+                     seed: int = 0, device: str | torch.device = "cpu") -> tuple[list[dict], torch.Tensor]:
+    """BASE + ADAPTER's outputs as the layer-streamed check computes its reference (the unmerged path alone).
+
+    Returns:
+        (the inputs, as for ``verify_outputs``; the outputs, (tokens, width) float32 on the CPU).
+    """
+    ctx = _setup(base, adapter, base, None, samples, seq_len, seed)
+    run = _stream(ctx, S.build_skeleton(ctx.base.path, ctx.auto), [UNMERGED], device, None)
+    return ctx.inputs, run.outputs[UNMERGED]
 
 
 def _layered_report(ctx, run: _Run, tolerance: float | None, need: int) -> dict[str, Any]:
