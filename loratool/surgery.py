@@ -17,7 +17,9 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
 from loratool.base import BaseModel, is_conv1d
+from loratool.engine.combine import CombinedTerm, combined_delta
 from loratool.engine.delta import factor_product
+from loratool.engine.methods import SPARSIFYING, CombineSpec
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
 from loratool.io.store import LazyTensor
 from loratool.names import TASK_HEAD_ROOTS
@@ -299,101 +301,159 @@ def check_same_base(adapters: Sequence[Adapter], *, labels: Sequence[str] | None
                 raise ModuleMismatchError(tname, f"adapters for different bases: modules_to_save shapes {tuple(other.shape)} and {tuple(t.shape)}")
 
 
+COMBINE_METHODS = ("cat", "svd", "linear", *SPARSIFYING)
+
+
 def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = None, method: str = "cat",
             rank: int | None = None, alpha: float | None = None, dtype: torch.dtype | None = None,
-            ignore_base_name: bool = False, labels: Sequence[str] | None = None) -> tuple[Adapter, dict[str, Any]]:
-    """The weighted sum ``sum_i w_i * dW_i`` of adapters for the same base, as one adapter.
+            ignore_base_name: bool = False, labels: Sequence[str] | None = None, density: float | None = None,
+            majority_sign: str = "total", seed: int = 0) -> tuple[Adapter, dict[str, Any]]:
+    """The combination of adapters for the same base, as one adapter.
 
-    ``cat`` stacks the factors (exact; ranks add). ``svd`` gives the optimal rank-``rank``
-    approximation of the sum (default: the largest input rank of the module), from the stacked
-    factors without forming any (out, in) matrix; a rank above the sum's rank pads with zeros.
-    Each input's own scale (alpha, rank, rsLoRA) is applied before summing. A module missing
-    from some inputs is summed over those that have it. lora_bias terms add the same way.
-    modules_to_save tensors are carried over; the same name with different contents is refused.
+    ``cat`` (and ``linear`` without ``rank``) stacks the factors: the exact weighted sum
+    ``sum_i w_i * dW_i``, ranks add. ``svd`` (and ``linear`` with ``rank``) gives the optimal
+    rank-``rank`` approximation of that sum from the stacked factors, never forming an (out, in)
+    matrix. ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` combine the whole
+    deltas of each module as ``engine.combine`` defines them (``density``, ``majority_sign``,
+    ``seed``), then truncate the result optimally to ``rank`` (default for svd and these: the
+    largest input rank of the module); the report gives the truncation error per module.
+    Each input's own scale (alpha, rank, rsLoRA) is applied first. A module missing from some
+    inputs is combined over those that have it. lora_bias terms add (linear methods only).
+    modules_to_save tensors are carried over (linear methods only); the same name with different
+    contents is refused.
 
-    Args:
-        weights: one per adapter (default: all 1.0).
-        method: ``"cat"`` or ``"svd"``.
-        rank: the output rank for ``svd``.
-        alpha: lora_alpha of every output module (default: each module's alpha in the first input
-            that has it). The output follows the first input's rsLoRA setting.
-        dtype: output storage dtype (default: the first input's, float32 if inputs differ).
     Returns:
         (adapter, report).
     Raises:
-        InputError, ModuleMismatchError: different bases, bad weights/rank/method.
-        UnsupportedError: DoRA inputs, conflicting modules_to_save.
+        InputError, ModuleMismatchError: different bases, bad weights/rank/method/density.
+        UnsupportedError: DoRA inputs, conflicting modules_to_save, modules_to_save or lora_bias
+            with a sparsifying method.
     """
     adapters = list(adapters)
     labels = list(labels or [str(a.path) if a.path else f"adapter {i + 1}" for i, a in enumerate(adapters)])
-    if not adapters:
-        raise InputError("combine needs at least one adapter")
-    if method not in ("cat", "svd"):
-        raise InputError(f"unknown method {method!r} (use cat or svd)")
-    if weights is None:
-        weights = [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise InputError(f"{len(weights)} weights for {len(adapters)} adapters")
-    if any(not math.isfinite(w) for w in weights):
-        raise InputError(f"weights must be finite numbers, got {weights}")
-    if rank is not None:
-        validate_rule(rank=rank)
-        if method != "svd":
-            raise InputError("--rank applies to --method svd only (cat is exact: ranks add)")
-    _check_alpha(alpha)
+    method, spec = _combine_method(adapters, weights, method, rank, alpha, density, majority_sign, seed)
     for a, label in zip(adapters, labels):
         _refuse_dora(a, "combine", label)
+        if spec.sparsifying:
+            _refuse_unprunable(a, label, method)
     check_same_base(adapters, labels=labels, ignore_base_name=ignore_base_name)
-
     first = adapters[0]
-    rslora = first.use_rslora
     dtypes = {a.dtype for a in adapters if a.dtype is not None}
     out_dtype = dtype or (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
     names: list[str] = []
     for a in adapters:
         names.extend(n for n in a.modules if n not in names)
-
     modules: dict[str, LoraModule] = {}
     rows = []
     for name in names:
-        present = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
-        ref = present[0][0]
-        m_alpha = float(alpha) if alpha is not None else ref.alpha
-        terms = [(m.A.load(), m.B.load(), w * m.scale) for m, w in present]
-        has_bias = any(m.bias is not None for m, _ in present)
-        if method == "cat":
-            k = sum(m.rank for m, _ in present)
-        else:
-            k = rank if rank is not None else max(m.rank for m, _ in present)
-        if not m_alpha:
-            m_alpha = math.sqrt(k) if rslora else float(k)
-        scale = _out_scale(m_alpha, k, rslora)
-        row: dict[str, Any] = {"name": name, "inputs": len(present), "rank": k, "alpha": m_alpha, "scale": scale}
-        if method == "cat":
-            A, B = stack_factors(terms, scale)
-            A, B = A.to(out_dtype), B.to(out_dtype)
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise InputError(f"{name}: combined factors overflow {_dtype_name(out_dtype)}; use --dtype float32")
-        else:
-            A64, B64 = stack_factors(terms, 1.0)
-            if not (torch.isfinite(A64).all() and torch.isfinite(B64).all()):
-                raise InputError(f"{name}: lora_A or lora_B holds NaN or infinite values (or the weighted sum overflows)")
-            svd = factored_svd(B64, A64, 1.0)
-            A, B = factors_from_svd(svd, k, scale, dtype=out_dtype)
-            kept = min(k, svd.rank)
-            row.update(kept_energy=svd.kept_energy(kept), relative_error=svd.relative_error(kept),
-                       singular_values=svd.S.tolist())
-        bias = None
-        if has_bias:
-            total = torch.zeros(ref.out_features, dtype=torch.float64)
-            for m, w in present:
-                if m.bias is not None:
-                    total += m.bias.load().double() * (w * m.scale)
-            bias = LazyTensor.of((total / scale).to(out_dtype))
-        modules[name] = LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale, bias=bias)
+        present = [(i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules]
+        modules[name], row = _combine_module(name, present, spec, method, rank=rank, alpha=alpha,
+                                             rslora=first.use_rslora, out_dtype=out_dtype)
         rows.append(row)
+    out = _combined_adapter(first, adapters, labels, modules, set(names))
+    report = {
+        "operation": "combine", "method": method, "inputs": labels, "weights": list(spec.weights), "rank": rank,
+        "dtype": _dtype_name(out_dtype), "rslora": first.use_rslora, "modules": rows,
+        "modules_to_save": sorted(out.modules_to_save), "rank_histogram": _histogram(r["rank"] for r in rows),
+        "lora_params": out.lora_params, "warnings": list(out.warnings),
+    }
+    if spec.sparsifying:
+        report["combination"] = spec.as_dict()
+    return out, report
 
+
+def _combine_method(adapters, weights, method, rank, alpha, density, majority_sign, seed) -> tuple[str, CombineSpec]:
+    """The method as combine runs it (``linear`` is cat, or svd with a rank) and the checked spec."""
+    if not adapters:
+        raise InputError("combine needs at least one adapter")
+    if method not in COMBINE_METHODS:
+        raise InputError(f"unknown method {method!r} (use {', '.join(COMBINE_METHODS)})")
+    if method == "linear":
+        method = "svd" if rank is not None else "cat"
+    if rank is not None:
+        validate_rule(rank=rank)
+        if method == "cat":
+            raise InputError("--rank applies to --method svd and the sparsifying methods (cat is exact: ranks add)")
+    _check_alpha(alpha)
+    spec = CombineSpec.checked(len(adapters), method=method if method in SPARSIFYING else "linear", weights=weights,
+                               density=density, majority_sign=majority_sign, seed=seed)
+    return method, spec
+
+
+def _refuse_unprunable(adapter: Adapter, label: str, method: str) -> None:
+    if adapter.trained_to_save:
+        raise UnsupportedError(
+            f"{label}: has modules_to_save ({', '.join(sorted(adapter.trained_to_save))}); --method {method} prunes "
+            "and elects signs of deltas, and a replacement tensor is not a delta (use --method linear)"
+        )
+    if any(m.bias is not None for m in adapter.modules.values()):
+        raise UnsupportedError(f"{label}: has lora_bias terms; --method {method} applies to weight deltas only (use --method linear)")
+
+
+def _combine_module(name: str, present: list[tuple[int, LoraModule]], spec: CombineSpec, method: str, *, rank: int | None,
+                    alpha: float | None, rslora: bool, out_dtype: torch.dtype) -> tuple[LoraModule, dict[str, Any]]:
+    """One output module: its rank, alpha and scale, then the factors by the method."""
+    ref = present[0][1]
+    k = sum(m.rank for _, m in present) if method == "cat" else (rank if rank is not None else max(m.rank for _, m in present))
+    m_alpha = float(alpha) if alpha is not None else ref.alpha
+    if not m_alpha:
+        m_alpha = math.sqrt(k) if rslora else float(k)
+    scale = _out_scale(m_alpha, k, rslora)
+    row: dict[str, Any] = {"name": name, "inputs": len(present), "rank": k, "alpha": m_alpha, "scale": scale}
+    if spec.sparsifying:
+        A, B = _sparsified_factors(name, present, spec, k, scale, out_dtype, row)
+    else:
+        terms = [(m.A.load(), m.B.load(), spec.weights[i] * m.scale) for i, m in present]
+        A, B = _linear_factors(name, terms, method, k, scale, out_dtype, row)
+    bias = _combined_bias(present, spec.weights, scale, out_dtype)
+    return LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale, bias=bias), row
+
+
+def _linear_factors(name: str, terms: list, method: str, k: int, scale: float, out_dtype: torch.dtype, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """cat: the stacked factors (exact); svd: the optimal rank-k truncation of their product (QR-reduced)."""
+    if method == "cat":
+        A, B = stack_factors(terms, scale)
+        A, B = A.to(out_dtype), B.to(out_dtype)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise InputError(f"{name}: combined factors overflow {_dtype_name(out_dtype)}; use --dtype float32")
+        return A, B
+    A64, B64 = stack_factors(terms, 1.0)
+    if not (torch.isfinite(A64).all() and torch.isfinite(B64).all()):
+        raise InputError(f"{name}: lora_A or lora_B holds NaN or infinite values (or the weighted sum overflows)")
+    svd = factored_svd(B64, A64, 1.0)
+    kept = min(k, svd.rank)
+    row.update(kept_energy=svd.kept_energy(kept), relative_error=svd.relative_error(kept), singular_values=svd.S.tolist())
+    return factors_from_svd(svd, k, scale, dtype=out_dtype)
+
+
+def _sparsified_factors(name: str, present: list[tuple[int, LoraModule]], spec: CombineSpec, k: int, scale: float,
+                        out_dtype: torch.dtype, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's combined delta D (out, in) by the method, then its optimal rank-k truncation
+    (Eckart-Young; the report's relative_error is ||D - D_k|| / ||D||)."""
+    D, st = combined_delta(CombinedTerm(f"{name}.weight", tuple(present), spec), layout="out_in")  # (out, in)
+    if not bool(torch.isfinite(D).all()):
+        raise InputError(f"{name}: the combined delta holds NaN or infinite values")
+    svd = dense_svd(D, rank=k)
+    kept = min(k, svd.rank)
+    row.update(kept_energy=svd.kept_energy(kept), relative_error=svd.relative_error(kept), singular_values=svd.S[:k].tolist(),
+               **{key: v for key, v in st.as_dict().items() if key in ("delta_norms", "kept_fraction", "dropped_norms", "outvoted", "combined_norm")})
+    return factors_from_svd(svd, k, scale, dtype=out_dtype)
+
+
+def _combined_bias(present: list[tuple[int, LoraModule]], weights: Sequence[float], scale: float, out_dtype: torch.dtype) -> LazyTensor | None:
+    """sum_i w_i * scale_i * bias_i, stored divided by the output scale (PEFT multiplies it back)."""
+    with_bias = [(i, m) for i, m in present if m.bias is not None]
+    if not with_bias:
+        return None
+    total = torch.zeros(present[0][1].out_features, dtype=torch.float64)
+    for i, m in with_bias:
+        total += m.bias.load().double() * (weights[i] * m.scale)
+    return LazyTensor.of((total / scale).to(out_dtype))
+
+
+def _combined_adapter(first: Adapter, adapters: list[Adapter], labels: list[str], modules: dict[str, LoraModule],
+                      names: set[str]) -> Adapter:
+    """The output adapter: the first input's settings, the combined modules, the shared modules_to_save."""
     to_save: dict[str, LazyTensor] = {}
     for a, label in zip(adapters, labels):
         for tname, t in a.modules_to_save.items():
@@ -405,9 +465,9 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
                     "tensors is not a LoRA combination, so combine refuses it"
                 )
     extras = dict(first.extras)
-    if set(names) != set(first.modules):
+    if names != set(first.modules):
         extras.pop("peft_modules", None)
-    out = first.replace_modules(
+    return first.replace_modules(
         modules,
         modules_to_save=to_save,
         use_dora=False,
@@ -416,23 +476,8 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
         extras=extras,
         warnings=[w for a in adapters for w in a.warnings],
         # the first adapter's target_modules rule names its modules only when the set is the same
-        target_modules=first.target_modules if set(names) == set(first.modules) else None,
+        target_modules=first.target_modules if names == set(first.modules) else None,
     )
-    report = {
-        "operation": "combine",
-        "method": method,
-        "inputs": labels,
-        "weights": weights,
-        "rank": rank,
-        "dtype": _dtype_name(out_dtype),
-        "rslora": rslora,
-        "modules": rows,
-        "modules_to_save": sorted(to_save),
-        "rank_histogram": _histogram(r["rank"] for r in rows),
-        "lora_params": out.lora_params,
-        "warnings": list(out.warnings),
-    }
-    return out, report
 
 
 # --------------------------------------------------------------------------- extract
