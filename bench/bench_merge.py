@@ -93,11 +93,11 @@ def make_base(folder: Path, layers: int, shards: int = 3) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_adapter(folder: Path, layers: int, rank: int = 16) -> None:
+def make_adapter(folder: Path, layers: int, rank: int = 16, seed: int = 1) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     sd = {}
     for name, shape in llama_tensors(layers):
         module = name[: -len(".weight")]
