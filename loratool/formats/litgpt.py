@@ -34,6 +34,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS
+from loratool.io.pickle_scan import open_torch_zip
 from loratool.io.store import LazyTensor, TensorStore, is_torch_pickle
 from loratool.io.writer import save_torch_pickle
 
@@ -86,7 +87,7 @@ def pickle_head(path: Path, limit: int = SNIFF_BYTES) -> bytes:
     path = Path(path)
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+            with open_torch_zip(path) as zf:  # the directory's entry count bounded first
                 names = [n for n in zf.namelist() if n.endswith("data.pkl")]
                 if not names:
                     return b""

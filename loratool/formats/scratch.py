@@ -33,6 +33,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import refuse_lora_bias
+from loratool.io.pickle_scan import open_torch_zip
 from loratool.io.store import (
     LazyTensor,
     TensorStore,
@@ -82,7 +83,7 @@ def _pickle_may_hold_scratch(path: Path, limit: int = 1 << 20) -> bool:
     """A cheap look at a torch pickle's object stream (never unpickled) for scratch key names."""
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+            with open_torch_zip(path) as zf:  # the directory's entry count bounded first
                 names = [n for n in zf.namelist() if n.endswith("data.pkl")]
                 if not names:
                     return False

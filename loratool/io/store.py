@@ -25,6 +25,7 @@ from typing import (
 )
 
 from loratool.errors import FormatError
+from loratool.io.pickle_scan import check_torch_pickle, open_torch_zip
 
 if TYPE_CHECKING:  # a safetensors header is read without torch (a plain `inspect` never loads it)
     import torch
@@ -425,15 +426,18 @@ def is_torch_pickle(path: Path) -> bool:
         with open(path, "rb") as fh:
             head = fh.read(2)
         if head[:2] == b"PK":
-            with zipfile.ZipFile(path) as zf:
+            with open_torch_zip(path) as zf:
                 return any(n.endswith("/data.pkl") or n == "data.pkl" for n in zf.namelist())
         return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    except FormatError:
+        return True  # a torch zip with too many entries: loading it says so
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
 
 
 def load_pickle(path: Path) -> object:
-    """Load a PyTorch pickle with ``weights_only=True`` (never executes code from the file)."""
+    """Load a PyTorch pickle with ``weights_only=True`` (never executes code from the file), once
+    ``pickle_scan.check_torch_pickle`` has bounded what it claims (weights_only bounds no resource)."""
     path = Path(path)
     import pickle
     import zipfile
@@ -442,15 +446,13 @@ def load_pickle(path: Path) -> object:
 
     refuse_special_file(path)
     try:
+        check_torch_pickle(path)  # depth, objects, tensors, storages and zip entries bounded first
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             # mmap works only for the zip format; legacy pickles load without it.
             if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                 raise
-            claimed, size = _legacy_storage_bytes(path), path.stat().st_size
-            if claimed is not None and claimed > size:
-                raise FormatError(path, f"not a loadable PyTorch checkpoint (its tensors claim {claimed} bytes, the file has {size})")
             return torch.load(path, map_location="cpu", weights_only=True)
     except FormatError:
         raise
@@ -464,69 +466,6 @@ def load_pickle(path: Path) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError, AttributeError, TypeError, IndexError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(path, f"not a loadable PyTorch checkpoint ({msg[:200]})") from None
-
-
-class _Inert:
-    """Stands in for every global a scanned pickle names: calling or building it does nothing."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def __call__(self, *_args, **_kwargs) -> "_Inert":
-        return _Inert()
-
-    def __setstate__(self, _state) -> None:
-        pass
-
-
-class _Clamped:
-    """A file reader whose reads never ask for more than the file holds (no huge buffers)."""
-
-    def __init__(self, fh, size: int):
-        self.fh, self.size = fh, size
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(0, self.size - self.fh.tell())
-        return self.fh.read(left if n is None or n < 0 else min(n, left))
-
-    def readline(self) -> bytes:
-        return self.fh.readline(max(0, self.size - self.fh.tell()))
-
-
-def _legacy_storage_bytes(path: Path) -> int | None:
-    """Bytes of tensor data a legacy (non-zip) PyTorch pickle claims, counted without running it.
-
-    torch allocates every storage at the size the pickle states before reading its data; this
-    lets ``load_pickle`` refuse a file that claims more than it holds. None when the scan fails
-    (torch.load then reports the problem).
-    """
-    import pickle
-
-    itemsize = {"Double": 8, "Long": 8, "Float": 4, "Int": 4, "Half": 2, "BFloat16": 2, "Short": 2}
-    claimed = 0
-
-    class Scanner(pickle.Unpickler):
-        def find_class(self, module, name):
-            stub = _Inert()
-            stub.name = name
-            return stub
-
-        def persistent_load(self, pid):
-            nonlocal claimed
-            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
-                kind = getattr(pid[1], "name", "")
-                claimed += max(0, pid[4]) * next((v for k, v in itemsize.items() if k in kind), 1)
-            return _Inert()
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            reader = _Clamped(fh, size)
-            for _ in range(4):  # magic number, protocol, sys info, then the state dict
-                Scanner(reader).load()
-    except Exception:
-        return None
-    return claimed
 
 
 def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
