@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 import torch
-
 from _convert_helpers import peft_deltas
 from conftest import ADAPTERS, BASES
 
