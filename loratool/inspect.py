@@ -110,7 +110,7 @@ def _scan_module(name: str, mod) -> list[str]:
     return []
 
 
-def _finite_and_zero(t: LazyTensor) -> tuple[bool, bool]:
+def _finite_and_zero(t: LazyTensor, chunk: int = 1 << 20) -> tuple[bool, bool]:
     """(all finite, all zero): from the stored bits when ``t`` is a stored tensor as it is (no
     torch needed), else from the loaded tensor."""
     if t.source is not None:
@@ -119,5 +119,10 @@ def _finite_and_zero(t: LazyTensor) -> tuple[bool, bool]:
             return summary
     import torch
 
-    x = t.load()
-    return bool(torch.isfinite(x.float()).all()), not bool(x.any())
+    flat = t.load().reshape(-1)  # a view of a mapped pickle storage: scanned in blocks, never copied whole
+    finite, zero = True, True
+    for i in range(0, flat.numel(), chunk):
+        block = flat[i : i + chunk]
+        finite = finite and bool(torch.isfinite(block.float()).all())
+        zero = zero and not bool(block.any())
+    return finite, zero

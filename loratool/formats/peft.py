@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, lora_scale
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.io.store import LazyTensor, TensorStore, read_json
+from loratool.io.store import LazyTensor, TensorStore, read_json, refuse_tensor_count
 from loratool.names import SAVED_EMBEDDING_LEAVES
 
 if TYPE_CHECKING:  # reading a PEFT folder (inspect) needs no torch; writing one imports it
@@ -204,6 +204,7 @@ def read_config(path: Path) -> dict:
     mts = config.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         raise FormatError(path, "modules_to_save must be a list of names")
+    refuse_tensor_count(path, len(mts or ()), "modules_to_save names")
     return config
 
 
@@ -258,8 +259,10 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
             part = "lora_B.bias"
         _claim(parts.setdefault(m.group("module"), {}), part, key, f"{m.group('module')}'s {part}", weights_path)
 
+    wrapped = _param_wrappers(list(parts), config, weights_path)
     modules: dict[str, LoraModule] = {}
     for module, p in parts.items():
+        module, param = wrapped.get(module, (module, None))
         embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
         a_key = p.get("lora_embedding_A" if embedding else "lora_A")
         b_key = p.get("lora_embedding_B" if embedding else "lora_B")
@@ -273,6 +276,9 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
         if A.shape[0] == 0:
             raise FormatError(weights_path, f"{module}: rank 0")
         rank, alpha = _module_rank_alpha(config, module, config_path)
+        experts = _expert_count(module, param, rank, A.shape, weights_path)
+        if experts:
+            module, rank = f"{module}.{param}", rank * experts
         if variant == "adalora":
             if "lora_E" not in p:
                 raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
@@ -285,10 +291,10 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
             folded = 0
             if rank != A.shape[0]:
                 raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
-            scale = lora_scale(alpha, rank, rslora=rslora)
+            scale = lora_scale(alpha, rank // max(experts, 1), rslora=rslora)
         if not abs(scale) <= _F32_MAX:  # every merge computes in float32
             raise FormatError(config_path, f"{module}: scaling {scale:g} (lora_alpha {alpha:g}, rank {rank}) does not fit in float32")
-        kind = ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
+        kind = ModuleKind.EXPERTS if experts else ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
         bias = store.lazy(p["lora_B.bias"]) if "lora_B.bias" in p else None
         magnitude = store.lazy(p["lora_magnitude_vector"]) if "lora_magnitude_vector" in p else None
         for what, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
@@ -296,7 +302,10 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
                 raise FormatError(weights_path, f"{module}: {what} has shape {t.shape}, expected ({B.shape[0]},) for lora_B {B.shape}")
         if magnitude is not None:
             magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
-        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude, folded_params=folded)
+        if module in modules:
+            raise FormatError(weights_path, f"{module}: two sets of LoRA tensors claim it")
+        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude,
+                                     folded_params=folded, experts=experts)
 
     to_save = {name: store.lazy(key) for name, key in full.items()}
     declared = [m for m in (config.get("modules_to_save") or []) if isinstance(m, str)]
@@ -323,6 +332,60 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
     )
 
 
+
+
+def _param_wrappers(modules: list[str], config: dict, path: Path) -> dict[str, tuple[str, str]]:
+    """PEFT's ParamWrapper keys (``target_parameters``): ``<module>(.base_layer)*`` -> (module, parameter).
+
+    PEFT nests one wrapper per targeted parameter of a module, in the order the module registers
+    its parameters (tuners_utils ``_inject_parameters``): the last is outermost, its factors at
+    ``<module>.lora_A``, the one before at ``<module>.base_layer.lora_A``, and so on.
+    """
+    targets = [t for t in (config.get("target_parameters") or []) if isinstance(t, str)]
+    if not targets:
+        return {}
+    depth: dict[str, dict[int, str]] = {}
+    for name in modules:
+        stripped, n = name, 0
+        while stripped.endswith(".base_layer"):
+            stripped, n = stripped[: -len(".base_layer")], n + 1
+        depth.setdefault(stripped, {})[n] = name
+    out: dict[str, tuple[str, str]] = {}
+    for stripped, levels in depth.items():
+        params = _targeted_params(stripped, targets)
+        if not params:
+            continue
+        if sorted(levels) != list(range(len(params))):
+            raise FormatError(path, f"{stripped}: {len(levels)} nested LoRA wrappers, but target_parameters names "
+                              f"{len(params)} parameters of it ({', '.join(params)})")
+        for level, name in levels.items():
+            out[name] = (stripped, params[len(params) - 1 - level])
+    return out
+
+
+def _targeted_params(module: str, targets: list[str]) -> list[str]:
+    """The parameters of ``module`` that target_parameters selects (PEFT: ``module.param`` equals a
+    target or ends with ``.`` + it), in registration order (``names.EXPERT_PARAM_ORDER`` first)."""
+    from loratool.names import EXPERT_PARAM_ORDER
+
+    found = {t.rpartition(".")[2] for t in targets
+             if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith(f".{t}")}
+    known = [p for p in EXPERT_PARAM_ORDER if p in found]
+    return known + sorted(found - set(known))
+
+
+def _expert_count(module: str, param: str | None, rank: int, a_shape: tuple[int, ...], path: Path) -> int:
+    """E for a fused 3-D parameter (lora_A is (E * r, in)); 0 for an ordinary module (a 2-D parameter).
+
+    Raises:
+        FormatError: lora_A's rows are not a multiple of the rank.
+    """
+    if param is None or a_shape[0] == rank:
+        return 0
+    if a_shape[0] % rank:
+        raise FormatError(path, f"{module}.{param}: lora_A is {a_shape}, not a multiple of the rank {rank} "
+                          "(target_parameters: E experts x rank rows)")
+    return a_shape[0] // rank
 
 
 def _full_tensor_name(name: str) -> str:
