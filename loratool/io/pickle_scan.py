@@ -161,9 +161,9 @@ class _Walk:
         """Add ``children`` to the container ``target`` (APPEND(S), SETITEM(S), BUILD...)."""
         if not isinstance(target, _Node):
             self.refuse("its pickle adds items to something that is not a container")
+        extra = self.node(children)  # seals the children: ``target`` among them is a self-reference
         if target.sealed:
             self.refuse("its pickle changes a container after using it (a self-reference; a walk of it would never end)")
-        extra = self.node(children)
         target.size += extra.size - 1
         target.depth = max(target.depth, extra.depth)
         self.bound(target.size, target.depth)
