@@ -32,11 +32,17 @@ class ModuleKind(str, enum.Enum):
     LINEAR = "linear"  # weight (out, in)
     CONV1D = "conv1d"  # GPT-2 Conv1D / fan_in_fan_out: weight (in, out)
     EMBEDDING = "embedding"  # weight (num_embeddings, dim) = (in, out)
+    EXPERTS = "experts"  # fused MoE experts (PEFT target_parameters): weight (E, out, in)
+    EXPERTS_T = "experts_t"  # fused experts stored the other way round (gpt-oss): weight (E, in, out)
 
     @property
     def transposed(self) -> bool:
-        """True when the base weight holds dW transposed."""
-        return self is not ModuleKind.LINEAR
+        """True when the base weight holds dW transposed (for experts: each expert's slice)."""
+        return self not in (ModuleKind.LINEAR, ModuleKind.EXPERTS)
+
+    @property
+    def is_experts(self) -> bool:
+        return self in (ModuleKind.EXPERTS, ModuleKind.EXPERTS_T)
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,14 @@ class LoraModule:
     bias: LazyTensor | None = None  # (out,) lora_bias: the merged bias gains scale * bias
     magnitude: LazyTensor | None = None  # DoRA magnitude, (out,)
     folded_params: int = 0  # stored LoRA parameters folded into A on reading (AdaLoRA's lora_E, (r, 1))
+    # fused MoE experts (PEFT's ParamWrapper): A is (E * r, in) expert-major, B is (out, r * E)
+    # rank-major (B[:, j * E + e] is expert e's column j); 0 for an ordinary module
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        """The rank (per expert for an experts module)."""
+        return self.A.shape[0] // self.experts if self.experts else self.A.shape[0]
 
     @property
     def in_features(self) -> int:
@@ -66,8 +76,11 @@ class LoraModule:
         return self.B.shape[0]
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
+    def weight_shape(self) -> tuple[int, ...]:
         """The shape the base weight of this module must have."""
+        if self.experts:
+            inner = (self.in_features, self.out_features) if self.kind.transposed else (self.out_features, self.in_features)
+            return (self.experts, *inner)
         if self.kind.transposed:
             return (self.in_features, self.out_features)
         return (self.out_features, self.in_features)

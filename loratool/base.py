@@ -9,10 +9,10 @@ lack or add the base-model prefix (``h.0.attn.c_attn.weight`` in the original GP
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -209,7 +209,8 @@ class Binding:
     """
 
     adapter: Adapter
-    keys: Mapping[str, str]  # module -> base weight key
+    keys: Mapping[str, str]  # module -> base weight key (an experts module: its first stored key)
+    experts: Mapping[str, Any] = field(default_factory=dict)  # experts module -> experts.ExpertLayout
 
 
 def bound_module(base: BaseModel, mod: LoraModule, key: str, *, strict_shapes: bool = True) -> LoraModule:
@@ -243,13 +244,20 @@ def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = Tru
     """
     keys: dict[str, str] = {}
     modules: dict[str, LoraModule] = {}
+    layouts: dict[str, Any] = {}
     for name, mod in adapter.modules.items():
+        if mod.experts:  # a fused MoE parameter (PEFT target_parameters): stored fused or per expert
+            from loratool.experts import bind_experts
+
+            modules[name], layouts[name] = bind_experts(base, mod)
+            keys[name] = layouts[name].keys[0]
+            continue
         key = base.weight_name(name)
         if key is None:
             raise ModuleMismatchError(name, f"adapter module is not in the base model {base.path}")
         modules[name] = bound_module(base, mod, key, strict_shapes=strict_shapes)
         keys[name] = key
-    return Binding(adapter.replace_modules(modules), keys)
+    return Binding(adapter.replace_modules(modules), keys, layouts)
 
 
 def module_names_matching(base: BaseModel, targets: object, suffixes: Iterable[str] = (".weight",)) -> list[str]:

@@ -61,6 +61,7 @@ from loratool.engine.stream import (
     execute_plan,
 )
 from loratool.errors import InputError, ModuleMismatchError, UnsupportedError
+from loratool.experts import expert_layout
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import INDEX_NAME, output_shard_names
@@ -248,7 +249,8 @@ def plan_combined_merge(
         bound.append(adapter)
         for name, key in mapping.items():
             mod = adapter.modules[name]
-            parts.setdefault(key, []).append((i, mod))
+            for term_key, term in (expert_layout(base, mod).terms(mod) if mod.experts else [(key, mod)]):
+                parts.setdefault(term_key, []).append((i, term))
             if mod.bias is not None:  # linear only: lora_bias terms add with the adapter's weight
                 tasks.get(_bias_key(base, name, mod)).biases.append(replace(mod, scale=mod.scale * spec.weights[i]))
     for key, pairs in parts.items():
@@ -404,6 +406,9 @@ def _attach_modules(base: BaseModel, adapter: Adapter, mapping: dict[str, str], 
     lora_bias on the layer's bias."""
     for name, key in mapping.items():
         mod = adapter.modules[name]
+        if mod.experts:
+            _attach_experts(base, mod, tasks)
+            continue
         task = tasks.get(key)
         if task.dora is not None or (mod.magnitude is not None and task.loras):
             raise UnsupportedError(f"{name}: a DoRA module shares base tensor {key} with another module; PEFT cannot merge that either")
@@ -413,6 +418,16 @@ def _attach_modules(base: BaseModel, adapter: Adapter, mapping: dict[str, str], 
             task.loras.append(mod)
         if mod.bias is not None:
             tasks.get(_bias_key(base, name, mod)).biases.append(mod)
+
+
+def _attach_experts(base: BaseModel, mod: LoraModule, tasks: _TaskTable) -> None:
+    """A fused experts module: one experts term on the fused tensor, or a linear term per stored
+    expert tensor (``experts.ExpertLayout.terms``)."""
+    for key, term in expert_layout(base, mod).terms(mod):
+        if term.experts:
+            tasks.get(key).experts.append(term)
+        else:
+            tasks.get(key).loras.append(term)
 
 
 def _bias_key(base: BaseModel, name: str, mod: LoraModule) -> str:

@@ -82,6 +82,22 @@ def is_input_embedding_weight(key: str) -> bool:
     head, _, last = key.rpartition(".")
     return last == "weight" and leaf(head) in INPUT_EMBEDDING_LEAVES
 
+# Fused MoE expert parameters (transformers 5: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3, gpt-oss ...
+# ``*Experts`` modules). The order their classes register them in: PEFT nests one ParamWrapper per
+# targeted parameter in that order (tuners_utils ``_inject_parameters``), so the first is innermost.
+EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+# How checkpoints store a fused parameter one expert at a time (transformers
+# ``conversion_mapping.py``: MergeModulelist(dim=0) stacks experts, Concatenate(dim=1) joins the
+# sources along ``out``): the per-expert leaves, in concatenation order.
+EXPERT_SOURCES = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+# model types whose experts module stores (E, in, out) (``is_transposed = True`` in transformers 5)
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss"})
+# module path renames of those checkpoints (Mixtral, PhiMoE, MiniMax: ``block_sparse_moe`` -> ``mlp``)
+EXPERT_PATH_RENAMES = ((".mlp.experts", ".block_sparse_moe.experts"),)
+
 Q_LEAVES = frozenset({"q_proj"})
 K_LEAVES = frozenset({"k_proj"})
 

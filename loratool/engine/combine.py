@@ -106,7 +106,9 @@ def combined_delta(term: CombinedTerm, *, device: str | torch.device = "cpu", la
         for d, w in zip(deltas[1:], weights[1:]):
             D.add_(d, alpha=w)
     stats.combined_norm = _norm(D)
-    return (D.T if layout == "stored" and term.transposed else D), stats
+    if layout != "stored" or not term.transposed:
+        return D, stats
+    return (D.transpose(1, 2) if D.dim() == 3 else D.T), stats  # fused experts: (E, in, out)
 
 
 def _norm(t: torch.Tensor) -> float:

@@ -135,6 +135,42 @@ class DeltaKernel:
         return self.add_(R, 0, sign=-1)
 
 
+@dataclass(frozen=True)
+class ExpertsKernel:
+    """A fused experts module's factors in float32, applied to blocks of whole experts of the stored
+    (E, out, in) or, ``transposed``, (E, in, out) tensor: expert e gets sign * scale * B_e @ A_e
+    (``expert_factors``), or its transpose."""
+
+    A: torch.Tensor  # (E, r, in) float32
+    B: torch.Tensor  # (E, out, r) float32
+    scale: float
+    transposed: bool
+
+    @classmethod
+    def of(cls, module, *, device: str | torch.device = "cpu") -> "ExpertsKernel":
+        E, r = module.experts, module.rank
+        A = module.A.load().detach().to(device=device, dtype=F32)  # (E * r, in)
+        B = module.B.load().detach().to(device=device, dtype=F32)  # (out, r * E)
+        Ae = A.reshape(E, r, A.shape[1]).contiguous()  # (E, r, in)
+        Be = B.reshape(B.shape[0], r, E).permute(2, 0, 1).contiguous()  # (E, out, r)
+        return cls(Ae, Be, float(module.scale), module.kind.transposed)
+
+    def add_(self, block: torch.Tensor, start: int, *, sign: int = 1) -> torch.Tensor:
+        """block += sign * dW for experts [start, start + len(block)); ``block``: float32 (n, d1, d2)."""
+        alpha = float(sign) * self.scale
+        for i in range(block.shape[0]):
+            e = start + i
+            if self.transposed:
+                block[i].addmm_(self.A[e].T, self.B[e].T, alpha=alpha)  # (in, r) @ (r, out)
+            else:
+                block[i].addmm_(self.B[e], self.A[e], alpha=alpha)  # (out, r) @ (r, in)
+        return block
+
+    def norm_sq(self) -> float:
+        """||dW||_F^2 over all experts, from each expert's r x r Gram matrices."""
+        return sum(gram_norm_sq(self.A[e], self.B[e], self.scale) for e in range(self.A.shape[0]))
+
+
 def factor_product(A: torch.Tensor, B: torch.Tensor, scale: float, *, dtype: torch.dtype = F32) -> torch.Tensor:
     """scale * B @ A in ``dtype``: (out, r) @ (r, in) -> (out, in). The only place B @ A is formed."""
     return torch.mm(B.to(dtype), A.to(dtype)).mul_(scale)  # (out, in)
@@ -153,8 +189,31 @@ def combination_norm(modules: list, weights: list[float]) -> float:
     return math.sqrt(gram_norm_sq(As, Bs, 1.0))
 
 
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s (A_e, B_e) from PEFT's fused ParamWrapper factors (lora/layer.py ParamWrapper.get_delta_weight):
+    A (E * r, in) is expert-major, A_e = A[e * r:(e + 1) * r] (r, in); B (out, r * E) is rank-major,
+    B_e = B[:, e::E] (out, r)."""
+    r = A.shape[0] // experts
+    return A[e * r : (e + 1) * r], B[:, e::experts]  # (r, in), (out, r)
+
+
+def experts_delta(module, *, dtype: torch.dtype = F32, device: str | torch.device = "cpu", layout: str = "out_in") -> torch.Tensor:
+    """Every expert's delta of a fused experts module: (E, out, in), or ``layout="stored"`` as the
+    base stores it ((E, in, out) for ``EXPERTS_T``)."""
+    A = module.A.load().detach().to(device=device, dtype=dtype)  # (E * r, in)
+    B = module.B.load().detach().to(device=device, dtype=dtype)  # (out, r * E)
+    E, r = module.experts, module.rank
+    Ae = A.reshape(E, r, A.shape[1])  # (E, r, in)
+    Be = B.reshape(B.shape[0], r, E).permute(2, 0, 1)  # (E, out, r)
+    d = torch.bmm(Be, Ae).mul_(float(module.scale))  # (E, out, in)
+    return d.transpose(1, 2) if layout == "stored" and module.kind.transposed else d
+
+
 def dense_delta(module, *, dtype: torch.dtype = F32, device: str | torch.device = "cpu", layout: str = "out_in") -> torch.Tensor:
-    """The whole delta of one ``LoraModule`` in ``dtype``: PEFT's (out, in) by default, or ``layout="stored"``."""
+    """The whole delta of one ``LoraModule`` in ``dtype``: PEFT's (out, in) by default, or ``layout="stored"``
+    ((E, out, in) / the stored 3-D layout for a fused experts module)."""
+    if getattr(module, "experts", 0):
+        return experts_delta(module, dtype=dtype, device=device, layout=layout)
     A = module.A.load().detach().to(device=device)  # (r, in)
     B = module.B.load().detach().to(device=device)  # (out, r)
     d = factor_product(A, B, float(module.scale), dtype=dtype)  # (out, in)

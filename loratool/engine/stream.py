@@ -56,7 +56,7 @@ from loratool.engine.combine import (
     CombineSpec,
     combined_delta,
 )
-from loratool.engine.delta import DeltaKernel, dora_rows
+from loratool.engine.delta import DeltaKernel, ExpertsKernel, dora_rows
 from loratool.errors import InputError
 from loratool.io.source import TensorSource
 from loratool.io.store import LazyTensor, TensorEntry
@@ -86,6 +86,7 @@ class TensorTask:
     loras: list[LoraModule] = field(default_factory=list)
     dora: LoraModule | None = None
     biases: list[LoraModule] = field(default_factory=list)
+    experts: list[LoraModule] = field(default_factory=list)  # fused MoE experts terms on a 3-D tensor
     # a tensor a codec computes whole (QA-LoRA: zero points with the pooled delta folded in,
     # a dequantized weight plus its delta); returns it in ``dtype``
     compute: Callable[[], torch.Tensor] | None = None
@@ -97,12 +98,12 @@ class TensorTask:
     def touched(self) -> bool:
         return (
             self.replacement is not None or bool(self.loras) or self.dora is not None or bool(self.biases)
-            or self.compute is not None or self.combined is not None
+            or self.compute is not None or self.combined is not None or bool(self.experts)
         )
 
     @property
     def modules(self) -> list[LoraModule]:
-        return self.loras + ([self.dora] if self.dora is not None else [])
+        return self.loras + self.experts + ([self.dora] if self.dora is not None else [])
 
     @property
     def raw_copy(self) -> bool:
@@ -298,6 +299,9 @@ class _Producer:
         elif task.combined is not None:
             self.counts["merged"] += 1
             blocks = self._combined(task)
+        elif task.experts:
+            self.counts["merged"] += 1
+            blocks = self._experts(task)
         elif task.dora is not None:
             self.counts["merged"] += 1
             blocks = self._dora(task)
@@ -500,6 +504,27 @@ class _Producer:
             _check_finite(task, v, emitted)
             yield emitted
         st.weight_sq, st.delta_sq = (weight_sq if self.weight_norms else None), delta_sq
+
+    def _experts(self, task: TensorTask):
+        """W + sign * dW_e for every expert e of a fused (E, d1, d2) tensor, a few experts per row
+        block, in float32, rounded once (``engine.delta.ExpertsKernel``)."""
+        kernels = [ExpertsKernel.of(m, device=self.device) for m in task.experts]
+        stats = [self._stat(m, task) for m in task.experts]
+        for k, st in zip(kernels, stats):
+            st.delta_sq = k.norm_sq()
+        repl = self._replacement(task)
+        weight_sq = 0.0
+        for start, stop in _blocks(task.shape):
+            w = self._source_rows(task, start, stop, repl)  # (n, d1, d2) float32
+            if self.weight_norms:
+                weight_sq += float(torch.linalg.vector_norm(w)) ** 2
+            for k in kernels:
+                k.add_(w, start, sign=self.plan.sign)
+            emitted = self._emit(w, task.dtype)
+            _check_finite(task, w, emitted)
+            yield emitted
+        for st in stats:
+            st.weight_sq = weight_sq if self.weight_norms else None
 
     def _combined(self, task: TensorTask):
         """W + D, D the combined delta of several adapters (formed whole: TIES and magnitude pruning
