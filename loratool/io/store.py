@@ -336,6 +336,8 @@ class TensorStore:
         n = math.prod(e.shape)
         if n == 0:
             return True, True
+        if os.stat(e.path).st_size < e.end:  # reading a mapping past a truncated file's end is SIGBUS
+            raise FormatError(e.path, f"was truncated while being read: tensor {name!r} needs {e.end:,} bytes")
         whole = self._bitmaps.get(e.path)
         if whole is None:  # one mapping per file: a memmap per tensor costs ~0.1 ms (100,000 tensors: 10 s)
             whole = self._bitmaps[e.path] = np.memmap(e.path, dtype=np.uint8, mode="r")
