@@ -31,6 +31,9 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
     modules_seen = dict(adapter.modules)  # as the base lays them out, when there is one
     if base is not None:
         for name, mod in adapter.modules.items():
+            if mod.experts:
+                modules_seen[name] = _bound_experts(base, mod, warnings)
+                continue
             key = base.weight_name(name)
             if key is None:
                 warnings.append(f"{name}: not in the base model")
@@ -66,6 +69,7 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
                 "kind": mod.kind.value,
                 "dora": mod.magnitude is not None,
                 "bias": mod.bias is not None,
+                **_experts_fields(mod),
             }
         )
         if scan:
@@ -99,6 +103,25 @@ def inspect_adapter(adapter: Adapter, *, base: BaseModel | None = None, scan: bo
         report["base_params"] = base_params
         report["percent_of_base"] = 100.0 * adapter.lora_params / base_params if base_params else None
     return report
+
+
+def _bound_experts(base: BaseModel, mod, warnings: list[str]):
+    """A fused experts module with the orientation its base stores (a warning when it does not fit)."""
+    from loratool.experts import bind_experts
+
+    try:
+        return bind_experts(base, mod)[0]
+    except ModuleMismatchError as exc:
+        warnings.append(str(exc))
+        return mod
+
+
+def _experts_fields(mod) -> dict[str, Any]:
+    """For a fused experts module: E, the stored orientation (known with a base), LoRA params per expert."""
+    if not mod.experts:
+        return {}
+    orientation = {"experts": "(E, out, in)", "experts_t": "(E, in, out)"}[mod.kind.value]
+    return {"experts": mod.experts, "orientation": orientation, "params_per_expert": mod.lora_params // mod.experts}
 
 
 def _scan_module(name: str, mod) -> list[str]:

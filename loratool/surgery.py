@@ -187,40 +187,10 @@ def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     modules: dict[str, LoraModule] = {}
     rows = []
     for name, m in adapter.modules.items():
-        svd = module_svd(m)
-        out_dtype = dtype or m.B.dtype
-        if rank is not None and m.rank <= rank:
-            k = rank if pad else m.rank
-            action = "padded" if pad and rank > m.rank else "unchanged"
-        else:
-            k = choose_rank(svd, rank=rank, energy=energy, sv_ratio=sv_ratio, fro_error=fro_error, max_rank=max_rank)
-            k = min(k, m.rank) if rank is None else k
-            action = "truncated" if k < m.rank else "unchanged"
-        kept = min(k, m.rank)
-        if action == "unchanged":
-            new = m if dtype is None else _cast_module(m, out_dtype)
-        else:
-            alpha, new_scale = _keep_alpha(m.alpha, k, rslora)
-            factor = m.scale / new_scale
-            if action == "padded":
-                A, B = rescale_factors(m.A.load(), m.B.load(), factor, dtype=out_dtype)
-                A, B = pad_factors(A, B, k)
-            else:
-                A, B = factors_from_svd(svd, k, new_scale, dtype=out_dtype)
-            new = m.with_factors(A, B, alpha=alpha, scale=new_scale)
-            new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
-        modules[name] = new
-        rows.append({
-            "name": name,
-            "rank_before": m.rank,
-            "rank": new.rank,
-            "action": action,
-            "kept_energy": svd.kept_energy(kept),
-            "relative_error": svd.relative_error(kept),
-            "alpha": new.alpha,
-            "scale": new.scale,
-            "singular_values": svd.S.tolist(),
-        })
+        rule = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, fro_error=fro_error, max_rank=max_rank)
+        rerank_one = _rerank_experts if m.experts else _rerank_module
+        modules[name], row = rerank_one(m, rule, pad=pad, rslora=rslora, out_dtype=dtype or m.B.dtype, cast=dtype is not None)
+        rows.append(row)
     out = adapter.replace_modules(modules, variant="lora")
     criterion = {k: v for k, v in (("rank", rank), ("energy", energy), ("sv_ratio", sv_ratio), ("fro_error", fro_error)) if v is not None}
     if max_rank is not None:
@@ -239,6 +209,74 @@ def rerank(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         "warnings": list(adapter.warnings),
     }
     return out, report
+
+
+def _rerank_module(m: LoraModule, rule: dict, *, pad: bool, rslora: bool, out_dtype: torch.dtype, cast: bool) -> tuple[LoraModule, dict]:
+    """One module at its new rank: unchanged, zero-padded, or its optimal truncation (QR-reduced SVD)."""
+    svd = module_svd(m)
+    rank = rule["rank"]
+    if rank is not None and m.rank <= rank:
+        k = rank if pad else m.rank
+        action = "padded" if pad and rank > m.rank else "unchanged"
+    else:
+        k = choose_rank(svd, **rule)
+        k = min(k, m.rank) if rank is None else k
+        action = "truncated" if k < m.rank else "unchanged"
+    kept = min(k, m.rank)
+    if action == "unchanged":
+        new = _cast_module(m, out_dtype) if cast else m
+    else:
+        alpha, new_scale = _keep_alpha(m.alpha, k, rslora)
+        factor = m.scale / new_scale
+        if action == "padded":
+            A, B = rescale_factors(m.A.load(), m.B.load(), factor, dtype=out_dtype)
+            A, B = pad_factors(A, B, k)
+        else:
+            A, B = factors_from_svd(svd, k, new_scale, dtype=out_dtype)
+        new = m.with_factors(A, B, alpha=alpha, scale=new_scale)
+        new = replace(new, bias=_rescaled_bias(m, factor, out_dtype))
+    return new, _rerank_row(m, new, action, svd.kept_energy(kept), svd.relative_error(kept), svd.S.tolist())
+
+
+def _rerank_row(m: LoraModule, new: LoraModule, action: str, kept_energy: float, relative_error: float, singular_values: list) -> dict:
+    return {"name": m.name, "rank_before": m.rank, "rank": new.rank, "action": action, "kept_energy": kept_energy,
+            "relative_error": relative_error, "alpha": new.alpha, "scale": new.scale, "singular_values": singular_values}
+
+
+def _rerank_experts(m: LoraModule, rule: dict, *, pad: bool, rslora: bool, out_dtype: torch.dtype, cast: bool) -> tuple[LoraModule, dict]:
+    """A fused experts module: each expert's delta truncated optimally (QR-reduced SVD of its own
+    factors, never an (out, in) matrix, one expert at a time) to one rank for all experts (PEFT keeps
+    one r per module): the rule's rank, or the largest any expert needs under the rule."""
+    from loratool.engine.delta import expert_factors, join_experts
+
+    A, B = m.A.load(), m.B.load()  # (E * r, in), (out, r * E)
+    svds = [factored_svd(*reversed(expert_factors(A, B, m.experts, e)), m.scale) for e in range(m.experts)]
+    rank = rule["rank"]
+    if rank is not None and m.rank <= rank and not pad:
+        new = _cast_module(m, out_dtype) if cast else m
+        return new, _experts_row(m, new, "unchanged", svds, m.rank)
+    if rank is not None:
+        k = rank
+    else:
+        k = min(m.rank, max(choose_rank(svd, **rule) for svd in svds))
+    if k == m.rank and not pad:
+        new = _cast_module(m, out_dtype) if cast else m
+        return new, _experts_row(m, new, "unchanged", svds, k)
+    alpha, new_scale = _keep_alpha(m.alpha, k, rslora)
+    A2, B2 = join_experts([factors_from_svd(svd, k, new_scale, dtype=out_dtype) for svd in svds])
+    new = replace(m.with_factors(A2, B2, alpha=alpha, scale=new_scale), experts=m.experts)
+    action = "padded" if k > m.rank else "truncated"
+    return new, _experts_row(m, new, action, svds, min(k, m.rank))
+
+
+def _experts_row(m: LoraModule, new: LoraModule, action: str, svds: list, kept: int) -> dict:
+    """The report row of an experts module: energy and error over all experts, the worst expert's error."""
+    total = sum(s.total for s in svds)
+    tail = sum((s.relative_error(kept) ** 2) * s.total for s in svds)
+    row = _rerank_row(m, new, action, 1.0 - tail / total if total > 0 else 1.0, (tail / total) ** 0.5 if total > 0 else 0.0,
+                      sorted((float(x) for s in svds for x in s.S), reverse=True))
+    row.update(experts=m.experts, max_expert_error=max(s.relative_error(kept) for s in svds))
+    return row
 
 
 def _keep_alpha(alpha: float, rank: int, rslora: bool) -> tuple[float, float]:
@@ -394,6 +432,8 @@ def _combine_module(name: str, present: list[tuple[int, LoraModule]], spec: Comb
                     alpha: float | None, rslora: bool, out_dtype: torch.dtype) -> tuple[LoraModule, dict[str, Any]]:
     """One output module: its rank, alpha and scale, then the factors by the method."""
     ref = present[0][1]
+    if ref.experts:
+        return _combine_experts(name, present, spec, method, rank=rank, alpha=alpha, rslora=rslora, out_dtype=out_dtype)
     k = sum(m.rank for _, m in present) if method == "cat" else (rank if rank is not None else max(m.rank for _, m in present))
     m_alpha = float(alpha) if alpha is not None else ref.alpha
     if not m_alpha:
@@ -407,6 +447,34 @@ def _combine_module(name: str, present: list[tuple[int, LoraModule]], spec: Comb
         A, B = _linear_factors(name, terms, method, k, scale, out_dtype, row)
     bias = _combined_bias(present, spec.weights, scale, out_dtype)
     return LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=m_alpha, scale=scale, bias=bias), row
+
+
+def _combine_experts(name: str, present: list[tuple[int, LoraModule]], spec: CombineSpec, method: str, *, rank: int | None,
+                     alpha: float | None, rslora: bool, out_dtype: torch.dtype) -> tuple[LoraModule, dict[str, Any]]:
+    """A fused experts module: each expert combined on its own (its parts are ordinary modules,
+    ``experts.expert_part``), then the experts joined back into PEFT's fused factors."""
+    from loratool.engine.delta import join_experts
+    from loratool.experts import expert_part
+
+    ref = present[0][1]
+    counts = {m.experts for _, m in present}
+    if len(counts) != 1:
+        raise ModuleMismatchError(name, f"adapters for different bases: expert counts {sorted(counts)}")
+    pairs, rows = [], []
+    for e in range(ref.experts):
+        parts = [(i, expert_part(m, e, 0, m.out_features, name)) for i, m in present]
+        mod, row = _combine_module(f"{name}[{e}]", parts, spec, method, rank=rank, alpha=alpha, rslora=rslora, out_dtype=out_dtype)
+        pairs.append((mod.A.load(), mod.B.load()))
+        rows.append(row)
+    A, B = join_experts(pairs)  # (E * k, in), (out, k * E)
+    row = {k: rows[0][k] for k in ("inputs", "rank", "alpha", "scale")}
+    row.update(name=name, experts=ref.experts)
+    if "relative_error" in rows[0]:
+        row["max_expert_error"] = max(r["relative_error"] for r in rows)
+        row["relative_error"] = row["max_expert_error"]
+        row["kept_energy"] = min(r["kept_energy"] for r in rows)
+        row["singular_values"] = sorted((x for r in rows for x in r["singular_values"]), reverse=True)
+    return LoraModule(name, ref.kind, LazyTensor.of(A), LazyTensor.of(B), alpha=row["alpha"], scale=row["scale"], experts=ref.experts), row
 
 
 def _linear_factors(name: str, terms: list, method: str, k: int, scale: float, out_dtype: torch.dtype, row: dict) -> tuple[torch.Tensor, torch.Tensor]:

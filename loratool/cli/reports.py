@@ -21,10 +21,12 @@ def format_inspect_report(report: dict[str, Any]) -> str:
     for m in report["modules"]:
         by_kind.setdefault(m["kind"], []).append(m)
     for kind, mods in by_kind.items():
-        lines.append(f"{kind} modules: {len(mods)}")
-        groups = Counter((m["rank"], m["alpha"], round(m["scale"], 6), m["in_features"], m["out_features"]) for m in mods)
-        for (r, a, s, i, o), n in sorted(groups.items()):
-            lines.append(f"  {n:>4} x  r={r:<4} alpha={a:<8g} scale={s:<10g} {i} -> {o}")
+        label = {"experts": "fused experts (E, out, in)", "experts_t": "fused experts (E, in, out)"}.get(kind, kind)
+        lines.append(f"{label} modules: {len(mods)}")
+        groups = Counter((m["rank"], m["alpha"], round(m["scale"], 6), m["in_features"], m["out_features"], m.get("experts")) for m in mods)
+        for (r, a, s, i, o, e), n in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+            per = f"  x {e} experts (r={r} each, {r * (i + o):,} params per expert)" if e else ""
+            lines.append(f"  {n:>4} x  r={r:<4} alpha={a:<8g} scale={s:<10g} {i} -> {o}{per}")
     hist = ", ".join(f"r={r}: {n}" for r, n in report["rank_histogram"].items())
     lines.append(f"rank histogram: {hist or 'empty'}")
     if report["modules_to_save"]:

@@ -197,6 +197,14 @@ def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int, e: int) -> tu
     return A[e * r : (e + 1) * r], B[:, e::experts]  # (r, in), (out, r)
 
 
+def join_experts(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's fused factors from per-expert (A_e (r, in), B_e (out, r)), the inverse of ``expert_factors``:
+    A (E * r, in) expert-major, B (out, r * E) rank-major."""
+    A = torch.cat([a for a, _ in pairs], dim=0)  # (E * r, in)
+    B = torch.stack([b for _, b in pairs], dim=2).reshape(pairs[0][1].shape[0], -1)  # (out, r, E) -> (out, r * E)
+    return A, B
+
+
 def experts_delta(module, *, dtype: torch.dtype = F32, device: str | torch.device = "cpu", layout: str = "out_in") -> torch.Tensor:
     """Every expert's delta of a fused experts module: (E, out, in), or ``layout="stored"`` as the
     base stores it ((E, in, out) for ``EXPERTS_T``)."""

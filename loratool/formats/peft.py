@@ -260,6 +260,7 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
         _claim(parts.setdefault(m.group("module"), {}), part, key, f"{m.group('module')}'s {part}", weights_path)
 
     wrapped = _param_wrappers(list(parts), config, weights_path)
+    plain_wrapped: dict[str, str] = {}  # 2-D parameters PEFT wraps (a router's weight): module -> parameter
     modules: dict[str, LoraModule] = {}
     for module, p in parts.items():
         module, param = wrapped.get(module, (module, None))
@@ -275,10 +276,13 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
             raise FormatError(weights_path, f"{module}: lora_A is {A.shape} but lora_B is {B.shape} (ranks differ)")
         if A.shape[0] == 0:
             raise FormatError(weights_path, f"{module}: rank 0")
-        rank, alpha = _module_rank_alpha(config, module, config_path)
+        # a wrapped parameter's rank and alpha patterns match its full name (PEFT's current_key)
+        rank, alpha = _module_rank_alpha(config, f"{module}.{param}" if param else module, config_path)
         experts = _expert_count(module, param, rank, A.shape, weights_path)
         if experts:
             module, rank = f"{module}.{param}", rank * experts
+        elif param is not None:
+            plain_wrapped[module] = param
         if variant == "adalora":
             if "lora_E" not in p:
                 raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
@@ -327,11 +331,27 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
         files=[config_path, weights_path],
         config=config,
         warnings=warns,
-        extras={"peft_modules": list(modules)},
+        extras={"peft_modules": list(modules), **({"param_wrappers": plain_wrapped} if plain_wrapped else {})},
         base_layer_copies=copies,
     )
 
 
+
+
+def _wrapper_paths(adapter: Adapter) -> dict[str, str]:
+    """Where PEFT saves each fused experts module's factors: ``<experts module>(.base_layer)*``, one
+    ``.base_layer`` per parameter of that module registered after it (see ``_param_wrappers``)."""
+    by_module: dict[str, list[str]] = {}
+    for m in adapter.modules.values():
+        if m.experts:
+            module, _, param = m.name.rpartition(".")
+            by_module.setdefault(module, []).append(param)
+    out = {}
+    for module, params in by_module.items():
+        ordered = _targeted_params(module, [f"{module}.{p}" for p in params])
+        for i, p in enumerate(ordered):
+            out[f"{module}.{p}"] = module + ".base_layer" * (len(ordered) - 1 - i)
+    return out
 
 
 def _param_wrappers(modules: list[str], config: dict, path: Path) -> dict[str, tuple[str, str]]:
@@ -442,15 +462,21 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict:
     alpha = _most_common(list(alphas.values()))
     if alpha is None:
         alpha = r
-    rank_pattern = {re.escape(n): v for n, v in ranks.items() if v != r}
-    alpha_pattern = {re.escape(n): v for n, v in alphas.items() if v != alpha}
+    # PEFT matches the patterns of a wrapped parameter against its full name (``<module>.<param>``)
+    wrapped = adapter.extras.get("param_wrappers") or {}
+    key = {n: f"{n}.{wrapped[n]}" if n in wrapped else n for n in ranks}
+    rank_pattern = {re.escape(key[n]): v for n, v in ranks.items() if v != r}
+    alpha_pattern = {re.escape(key[n]): v for n, v in alphas.items() if v != alpha}
     carried = {}
     if adapter.format == NAME and adapter.target_modules is not None and set(adapter.modules) == set(_original_modules(adapter)):
         # same modules as read: keep the user's targeting rule and what narrows it
         targets = adapter.target_modules
         carried = {k: adapter.config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if adapter.config.get(k)}
     else:
-        targets = sorted(adapter.modules) if mods else []
+        targets = sorted(m.name for m in mods if not m.experts and m.name not in wrapped) if mods else []
+    target_parameters = sorted(key[m.name] for m in mods if m.experts or m.name in wrapped)
+    if target_parameters and carried is not None and adapter.format == NAME and targets is adapter.target_modules:
+        target_parameters = adapter.config.get("target_parameters") or target_parameters
     mts_names = _modules_to_save_names(adapter)
     config = {
         "peft_type": "LORA",
@@ -459,6 +485,7 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict:
         "r": r,
         "lora_alpha": alpha,
         "target_modules": targets,
+        **({"target_parameters": target_parameters} if target_parameters else {}),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
@@ -520,8 +547,9 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
 
     sd: dict[str, torch.Tensor] = {}
     any_bias = any(m.bias is not None for m in adapter.modules.values())
+    wrapper_paths = _wrapper_paths(adapter)
     for m in adapter.modules.values():
-        base = PREFIX + m.name
+        base = PREFIX + wrapper_paths.get(m.name, m.name)
         A, B = m.A.load(), m.B.load()
         if m.kind is ModuleKind.EMBEDDING:
             sd[f"{base}.lora_embedding_A"] = A.contiguous()

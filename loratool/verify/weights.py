@@ -13,7 +13,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
 from loratool.engine.codecs import bnb
 from loratool.engine.combine import CombinedTerm, CombineSpec, combined_delta
-from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows
+from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows, experts_delta
 from loratool.errors import InputError
 from loratool.io.store import TensorEntry, TensorStore, entries_in_file_order
 from loratool.names import is_output_head
@@ -385,7 +385,9 @@ class _Targets:
     def of(cls, ad: Adapter, base: BaseModel) -> "_Targets":
         binding = bind_adapter(ad, base)
         ad, mapping = binding.adapter, binding.keys  # module -> base weight key
-        by_key = {key: ad.modules[name] for name, key in mapping.items()}
+        by_key = {key: ad.modules[name] for name, key in mapping.items() if name not in binding.experts}
+        for name, layout in binding.experts.items():  # fused experts: the module, or a linear term per stored expert tensor
+            by_key.update(layout.terms(ad.modules[name]))
         bias_of = {key[: -len("weight")] + "bias": ad.modules[name] for name, key in mapping.items() if ad.modules[name].bias is not None}
         to_save: dict[str, tuple[str, Any]] = {}
         pending: dict[str, Any] = {}
@@ -563,7 +565,9 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
     if qkind is not None:
         return _quantized_check(mod, W.to(device), merged, bkey, mkey, qkind, tolerance, device)
     M = views.get(merged.store, mkey)
-    kind = "dora" if mod.magnitude is not None else "lora"
+    kind = "dora" if mod.magnitude is not None else "experts" if mod.experts else "lora"
+    if mod.experts:
+        return _experts_check(mod, W, M, mkey, mdtype, tolerance, device)
     if tuple(M.shape) != tuple(W.shape):
         return _shape_fail(mod.name, mkey, kind, M.shape, W.shape, mdtype)
     if not mdtype.is_floating_point:
@@ -582,6 +586,21 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
     if not check.passed:
         _diagnose_lora(check, mod, kernel, W, M)
     return check
+
+
+def _experts_check(mod: LoraModule, W: torch.Tensor, M: torch.Tensor, mkey: str, mdtype: torch.dtype, tolerance, device) -> _Check:
+    """A fused experts tensor: M = W + dW_e for every expert (the stored 3-D layout)."""
+    if tuple(M.shape) != tuple(W.shape):
+        return _shape_fail(mod.name, mkey, "experts", M.shape, W.shape, mdtype)
+    D = experts_delta(mod, device=device, layout="stored")  # (E, d1, d2) float32
+    Wf = W.to(device=device, dtype=torch.float32)
+    c = _check_plain(mod.name, mkey, "experts", D.add_(Wf), M.to(device), Wf, merged_dtype=mdtype,
+                     extra_u=unit_roundoff(W.dtype) if W.dtype != torch.float32 else 0.0, extra_norm=_norm(Wf))
+    _judge(c, tolerance)
+    if not c.passed:
+        k = c.applied_fraction
+        c.hint = (f"about {k:.3g} of the experts' delta is there" if k is not None else None) or "differs from base + the experts' delta"
+    return c
 
 
 def _quantized_check(mod: LoraModule, W: torch.Tensor, merged: BaseModel, bkey: str, mkey: str, qkind: str,
