@@ -90,7 +90,7 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
     if outputs:
         report["outputs"] = verify_outputs(
             base_model, ad, merged_model, prompts=list(prompts) or None, samples=samples, seq_len=seq_len,
-            tolerance=tolerance, device=device, max_memory=max_memory,
+            tolerance=tolerance, device=device, max_memory=max_memory, combine=combine,
         )
         report["passed"] = bool(report["passed"] and report["outputs"]["passed"])
     if not out.json_mode:
@@ -110,7 +110,7 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
 @click.argument("base")
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER MERGED")
 @click.option("--adapters", "several", is_flag=True, help="MERGED comes first, then the adapters merged into it together: verify BASE MERGED --adapters A1 A2 ... (with --method, --weights, --density, --seed as given to merge).")
-@click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (unmerged) and MERGED layer by layer and compare their hidden states and outputs.")
+@click.option("--outputs", is_flag=True, help="Also run BASE + ADAPTER (unmerged) and MERGED layer by layer and compare their hidden states and outputs (with --adapters: their combined delta, applied on the fly).")
 @click.option("--tolerance", type=float, help="Fixed limit on residual / ||delta|| per module (and on the relative output difference) instead of the bound derived from the dtypes.")
 @click.option("--prompt", "prompts", multiple=True, help="With --outputs: a text to run through the base's tokenizer (repeatable). Default: random token ids.")
 @click.option("--samples", type=click.IntRange(min=1, max=4096), default=4, show_default=True, help="With --outputs: how many random sequences (at most 4096).")
@@ -141,8 +141,6 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
         raise click.BadParameter("must be a non-negative number", param_hint="--tolerance")
     merged, adapters = _split_paths(paths, several)
     spec = combine_spec(len(adapters), weights=weights, method=method, density=density, majority_sign=majority_sign, seed=seed)
-    if spec is not None and outputs:
-        raise click.UsageError("--outputs checks one adapter; a merge of several adapters is verified by its weights")
     out = Output(json_mode=as_json, quiet=quiet)
     ads = [open_adapter(a, **adapter_opts) for a in adapters]
     base_model = open_base(base, **adapter_opts)
@@ -168,11 +166,14 @@ def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_o
     OUT (the report as ``.report``) when it fails.
     """
     if combine is not None:  # several adapters (a list), combined as merge did
-        if mode == "outputs":
-            raise click.UsageError("--verify outputs checks one adapter; a merge of several adapters is verified by its weights")
         ads = [open_adapter(a, **adapter_opts).without_warnings() for a in adapter]
-        return run_verify(out, open_base(base, **adapter_opts), ads, open_base(str(dest)), outputs=False, tolerance=None,
-                          device="cpu", combine=combine)
+        try:
+            return run_verify(out, open_base(base, **adapter_opts), ads, open_base(str(dest)), outputs=mode == "outputs",
+                              tolerance=None, device="cpu", combine=combine)
+        except CheckFailedError as exc:
+            failed = CheckFailedError(f"{exc}; the suspect merged model is at {dest}")
+            failed.report = exc.report
+            raise failed from None
     ad = open_adapter(adapter, **adapter_opts).without_warnings()  # the merge printed them
     base_model = open_base(base, **adapter_opts)
     if quantization is not None and getattr(quantization, "qlora", None):

@@ -3,7 +3,9 @@
 Five ways of running the same model (the "paths"), all in float32:
 
     unmerged        BASE's weights, the adapter applied on the fly by forward hooks
-                    (x @ W.T + scale * (x @ A.T) @ B.T, DoRA, lora_bias, embedding LoRA): the reference
+                    (x @ W.T + scale * (x @ A.T) @ B.T, DoRA, lora_bias, embedding LoRA; several adapters
+                    merged together: x @ D.T with D their combined delta, ``engine.combine``), fused MoE
+                    experts held as W + dW: the reference
     merged          MERGED's weights as stored (bitsandbytes weights dequantized)
     merge32         BASE + the delta merged in float32 (what PEFT's merge_and_unload holds in memory)
     rounded         merge32 rounded to MERGED's dtype of each tensor, or re-quantized with MERGED's
@@ -22,10 +24,12 @@ from typing import Any, Callable
 import torch
 
 from loratool.base import BaseModel
-from loratool.engine.delta import F32, DeltaKernel, dora_merged
+from loratool.engine.combine import combined_delta
+from loratool.engine.delta import F32, DeltaKernel, dense_delta, dora_merged
 from loratool.errors import InputError
 from loratool.io.source import TensorSource
 from loratool.io.store import TensorStore
+from loratool.names import EXPERT_PATH_RENAMES, EXPERT_SOURCES
 from loratool.verify.weights import _dequantize, _quant_kind
 
 UNMERGED, MERGED, MERGE32, ROUNDED, QBASE = "unmerged", "merged", "merge32", "rounded", "quantized_base"
@@ -47,7 +51,15 @@ class _Reader:
 
 
 class Weights:
-    """Parameter values by path for the skeleton's parameter names (see the module docstring)."""
+    """Parameter values by path for the skeleton's parameter names (see the module docstring).
+
+    A parameter the adapter changes is either hooked (a module's ``weight``: Linear, Conv1D,
+    Embedding, whose unmerged output ``AdapterHooks`` adds) or, with no module forward to hook (a
+    fused MoE experts parameter), held ``in_place`` as W + dW on the unmerged path: applying W + dW
+    is x W^T + x dW^T per expert, exactly the unmerged model (PEFT's ParamWrapper adds the delta to
+    the parameter the same way). A fused parameter the checkpoint stores one expert at a time
+    (transformers 5's Qwen-MoE, Mixtral...) is assembled from its per-expert tensors.
+    """
 
     def __init__(self, sk, base: BaseModel, merged: BaseModel, targets, device: torch.device, main_dtype: torch.dtype):
         self.sk, self.base, self.merged, self.targets = sk, base, merged, targets
@@ -55,10 +67,26 @@ class Weights:
         self.base_reader, self.merged_reader = _Reader(base), _Reader(merged)
         self._requant: dict[str, Callable] = {}
         self._kernels: dict[str, DeltaKernel] = {}
+        self._deltas: dict[str, torch.Tensor] = {}  # base key -> this layer's combined delta D (out, in)
+        self._parts: dict[tuple[int, str], list[list[str]] | None] = {}
+        self.in_place = self._in_place_params()
 
     def close(self) -> None:
         self.base_reader.close()
         self.merged_reader.close()
+
+    def _in_place_params(self) -> set[str]:
+        """The changed parameters no forward hook covers (not a module's ``weight``): fused experts."""
+        changed = set(self.targets.by_key) | set(self.targets.combined)
+        out = set()
+        for name, _ in self.sk.model.named_parameters():
+            if name.rpartition(".")[2] == "weight":
+                continue
+            key = self.base_key(name)
+            keys = [key] if key is not None else [k for ks in (self.expert_keys(self.base, name) or []) for k in ks]
+            if any(k in changed for k in keys):
+                out.add(name)
+        return out
 
     # -- names
 
@@ -71,23 +99,52 @@ class Weights:
     def base_key(self, name: str, *, tie: bool = True) -> str | None:
         return self._key(self.base, name, tie=tie)
 
-    def merged_key(self, name: str) -> str:
-        key = self._key(self.merged, name)
-        if key is None:
-            raise InputError(f"{self.merged.path}: no tensor for the model's parameter {name}")
-        return key
+    def expert_keys(self, model: BaseModel, name: str) -> list[list[str]] | None:
+        """The per-expert tensors ``model`` stores for the fused parameter ``name``, expert by expert
+        (each expert's in the order its (out, in) slice concatenates them); None when it stores none."""
+        cache = (id(model), name)
+        if cache not in self._parts:
+            shape = self._param_shape(name)
+            self._parts[cache] = _expert_keys(model, name, shape[0]) if len(shape) == 3 else None
+        return self._parts[cache]
 
     # -- values
 
-    def base_value(self, name: str) -> torch.Tensor:
-        """BASE's tensor for a parameter (an adapter's modules_to_save copy replaces it), float32."""
+    def base_value(self, name: str, *, delta: bool = False) -> torch.Tensor:
+        """BASE's tensor for a parameter (an adapter's modules_to_save copy replaces it), float32;
+        with ``delta``, an ``in_place`` parameter is W + dW."""
         key = self.base_key(name)
         saved = self.targets.to_save.get(key) if key is not None else self._pending(name)
         if saved is not None:
             return saved[1].load().detach().to(device=self.device, dtype=F32, copy=True)
-        if key is None:
-            raise InputError(f"{self.base.path}: no tensor for the model's parameter {name}")
-        return self.base_reader.get(key).to(device=self.device, dtype=F32, copy=True)
+        return self._read(self.base, self.base_reader, name, key, delta=delta and name in self.in_place)
+
+    def unmerged_value(self, name: str) -> torch.Tensor:
+        """The parameter on the unmerged path: BASE's, fused experts with their delta added."""
+        return self.base_value(name, delta=True)
+
+    def _read(self, model: BaseModel, reader: _Reader, name: str, key: str | None, *, delta: bool) -> torch.Tensor:
+        """``model``'s float32 tensor for a parameter (+ the adapter's delta of each stored tensor, ``delta``)."""
+        if key is not None:
+            t = reader.get(key).to(device=self.device, dtype=F32, copy=True)
+            return self._plus_delta(key, t) if delta else t
+        parts = self.expert_keys(model, name)
+        if parts is None:
+            raise InputError(f"{model.path}: no tensor for the model's parameter {name}")
+        shape = self._param_shape(name)
+        read = [[self._plus_delta(k, reader.get(k).to(device=self.device, dtype=F32, copy=True)) if delta
+                 else reader.get(k).to(device=self.device, dtype=F32) for k in ks] for ks in parts]
+        t = torch.stack([torch.cat(ts) for ts in read])  # (E, out, in)
+        return t if tuple(t.shape) == shape else t.transpose(1, 2).contiguous()  # (E, in, out)
+
+    def _plus_delta(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """t (a stored tensor of BASE, float32) + the adapter's delta of it, in the stored layout."""
+        mod = self.targets.by_key.get(key)
+        if mod is not None:
+            return t.add_(dense_delta(mod, device=self.device, layout="stored").reshape(t.shape))
+        if key in self.targets.combined:
+            return t.add_(self.combined(key, layout="stored").reshape(t.shape))
+        return t
 
     def _pending(self, name: str):
         """A modules_to_save tensor the base lacks (a new head), by the parameter it fills."""
@@ -98,14 +155,14 @@ class Weights:
 
     def merged_value(self, name: str) -> torch.Tensor:
         """MERGED's tensor for a parameter, float32 (dequantized when stored by bitsandbytes)."""
-        key = self.merged_key(name)
-        if _quant_kind(self.merged, key) is not None:
+        key = self._key(self.merged, name)
+        if key is not None and _quant_kind(self.merged, key) is not None:
             decoded = _dequantize(self.merged, key, self.device)
             self._requant[key] = decoded.requantize
             shape = self._param_shape(name)
             w = decoded.weight.to(F32)
             return (w if tuple(w.shape) == shape else w.reshape(shape)).contiguous()
-        return self.merged_reader.get(key).to(device=self.device, dtype=F32, copy=True)
+        return self._read(self.merged, self.merged_reader, name, key, delta=False)
 
     def _param_shape(self, name: str) -> tuple[int, ...]:
         owner, _, leaf = name.rpartition(".")
@@ -117,28 +174,50 @@ class Weights:
             k = self._kernels[key] = DeltaKernel.of(self.targets.by_key[key], device=self.device)
         return k
 
+    def combined(self, key: str, *, layout: str = "out_in") -> torch.Tensor:
+        """The combined delta D of several adapters on one base tensor, float32, drawn once per layer
+        (``engine.combine.combined_delta``, the merge's own spec: DARE's masks come from the seed)."""
+        term = self.targets.combined[key]
+        D = self._deltas.get(key)
+        if D is None:
+            D = self._deltas[key] = combined_delta(term, device=self.device, layout="out_in")[0]  # (out, in) / (E, out, in)
+        if layout == "out_in" or not term.transposed:
+            return D
+        return D.transpose(1, 2) if D.dim() == 3 else D.T  # the stored (in, out)
+
     def drop_kernels(self) -> None:
         self._kernels.clear()
+        self._deltas.clear()
 
     def merge_(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t (the parameter's unmerged value) with the adapter merged in float32, as merge_and_unload does."""
+        if name in self.in_place:
+            return t  # the unmerged value is W + dW already
         key = self.base_key(name)
         mod = self.targets.by_key.get(key) if key is not None else None
         if mod is not None and mod.magnitude is not None:
             return dora_merged(t, mod, device=self.device)  # m / ||W + dW||_row * (W + dW)
         if mod is not None:
             return self.kernel(key).add_(t, 0)  # W += scale * B @ A in the stored layout
-        bias_mod = self.targets.bias_of.get(key) if key is not None else None
-        if bias_mod is not None:  # lora_bias: bias += scale * lora_B.bias
-            return t.add_(bias_mod.bias.load().to(device=self.device, dtype=F32), alpha=float(bias_mod.scale))
+        if key is not None and key in self.targets.combined:
+            return t.add_(self.combined(key, layout="stored"))  # W += D
+        for bias_mod in _listed(self.targets.bias_of.get(key) if key is not None else None):
+            t.add_(bias_mod.bias.load().to(device=self.device, dtype=F32), alpha=float(bias_mod.scale))  # bias += scale * lora_B.bias
         return t
+
+    def _merged_dtype(self, name: str) -> torch.dtype | None:
+        key = self._key(self.merged, name)
+        if key is None:
+            parts = self.expert_keys(self.merged, name)
+            key = parts[0][0] if parts else None
+        return self.merged.store.dtype(key) if key is not None else None
 
     def round_(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t stored the way MERGED stores the parameter: re-quantized with its scheme, or rounded to its dtype."""
         key = self._key(self.merged, name)
         if key is not None and _quant_kind(self.merged, key) is not None:
             return self.requant_(name, t)
-        dtype = self.merged.store.dtype(key) if key is not None else self.main_dtype
+        dtype = self._merged_dtype(name) or self.main_dtype
         if not dtype.is_floating_point:
             dtype = self.main_dtype
         return t.copy_(t.to(dtype)) if dtype != F32 else t
@@ -156,36 +235,57 @@ class Weights:
     def values(self, path: str) -> Callable[[str], torch.Tensor]:
         """name -> the parameter's value on ``path``, from scratch (for modules outside the layer stack)."""
         chains = {
-            UNMERGED: lambda n: self.base_value(n),
+            UNMERGED: lambda n: self.unmerged_value(n),
             MERGED: lambda n: self.merged_value(n),
-            MERGE32: lambda n: self.merge_(n, self.base_value(n)),
-            ROUNDED: lambda n: self.round_(n, self.merge_(n, self.base_value(n))),
+            MERGE32: lambda n: self.merge_(n, self.unmerged_value(n)),
+            ROUNDED: lambda n: self.round_(n, self.merge_(n, self.unmerged_value(n))),
             QBASE: lambda n: self.requant_(n, self.base_value(n)),
         }
         return chains[path]
+
+
+def _listed(x) -> list:
+    return [] if x is None else x if isinstance(x, list) else [x]
+
+
+def _expert_keys(model: BaseModel, name: str, experts: int) -> list[list[str]] | None:
+    """Per expert, the stored tensors of the fused parameter ``name`` (``experts.<e>.gate_proj.weight``
+    and ``experts.<e>.up_proj.weight`` for ``experts.gate_up_proj``: ``names.EXPERT_SOURCES``, also
+    under Mixtral's ``block_sparse_moe``), as transformers' conversion concatenates them; None if absent."""
+    paths = [name] + [name.replace(fused, stored) for fused, stored in EXPERT_PATH_RENAMES if fused in name]
+    for path in paths:
+        experts_path, _, param = path.rpartition(".")
+        for leaves in EXPERT_SOURCES.get(param, ()):
+            keys = [[model.tensor_name(f"{experts_path}.{e}.{leaf}.weight") for leaf in leaves] for e in range(experts)]
+            if all(k is not None for ks in keys for k in ks):
+                return keys
+    return None
 
 
 # ----------------------------------------------------------------------------- the adapter on the fly
 
 
 class AdapterHooks:
-    """Forward hooks adding each adapted module's unmerged LoRA output (the unmerged path)."""
+    """Forward hooks adding each adapted module's unmerged LoRA output (the unmerged path); for several
+    adapters merged together, their combined delta's x D^T (and their lora_B biases)."""
 
     def __init__(self, sk, weights: Weights):
         self.sk, self.weights = sk, weights
         self.handles: list = []
         self.adapted: dict[str, str] = {}  # skeleton module -> base key of its weight
+        t = weights.targets
         for mname, mod in sk.model.named_modules():
             if "weight" not in mod._parameters:
                 continue
             key = weights.base_key(f"{mname}.weight" if mname else "weight", tie=False)
-            if key is not None and key in weights.targets.by_key:
+            if key is not None and (key in t.by_key or key in t.combined):
                 self.adapted[mname] = key
 
     def __enter__(self) -> "AdapterHooks":
         for mname, key in self.adapted.items():
             mod = self.sk.model.get_submodule(mname)
-            self.handles.append(mod.register_forward_hook(self._hook(key)))
+            hook = self._hook(key) if key in self.weights.targets.by_key else self._combined_hook(mname, key)
+            self.handles.append(mod.register_forward_hook(hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -205,6 +305,25 @@ class AdapterHooks:
                 return _dora_output(module, lora, k, x, out)
             bias = lora.bias.load().to(device=x.device, dtype=F32) if lora.bias is not None else None
             return out + k.lora_term(x, bias)
+
+        return hook
+
+    def _combined_hook(self, mname: str, key: str):
+        """out + x D^T (an embedding: out + D[ids]) + sum_i w_i * scale_i * lora_B_i.bias."""
+        import torch.nn.functional as F
+
+        w = self.weights
+        embedding = w.targets.combined[key].parts[0][1].kind.value == "embedding"
+        bias_key = w.base_key(f"{mname}.bias" if mname else "bias", tie=False)
+        biases = _listed(w.targets.bias_of.get(bias_key)) if bias_key is not None else []
+
+        def hook(module, args, out):
+            D = w.combined(key)  # (out, in); an embedding's (dim, num)
+            x = args[0]
+            y = out + (F.embedding(x, D.T) if embedding else F.linear(x, D))  # (..., out)
+            for m in biases:  # scale already carries the adapter's weight
+                y = y + m.bias.load().to(device=y.device, dtype=F32) * float(m.scale)
+            return y
 
         return hook
 

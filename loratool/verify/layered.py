@@ -117,7 +117,7 @@ class _Run:
         try:
             # MERGED first: its quantized weights' requantizers are what the rounded path uses
             self._run_path(MERGED, i, live, {n: w.merged_value for n in names}, restore=True)
-            self._run_path(UNMERGED, i, live, {n: w.base_value for n in names})
+            self._run_path(UNMERGED, i, live, {n: w.unmerged_value for n in names})
             # the floors from the unmerged tensors, in place: + delta (float32), then rounded
             self._run_path(MERGE32, i, live, {n: lambda n: w.merge_(n, live.get(n)) for n in names})
             self._run_path(ROUNDED, i, live, {n: lambda n: w.round_(n, live.get(n)) for n in names}, restore=True)
@@ -209,11 +209,13 @@ def verify_outputs_layered(
     seed: int = 0,
     max_memory: int | None = None,
     progress: Progress | None = None,
+    combine: Any = None,
 ) -> dict[str, Any]:
     """BASE + ADAPTER (unmerged, adapter on the fly) against MERGED, layer by layer; see the module docstring.
 
     Args and Returns: as ``verify_outputs`` (which calls this); ``max_memory`` bounds the bytes held at
-    once (refused up front when one layer needs more). The report adds ``layers`` (one entry per stage:
+    once (refused up front when one layer needs more); ``combine`` (a ``CombineSpec``, ``adapter`` a list):
+    several adapters merged together, their combined delta applied on the fly. The report adds ``layers`` (one entry per stage:
     embeddings, each layer, output), ``first_divergent_layer`` (index) and ``first_divergent`` (stage name).
     Raises:
         InputError: unreadable inputs, an architecture transformers cannot build, ``prompts`` without a
@@ -221,7 +223,7 @@ def verify_outputs_layered(
     """
 
     _check_options(tolerance, samples, seq_len)
-    ctx = _setup(base, adapter, merged, prompts, samples, seq_len, seed)
+    ctx = _setup(base, adapter, merged, prompts, samples, seq_len, seed, combine)
     sk = S.build_skeleton(ctx.base.path, ctx.auto)
     paths = [MERGED, UNMERGED, MERGE32, ROUNDED] + ([QBASE] if ctx.quantized else [])
     need = _check_memory(sk, ctx.inputs, len(paths), max_memory)
@@ -249,13 +251,14 @@ def _stream(ctx, sk: S.Skeleton, paths: list[str], device, progress: Progress | 
 
 
 def unmerged_outputs(base: BaseModel | str | Path, adapter: Adapter | str | Path, *, samples: int = 4, seq_len: int = 32,
-                     seed: int = 0, device: str | torch.device = "cpu") -> tuple[list[dict], torch.Tensor]:
-    """BASE + ADAPTER's outputs as the layer-streamed check computes its reference (the unmerged path alone).
+                     seed: int = 0, device: str | torch.device = "cpu", combine: Any = None) -> tuple[list[dict], torch.Tensor]:
+    """BASE + ADAPTER's outputs as the layer-streamed check computes its reference (the unmerged path alone;
+    ``combine``: several adapters, as for ``verify_outputs``).
 
     Returns:
         (the inputs, as for ``verify_outputs``; the outputs, (tokens, width) float32 on the CPU).
     """
-    ctx = _setup(base, adapter, base, None, samples, seq_len, seed)
+    ctx = _setup(base, adapter, base, None, samples, seq_len, seed, combine)
     run = _stream(ctx, S.build_skeleton(ctx.base.path, ctx.auto), [UNMERGED], device, None)
     return ctx.inputs, run.outputs[UNMERGED]
 

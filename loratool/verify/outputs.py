@@ -173,6 +173,8 @@ class _Context:
     merged_dtype: torch.dtype
     roundings: int
     notes: list
+    combine: Any = None  # engine.combine.CombineSpec: several adapters merged together
+    adapters: list | None = None  # their paths
 
 
 def _check_options(tolerance: float | None, samples: int, seq_len: int) -> None:
@@ -182,21 +184,36 @@ def _check_options(tolerance: float | None, samples: int, seq_len: int) -> None:
         raise InputError(f"samples must be 1 to {MAX_SAMPLES} and seq_len 1 to {MAX_SEQ_LEN}, got {samples} and {seq_len}")
 
 
-def _setup(base, adapter, merged, prompts, samples: int, seq_len: int, seed: int) -> _Context:
-    """Open the three inputs, bind the adapter (a clear error before any model is built), make the inputs."""
-    from loratool.verify.weights import _dequantized_view, _Targets
+def _setup(base, adapter, merged, prompts, samples: int, seq_len: int, seed: int, combine=None) -> _Context:
+    """Open the three inputs, bind the adapter(s) (a clear error before any model is built), make the inputs.
 
-    base_m, merged_m, ad = _open_model(base), _open_model(merged), _open_adapter(adapter)
+    ``adapter`` may be a list of adapters merged together as ``combine`` says (``engine.combine``)."""
+    base_m, merged_m = _open_model(base), _open_model(merged)
     notes: list[str] = []
-    targets = _Targets.of(ad, base_m)
-    base_m = _dequantized_view(base_m, ad, notes)
+    base_m, ad, targets, spec, paths = _bind(base_m, adapter, combine, notes)
     task, auto = _task(merged_m.architectures or base_m.architectures)
     inputs = _inputs(base_m, prompts, samples, seq_len, seed)
     # a correct merge may round each weight more than once on its way to the merged dtype (the
     # delta, then W + dW; DoRA also the row norm, the m / norm factor and the product)
     roundings = 4 if any(m.magnitude is not None for m in ad.modules.values()) else 2
     return _Context(base_m, merged_m, ad, targets, task, auto, inputs, bool(prompts), _is_quantized(merged_m),
-                    _main_float_dtype(merged_m), roundings, notes)
+                    _main_float_dtype(merged_m), roundings, notes, spec, paths)
+
+
+def _bind(base_m: BaseModel, adapter, combine, notes: list[str]):
+    """(base, adapter, weights._Targets, and when several adapters are combined: the spec, their paths)."""
+    from loratool.engine.combine import CombineSpec
+    from loratool.verify.weights import _dequantized_view, _Targets
+
+    if combine is None and not isinstance(adapter, (list, tuple)):
+        ad = _open_adapter(adapter)
+        targets = _Targets.of(ad, base_m)
+        return _dequantized_view(base_m, ad, notes), ad, targets, None, None
+    ads = [_open_adapter(a) for a in (adapter if isinstance(adapter, (list, tuple)) else [adapter])]
+    spec = combine or CombineSpec.checked(len(ads))
+    targets = _Targets.of_combination(ads, base_m, spec)
+    notes += [w for a in ads for w in a.warnings]
+    return base_m, targets.adapter, targets, spec, [str(a.path) if a.path else None for a in ads]
 
 
 def _report(ctx: _Context, ref: torch.Tensor, got: torch.Tensor, *, floor32: float, floor_d: float, allowed: float | None,
@@ -212,6 +229,7 @@ def _report(ctx: _Context, ref: torch.Tensor, got: torch.Tensor, *, floor32: flo
         "task": ctx.task,
         "base": str(ctx.base.path),
         "adapter": str(ctx.adapter.path) if ctx.adapter.path else None,
+        **({"adapters": ctx.adapters, "combine": _spec_dict(ctx.combine)} if ctx.combine is not None else {}),
         "merged": str(ctx.merged.path),
         "merged_dtype": "quantized" if ctx.quantized else _dtype_name(ctx.merged_dtype),
         "samples": len(ctx.inputs),
@@ -227,6 +245,11 @@ def _report(ctx: _Context, ref: torch.Tensor, got: torch.Tensor, *, floor32: flo
     }
 
 
+def _spec_dict(spec) -> dict[str, Any]:
+    return {"method": spec.method, "weights": list(spec.weights), "density": spec.density,
+            "majority_sign": spec.majority_sign, "seed": spec.seed}
+
+
 def verify_outputs(
     base: BaseModel | str | Path,
     adapter: Adapter | str | Path,
@@ -240,6 +263,7 @@ def verify_outputs(
     seed: int = 0,
     max_memory: int | None = None,
     progress: Progress | None = None,
+    combine: Any = None,
 ) -> dict[str, Any]:
     """Run BASE + ADAPTER (unmerged) and MERGED on the same inputs and compare them, layer by layer.
 
@@ -261,6 +285,8 @@ def verify_outputs(
         seed: for the random token ids.
         max_memory: bytes the check may hold at once; refused up front when one layer needs more.
         progress: called as ``progress(1, stage)`` after each stage.
+        combine: ``adapter`` is a list of adapters merged together as this ``CombineSpec`` says; the
+            unmerged side applies their combined delta D of each weight (the same DARE masks) as x D^T.
     Returns:
         A JSON-ready report: ``passed``, ``task``, the metrics (``max_abs_diff``, ``mean_abs_diff``,
         ``relative_diff``, ``kl_divergence``, ``top1_agreement``), ``allowed_relative_diff``, the
@@ -272,7 +298,7 @@ def verify_outputs(
     from loratool.verify.layered import verify_outputs_layered
 
     return verify_outputs_layered(base, adapter, merged, prompts=prompts, samples=samples, seq_len=seq_len, tolerance=tolerance,
-                                  device=device, seed=seed, max_memory=max_memory, progress=progress)
+                                  device=device, seed=seed, max_memory=max_memory, progress=progress, combine=combine)
 
 
 def verify_outputs_whole(
