@@ -77,6 +77,7 @@ def convert(
     base: BaseModel | str | os.PathLike | None = None,
     force: bool = False,
     verify: bool = True,
+    experts: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Convert an adapter to another format.
@@ -91,6 +92,9 @@ def convert(
         force: replace an existing OUT.
         verify: read the output back (with ``base``) and compare every module with the source
             before committing it.
+        experts: "per-expert" writes fused MoE expert modules as one LoRA pair per stored expert
+            tensor (needs ``base``); "fused" groups per-expert modules into PEFT's fused
+            ``target_parameters`` layout (``loratool.experts``); both exact.
         **options: reading options (``adapter_name``, ``alpha``, ``scale``, ``legacy_qkv``) and
             writing options (``outtype`` for GGUF, ``container`` for scratch, ...); an option the
             source or target format does not take is refused (InputError).
@@ -112,6 +116,7 @@ def convert(
     else:
         src_path = Path(src)
         adapter = read_adapter(src_path, format=from_format, base=base_model, **read_opts)
+    adapter = _expert_layout(adapter, experts, base_model)
     target = FORMATS[to]
     if adapter.saved_copies and not target.holds_full_tensors:
         # before the shape checks: a resized vocabulary is explained by its copy
@@ -158,6 +163,21 @@ def convert(
         "notes": report["notes"],
         "warnings": list(adapter.warnings),
     }
+
+
+def _expert_layout(adapter: Adapter, experts: str | None, base: BaseModel | None) -> Adapter:
+    """The adapter with its MoE experts in the layout asked for (``experts``), or as it is."""
+    if experts is None:
+        return adapter
+    from loratool.experts import to_fused, to_per_expert
+
+    if experts == "fused":
+        return to_fused(adapter)
+    if experts != "per-expert":
+        raise InputError(f"--experts must be fused or per-expert, got {experts!r}")
+    if base is None or not len(base.store):
+        raise InputError("--experts per-expert needs --base (the per-expert tensor names come from the base checkpoint)")
+    return to_per_expert(adapter, base)
 
 
 def drop_identical_copies(adapter: Adapter, base: BaseModel | None, *, holder: str) -> Adapter:

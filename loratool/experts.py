@@ -180,3 +180,89 @@ def bind_experts(base, mod: LoraModule) -> tuple[LoraModule, ExpertLayout]:
     kind = ModuleKind.EXPERTS_T if layout.transposed else ModuleKind.EXPERTS
     return (mod if mod.kind is kind else replace(mod, kind=kind)), layout
 
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def to_per_expert(adapter, base):
+    """Every fused experts module as one linear LoRA per stored expert tensor, named as the base
+    stores it (``...experts.<e>.gate_proj``): exact, the parts of an expert share its A_e.
+
+    Raises:
+        UnsupportedError: the base stores the parameter fused (no per-expert modules to name).
+    """
+    from loratool.errors import UnsupportedError
+
+    modules: dict[str, LoraModule] = {}
+    for name, mod in adapter.modules.items():
+        if not mod.experts:
+            modules[name] = mod
+            continue
+        layout = expert_layout(base, mod)
+        if layout.fused is not None:
+            raise UnsupportedError(f"{name}: the base stores it fused ({layout.fused}); there are no per-expert modules to name")
+        for key, part in layout.terms(mod):
+            module = key[: -len(".weight")]
+            modules[module] = replace(part, name=module)
+    return adapter.replace_modules(modules, target_modules=None, extras={k: v for k, v in adapter.extras.items() if k != "peft_modules"})
+
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
+
+
+def to_fused(adapter):
+    """Per-expert modules (``<experts>.<e>.<leaf>``, as adapters trained on transformers 4 name them)
+    grouped into PEFT's fused parameters (``names.EXPERT_SOURCES``), exactly: expert e's fused
+    factors stack the parts' A and put their B (each times its scale) block-diagonally, so its rank
+    is the sum of the parts' ranks (experts padded with zeros to one rank). Modules that do not form
+    a complete set of experts and leaves stay as they are."""
+    groups: dict[str, dict[int, dict[str, LoraModule]]] = {}
+    for name, mod in adapter.modules.items():
+        m = _PER_EXPERT.match(name)
+        if m and not mod.experts and mod.kind is ModuleKind.LINEAR and mod.magnitude is None and mod.bias is None:
+            groups.setdefault(m.group("prefix"), {}).setdefault(int(m.group("e")), {})[m.group("leaf")] = mod
+    modules = dict(adapter.modules)
+    for prefix, experts in groups.items():
+        for param, options in EXPERT_SOURCES.items():
+            leaves = next((ls for ls in options if all(set(ls) <= set(experts.get(e, {})) for e in range(len(experts)))), None)
+            if leaves is None or sorted(experts) != list(range(len(experts))):
+                continue
+            parts = [[experts[e][leaf] for leaf in leaves] for e in range(len(experts))]
+            fused = _fuse(_fused_name(prefix, param), parts, adapter.use_rslora)
+            for e in range(len(experts)):
+                for leaf in leaves:
+                    modules.pop(experts[e][leaf].name)
+            modules[fused.name] = fused
+    return adapter.replace_modules(modules, target_modules=None, extras={k: v for k, v in adapter.extras.items() if k != "peft_modules"})
+
+
+def _fused_name(prefix: str, param: str) -> str:
+    for fused, stored in EXPERT_PATH_RENAMES:
+        if stored in prefix + ".":
+            prefix = (prefix + ".").replace(stored + ".", fused + ".")[:-1]
+    return f"{prefix}.{param}"
+
+
+def _fuse(name: str, parts: list[list[LoraModule]], rslora: bool) -> LoraModule:
+    """One fused experts module from per-expert parts (rows concatenated in leaf order)."""
+    import torch
+
+    from loratool.adapter import lora_scale
+    from loratool.engine.delta import join_experts
+
+    rank = max(sum(m.rank for m in expert) for expert in parts)
+    alpha = float(rank) ** 0.5 if rslora else float(rank)
+    scale = lora_scale(alpha, rank, rslora=rslora)  # 1: the parts' scales go into B
+    pairs = []
+    for expert in parts:
+        A = torch.zeros(rank, expert[0].in_features, dtype=torch.float32)  # (R, in)
+        B = torch.zeros(sum(m.out_features for m in expert), rank, dtype=torch.float32)  # (out, R)
+        row = col = 0
+        for m in expert:
+            A[col : col + m.rank] = m.A.load().float()
+            B[row : row + m.out_features, col : col + m.rank] = m.B.load().float() * (m.scale / scale)
+            row, col = row + m.out_features, col + m.rank
+        pairs.append((A, B))
+    A, B = join_experts(pairs)  # (E * R, in), (out, R * E)
+    return LoraModule(name, ModuleKind.EXPERTS, LazyTensor.of(A), LazyTensor.of(B), alpha=alpha, scale=scale, experts=len(parts))

@@ -247,3 +247,41 @@ def test_rank_not_dividing_lora_a_is_refused(moe, tmp_path):
         loratool.read_adapter(adapter)
     code, out, err = invoke("inspect", adapter)
     assert code == 2 and "not a multiple of the rank" in assert_one_line_error(err)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_convert_to_per_expert_and_back_is_exact(arch, moe, tmp_path):
+    base, adapter = moe[arch]
+    code, out, err = invoke("convert", adapter, tmp_path / "per", "--to", "peft", "--experts", "per-expert", "--base", base)
+    assert code == 0, err
+    fused, per = loratool.read_adapter(adapter), loratool.read_adapter(tmp_path / "per")
+    leaves = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    assert not any(m.experts for m in per.modules.values())
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    stored = name.replace(".mlp.", ".block_sparse_moe.") if arch == "mixtral" else name
+    prefix = stored.rpartition(".")[0]
+    D = experts_delta(fused.modules[name]).double()  # (E, 2I, H)
+    half = D.shape[1] // 2
+    for e in range(D.shape[0]):
+        gate = per.modules[f"{prefix}.{e}.{leaves[0]}"].delta(dtype=torch.float64)
+        up = per.modules[f"{prefix}.{e}.{leaves[1]}"].delta(dtype=torch.float64)
+        assert torch.allclose(torch.cat([gate, up]), D[e], atol=1e-7)
+        assert gate.shape[0] == half
+    # and back: PEFT loads the fused result, with the original adapter's outputs
+    code, out, err = invoke("convert", tmp_path / "per", tmp_path / "back", "--to", "peft", "--experts", "fused", "--base", base)
+    assert code == 0, err
+    back = loratool.read_adapter(tmp_path / "back")
+    assert torch.allclose(experts_delta(back.modules[name]).double(), D, atol=1e-6)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = _peft(base, adapter)(input_ids=ids).logits
+        got = _peft(base, tmp_path / "back")(input_ids=ids).logits
+    assert float((got - ref).abs().max()) <= 1e-5
+
+
+def test_formats_without_an_experts_layout_refuse_with_the_way_out(moe, tmp_path):
+    base, adapter = moe["qwen3_moe"]
+    code, out, err = invoke("convert", adapter, tmp_path / "x", "--to", "mlx", "--base", base)
+    assert code == 2
+    assert "--experts per-expert" in assert_one_line_error(err)
+    assert not (tmp_path / "x").exists()

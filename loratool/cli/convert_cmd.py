@@ -19,11 +19,12 @@ load_base = lazy("loratool.conversion", "load_base")
 @click.option("--to", "to_format", required=True, type=click.Choice(format_names()), help="Target format.")
 @click.option("--base", help="Base model folder or repo id (a folder with only config.json will do for GGUF): names, shapes, architecture, head counts.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--experts", type=click.Choice(["fused", "per-expert"]), help="MoE expert LoRA: group per-expert modules into PEFT's fused target_parameters layout, or write fused ones as one pair per expert (needs --base). Exact.")
 @click.option(OPTIONS["outtype"].flag, type=click.Choice(OPTIONS["outtype"].choices), help=OPTIONS["outtype"].help)
 @adapter_argument_options
 @json_option
 @common_options
-def command(src, out, to_format, base, force, outtype, as_json, quiet, **adapter_opts):
+def command(src, out, to_format, base, force, experts, outtype, as_json, quiet, **adapter_opts):
     """Convert the adapter SRC to another format, written to OUT.
 
     SRC's format is detected unless --from says it. Every module's delta is read back from
@@ -40,7 +41,7 @@ def command(src, out, to_format, base, force, outtype, as_json, quiet, **adapter
     out_ = Output(json_mode=as_json, quiet=quiet)
     base_model = load_base(resolve_path(base, kind="model", token=adapter_opts.get("token"))) if base else None
     adapter = open_adapter(src, base=base_model, **adapter_opts)
-    report = convert(adapter, out, to=to_format, base=base_model, force=force, outtype=outtype)
+    report = convert(adapter, out, to=to_format, base=base_model, force=force, outtype=outtype, experts=experts)
     if as_json:
         out_.json(report)
         return

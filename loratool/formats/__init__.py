@@ -49,6 +49,7 @@ class FormatSpec:
     read_options: tuple[str, ...]  # keys of OPTIONS its reader takes
     write_options: tuple[str, ...]  # keys of OPTIONS its writer takes
     holds_full_tensors: bool = False  # modules_to_save and saved base-layer copies beside the factors
+    holds_fused_experts: bool = False  # fused MoE expert LoRA (PEFT target_parameters)
 
 
 OPTIONS = {
@@ -62,7 +63,8 @@ OPTIONS = {
 
 # detection order matters: the most specific layouts first
 FORMATS = {
-    "peft": FormatSpec("peft", "PEFT", "loratool.formats.peft", ("adapter_name",), (), holds_full_tensors=True),
+    "peft": FormatSpec("peft", "PEFT", "loratool.formats.peft", ("adapter_name",), (), holds_full_tensors=True,
+                       holds_fused_experts=True),
     "mlx": FormatSpec("mlx", "MLX", "loratool.formats.mlx", ("scale",), ()),
     "gguf": FormatSpec("gguf", "GGUF", "loratool.formats.gguf", (), ("outtype",)),
     "litgpt": FormatSpec("litgpt", "LitGPT", "loratool.formats.litgpt", ("alpha", "scale", "legacy_qkv"), ()),
@@ -201,6 +203,12 @@ def check_writable(adapter: Adapter, format: str) -> None:
     Raises:
         UnsupportedError: naming what would be lost.
     """
+    fused = [m.name for m in adapter.modules.values() if m.experts]
+    if fused and not FORMATS[format].holds_fused_experts:
+        raise UnsupportedError(
+            f"{fused[0]}: {FORMATS[format].title} has no layout for LoRA on fused MoE experts ({len(fused)} such modules); "
+            "convert to one LoRA pair per expert first: loratool convert SRC OUT --to peft --experts per-expert --base BASE"
+        )
     check = getattr(get_format(format), "check_writable", None)
     if check is not None:
         check(adapter)
