@@ -127,3 +127,102 @@ def test_cli_several_adapters_outputs(tmp_path):
     code, out, err = invoke("verify", BASES / "llama", tmp_path / "m", "--adapters", *LLAMA, *wrong, "--outputs")
     assert code == 1
     assert "first diverging at model.layers.0" in assert_one_line_error(err)
+
+
+# ----------------------------------------------------------------------------- MoE expert LoRA
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+MOE = {  # per-expert checkpoints (transformers 5 saves them one expert at a time), and gpt-oss's fused (E, in, out)
+    "qwen3_moe": ("Qwen3MoeConfig", dict(SMALL, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+                                         num_experts_per_tok=2, head_dim=8)),
+    "mixtral": ("MixtralConfig", dict(SMALL, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(SMALL, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8)),
+}
+
+
+def _moe_model(arch: str):
+    import transformers
+
+    torch.manual_seed(0)
+    cls, kwargs = MOE[arch]
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs)).eval()
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """arch -> (base folder, adapter folder): q_proj (and Qwen3-MoE's router) plus both fused expert parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("moe")
+    made = {}
+    for arch in MOE:
+        _moe_model(arch).save_pretrained(root / f"{arch}-base")
+        targets = ["q_proj", "gate"] if arch == "qwen3_moe" else ["q_proj"]
+        for seed, name in ((1, "lora"), (2, "second")):
+            torch.manual_seed(seed)
+            cfg = LoraConfig(r=seed + 2, lora_alpha=6, target_modules=targets, target_parameters=EXPERTS, init_lora_weights=False)
+            get_peft_model(_moe_model(arch), cfg).save_pretrained(root / f"{arch}-{name}")
+        made[arch] = (root / f"{arch}-base", root / f"{arch}-lora")
+    return made
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_unmerged_experts_equal_peft(moe, arch):
+    """Fused experts held as W + dW (assembled from per-expert tensors where stored so) are PeftModel's forward."""
+    import transformers
+    from peft import PeftModel
+
+    base, adapter = moe[arch]
+    inputs, ours = unmerged_outputs(base, adapter)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    theirs, plain = _peft_outputs(PeftModel.from_pretrained(model, str(adapter)).eval(), inputs)
+    _close(ours, theirs, plain)
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_then_verify_outputs_passes(moe, arch, dtype, tmp_path):
+    base, adapter = moe[arch]
+    code, _, err = invoke("merge", base, adapter, tmp_path / "m", "--dtype", dtype)
+    assert code == 0, err
+    code, out, err = invoke("verify", base, adapter, tmp_path / "m", "--outputs", "--json")
+    assert code == 0, err
+    rep = json.loads(out)["outputs"]
+    assert rep["passed"] and all(s["passed"] for s in rep["layers"]) and len(rep["layers"]) == 4
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_fault_in_one_expert_of_layer_1_is_named(moe, arch, tmp_path):
+    base, adapter = moe[arch]
+    merge_model(base, adapter, tmp_path / "m", force=True)
+    W = load_file(base / "model.safetensors")
+
+    def plant(sd):  # expert 2's delta in layer 1's down_proj applied twice
+        if arch == "gpt_oss":
+            key = "model.layers.1.mlp.experts.down_proj"
+            sd[key][2] = 2 * sd[key][2] - W[key][2]
+        else:
+            key = "model.layers.1.mlp.experts.2.down_proj.weight"
+            sd[key] = 2 * sd[key] - W[key]
+
+    bad = _edit(tmp_path / "m", tmp_path / "bad", plant)
+    report = verify_outputs(base, adapter, bad)
+    assert not report["passed"]
+    assert report["first_divergent_layer"] == 1 and report["first_divergent"] == "model.layers.1"
+    assert all(s["passed"] for s in report["layers"][:2])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("method", ["linear", "dare_ties"])
+def test_several_moe_adapters(moe, arch, method, tmp_path):
+    """Two expert adapters combined: per-expert terms (Qwen3-MoE) or the fused term (gpt-oss), the same masks."""
+    base, adapter = moe[arch]
+    adapters = [adapter, adapter.with_name(f"{arch}-second")]
+    spec = CombineSpec.checked(2, method=method, weights=[0.7, 0.5], **({"density": 0.5, "seed": 4} if method != "linear" else {}))
+    merge_model(base, adapters, tmp_path / "m", combine=spec, force=True)
+    report = verify_outputs(base, adapters, tmp_path / "m", combine=spec)
+    assert report["passed"] and all(s["passed"] for s in report["layers"]), report
+    if method != "linear":
+        other = verify_outputs(base, adapters, tmp_path / "m", combine=CombineSpec.checked(2, method=method, weights=[0.7, 0.5], density=0.5, seed=5))
+        assert not other["passed"] and other["first_divergent_layer"] == 0

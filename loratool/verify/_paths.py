@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from loratool.base import BaseModel
 from loratool.engine.combine import combined_delta
@@ -54,10 +55,10 @@ class Weights:
     """Parameter values by path for the skeleton's parameter names (see the module docstring).
 
     A parameter the adapter changes is either hooked (a module's ``weight``: Linear, Conv1D,
-    Embedding, whose unmerged output ``AdapterHooks`` adds) or, with no module forward to hook (a
-    fused MoE experts parameter), held ``in_place`` as W + dW on the unmerged path: applying W + dW
-    is x W^T + x dW^T per expert, exactly the unmerged model (PEFT's ParamWrapper adds the delta to
-    the parameter the same way). A fused parameter the checkpoint stores one expert at a time
+    Embedding, whose unmerged output ``AdapterHooks`` adds) or, with no such module forward to hook
+    (a fused MoE experts parameter, a router's weight), held ``in_place`` as W + dW on the unmerged
+    path: applying W + dW is x W^T + x dW^T per expert, the unmerged model to float32 rounding (PEFT's
+    ParamWrapper adds the delta to the parameter the same way). A fused parameter the checkpoint stores one expert at a time
     (transformers 5's Qwen-MoE, Mixtral...) is assembled from its per-expert tensors.
     """
 
@@ -76,11 +77,13 @@ class Weights:
         self.merged_reader.close()
 
     def _in_place_params(self) -> set[str]:
-        """The changed parameters no forward hook covers (not a module's ``weight``): fused experts."""
+        """The changed parameters no forward hook covers: fused experts, a router's weight (PEFT wraps
+        both as a ParamWrapper, W + dW)."""
         changed = set(self.targets.by_key) | set(self.targets.combined)
         out = set()
         for name, _ in self.sk.model.named_parameters():
-            if name.rpartition(".")[2] == "weight":
+            owner, _, leaf = name.rpartition(".")
+            if leaf == "weight" and hookable(self.sk.model.get_submodule(owner)):
                 continue
             key = self.base_key(name)
             keys = [key] if key is not None else [k for ks in (self.expert_keys(self.base, name) or []) for k in ks]
@@ -91,9 +94,9 @@ class Weights:
     # -- names
 
     def _key(self, model: BaseModel, name: str, *, tie: bool = True) -> str | None:
-        key = model.tensor_name(name)
+        key = _stored_name(model, name)
         if key is None and tie and name in self.sk.tied:
-            key = model.tensor_name(self.sk.tied[name])
+            key = _stored_name(model, self.sk.tied[name])
         return key
 
     def base_key(self, name: str, *, tie: bool = True) -> str | None:
@@ -244,8 +247,55 @@ class Weights:
         return chains[path]
 
 
+def hookable(module: nn.Module) -> bool:
+    """A module whose unmerged LoRA output a forward hook adds (PEFT's LoRA Linear, Conv1D, Embedding);
+    any other adapted parameter (an experts module's, a router's) is held as W + dW."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+
+
 def _listed(x) -> list:
     return [] if x is None else x if isinstance(x, list) else [x]
+
+
+def _stored_name(model: BaseModel, name: str) -> str | None:
+    """The checkpoint key of a model parameter: as named, or under a name transformers renames on
+    loading (Mixtral's ``block_sparse_moe.gate`` for ``mlp.gate``: its conversion mapping's renamings)."""
+    key = model.tensor_name(name)
+    for other in _renamed(model, name) if key is None else ():
+        key = model.tensor_name(other)
+        if key is not None:
+            break
+    return key
+
+
+_RENAMINGS: dict[str, list[tuple[str, str]]] = {}
+
+
+def _renamed(model: BaseModel, name: str) -> list[str]:
+    """``name`` under each literal renaming (checkpoint -> model) of transformers' conversion mapping, undone."""
+    mtype = str(model.model_type or "")
+    if mtype not in _RENAMINGS:
+        _RENAMINGS[mtype] = _literal_renamings(mtype)
+    return [name.replace(target, source) for source, target in _RENAMINGS[mtype] if target in name]
+
+
+def _literal_renamings(model_type: str) -> list[tuple[str, str]]:
+    """(checkpoint substring, model substring) of the model type's plain-text renamings (not regexes)."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import (
+            WeightRenaming,
+            get_checkpoint_conversion_mapping,
+        )
+
+        mapping = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # an older transformers, an unknown type: names as stored
+        return []
+    plain = re.compile(r"[\w.]+")
+    return [(src, tgt) for r in mapping if isinstance(r, WeightRenaming)
+            for src, tgt in zip(r.source_patterns, r.target_patterns)
+            if isinstance(src, str) and isinstance(tgt, str) and plain.fullmatch(src) and plain.fullmatch(tgt)]
 
 
 def _expert_keys(model: BaseModel, name: str, experts: int) -> list[list[str]] | None:
@@ -253,7 +303,7 @@ def _expert_keys(model: BaseModel, name: str, experts: int) -> list[list[str]] |
     and ``experts.<e>.up_proj.weight`` for ``experts.gate_up_proj``: ``names.EXPERT_SOURCES``, also
     under Mixtral's ``block_sparse_moe``), as transformers' conversion concatenates them; None if absent."""
     paths = [name] + [name.replace(fused, stored) for fused, stored in EXPERT_PATH_RENAMES if fused in name]
-    for path in paths:
+    for path in dict.fromkeys(paths + _renamed(model, name)):
         experts_path, _, param = path.rpartition(".")
         for leaves in EXPERT_SOURCES.get(param, ()):
             keys = [[model.tensor_name(f"{experts_path}.{e}.{leaf}.weight") for leaf in leaves] for e in range(experts)]
@@ -275,7 +325,7 @@ class AdapterHooks:
         self.adapted: dict[str, str] = {}  # skeleton module -> base key of its weight
         t = weights.targets
         for mname, mod in sk.model.named_modules():
-            if "weight" not in mod._parameters:
+            if "weight" not in mod._parameters or not hookable(mod):
                 continue
             key = weights.base_key(f"{mname}.weight" if mname else "weight", tie=False)
             if key is not None and (key in t.by_key or key in t.combined):
