@@ -13,7 +13,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.base import _BUFFER_SUFFIXES, BaseModel, bind_adapter
 from loratool.engine.codecs import bnb
 from loratool.engine.combine import CombinedTerm, CombineSpec, combined_delta
-from loratool.engine.delta import DeltaKernel, dora_merged, dora_rows, experts_delta
+from loratool.engine.delta import DeltaKernel, ExpertsKernel, dora_merged, dora_rows
 from loratool.errors import InputError
 from loratool.io.store import TensorEntry, TensorStore, entries_in_file_order
 from loratool.names import is_output_head
@@ -589,13 +589,25 @@ def _weight_check(mod: LoraModule, base: BaseModel, merged: BaseModel, bkey: str
 
 
 def _experts_check(mod: LoraModule, W: torch.Tensor, M: torch.Tensor, mkey: str, mdtype: torch.dtype, tolerance, device) -> _Check:
-    """A fused experts tensor: M = W + dW_e for every expert (the stored 3-D layout)."""
+    """A fused experts tensor: M = W + dW_e for every expert (the stored 3-D layout), one expert at a
+    time (a fused tensor can be the size of a small model): the sums of ``_check_plain``, streamed."""
     if tuple(M.shape) != tuple(W.shape):
         return _shape_fail(mod.name, mkey, "experts", M.shape, W.shape, mdtype)
-    D = experts_delta(mod, device=device, layout="stored")  # (E, d1, d2) float32
-    Wf = W.to(device=device, dtype=torch.float32)
-    c = _check_plain(mod.name, mkey, "experts", D.add_(Wf), M.to(device), Wf, merged_dtype=mdtype,
-                     extra_u=unit_roundoff(W.dtype) if W.dtype != torch.float32 else 0.0, extra_norm=_norm(Wf))
+    kernel = ExpertsKernel.of(mod, device=device)
+    sums = dict(e2=0.0, r2=0.0, d2=0.0, rd=0.0, w2=0.0)
+    for e in range(W.shape[0]):
+        w = W[e].to(device=device, dtype=torch.float32)  # (d1, d2)
+        d = kernel.add_(torch.zeros((1, *w.shape), device=device), e)[0]  # dW_e, stored layout
+        exp = w + d
+        r = M[e].to(device=device, dtype=torch.float32) - exp
+        for key, x, y in (("e2", exp, exp), ("r2", r, r), ("d2", d, d), ("rd", r, d), ("w2", w, w)):
+            sums[key] += float(torch.sum(x.double() * y.double()))
+    c = _Check(mod.name, mkey, "experts", _dtype_name(mdtype), list(M.shape))
+    c.residual_norm, c.delta_norm = math.sqrt(sums["r2"]), math.sqrt(sums["d2"])
+    extra = unit_roundoff(W.dtype) * math.sqrt(sums["w2"]) if W.dtype != torch.float32 else 0.0
+    c.bound_norm = (unit_roundoff(mdtype) + 2 * U32) * math.sqrt(sums["e2"]) + extra + math.sqrt(max(M.numel(), 1)) * _subnormal(mdtype)
+    if c.delta_norm > 0 and math.isfinite(c.residual_norm):
+        c.applied_fraction = 1 + sums["rd"] / c.delta_norm**2
     _judge(c, tolerance)
     if not c.passed:
         k = c.applied_fraction
