@@ -285,3 +285,13 @@ def test_formats_without_an_experts_layout_refuse_with_the_way_out(moe, tmp_path
     assert code == 2
     assert "--experts per-expert" in assert_one_line_error(err)
     assert not (tmp_path / "x").exists()
+
+
+def test_rescale_keeps_every_expert_delta(moe, tmp_path):
+    adapter = moe["qwen3_moe"][1]
+    code, out, err = invoke("rescale", adapter, tmp_path / "r", "--alpha", "12")
+    assert code == 0, err
+    a, b = loratool.read_adapter(adapter), loratool.read_adapter(tmp_path / "r")
+    for name, m in a.modules.items():
+        assert b.modules[name].alpha == 12.0
+        assert torch.allclose(b.modules[name].delta(dtype=torch.float64), m.delta(dtype=torch.float64), atol=1e-6), name
