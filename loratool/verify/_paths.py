@@ -235,6 +235,10 @@ class Weights:
         q = self._requant[key](t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t)
         return t.copy_(q.reshape(t.shape).to(F32))
 
+    def adapter_hooks(self) -> "AdapterHooks":
+        """The forward hooks that apply the adapter on the unmerged path."""
+        return AdapterHooks(self.sk, self)
+
     def values(self, path: str) -> Callable[[str], torch.Tensor]:
         """name -> the parameter's value on ``path``, from scratch (for modules outside the layer stack)."""
         chains = {

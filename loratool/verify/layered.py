@@ -46,7 +46,6 @@ from loratool.verify._paths import (
     QBASE,
     ROUNDED,
     UNMERGED,
-    AdapterHooks,
     Weights,
 )
 from loratool.verify.outputs import _check_options, _report, _setup
@@ -98,7 +97,7 @@ class _Run:
         self.hidden: dict[str, list[torch.Tensor]] = {}
         self.stages: list[_Stage] = []
         self.outputs: dict[str, torch.Tensor] = {}
-        self.hooks = AdapterHooks(sk, weights)
+        self.hooks = weights.adapter_hooks()
         self.step = progress
 
     def embeddings(self) -> None:
@@ -231,11 +230,12 @@ def verify_outputs_layered(
     return _layered_report(ctx, run, tolerance, need)
 
 
-def _stream(ctx, sk: S.Skeleton, paths: list[str], device, progress: Progress | None) -> _Run:
-    """Every path through the embeddings, each layer in turn and the output."""
+def _stream(ctx, sk: S.Skeleton, paths: list[str], device, progress: Progress | None, weights_class: type = Weights) -> _Run:
+    """Every path through the embeddings, each layer in turn and the output (``weights_class``: where
+    each path's parameters come from, and the adapter's hooks)."""
     device = torch.device(device)
     inputs = [{k: v.to(device) for k, v in b.items()} for b in ctx.inputs]
-    weights = Weights(sk, ctx.base, ctx.merged, ctx.targets, device, ctx.merged_dtype)
+    weights = weights_class(sk, ctx.base, ctx.merged, ctx.targets, device, ctx.merged_dtype)
     run = _Run(sk, weights, inputs, ctx.task, paths, progress or (lambda *a, **k: None))
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
