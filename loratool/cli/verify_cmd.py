@@ -117,11 +117,14 @@ def run_verify(out: Output, base_model, ad, merged_model, *, outputs: bool, tole
 @click.option("--seq-len", type=click.IntRange(min=1, max=1 << 16), default=32, show_default=True, help="With --outputs: tokens per random sequence (capped by the model's positions).")
 @click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help="Where the checks compute.")
 @click.option("--max-memory", type=SizeType(), help="With --outputs: the most the layer-streamed run may hold at once (800MB, 1GiB); refused when one layer needs more.")
+@click.option("--qalora", is_flag=True, help="BASE is a GPTQ checkpoint, ADAPTER a QA-LoRA adapter and MERGED a merge --qalora output (dense, float-zeros or gptq): check the outputs layer by layer against QA-LoRA's pooled forward (implies --outputs).")
+@click.option("--pooling", type=click.Choice(["avg", "sum", "peft"]), help="With --qalora: the adapter's pooling, as given to merge --qalora.")
+@click.option("--group-size", "group_size", type=click.IntRange(min=1), help="With --qalora: the pooling group size Lp, as given to merge --qalora.")
 @combine_options
 @adapter_argument_options
 @json_option
 @common_options
-def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len, device, max_memory,
+def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len, device, max_memory, qalora, pooling, group_size,
             weights, method, density, majority_sign, seed, as_json, quiet, **adapter_opts):
     """Prove that MERGED is BASE + ADAPTER, tensor by tensor (streaming).
 
@@ -135,11 +138,19 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
       loratool merge fixtures/bases/llama fixtures/adapters/llama-lora merged-llama
       loratool verify fixtures/bases/llama fixtures/adapters/llama-lora merged-llama --outputs
     """
+    if not qalora and (pooling is not None or group_size is not None):
+        raise click.UsageError("--pooling and --group-size apply only with --qalora")
+    outputs = outputs or qalora
     if not outputs and (prompts or samples != 4 or seq_len != 32 or max_memory is not None):
         raise click.UsageError("--prompt, --samples, --seq-len and --max-memory apply only with --outputs")
     if tolerance is not None and not tolerance >= 0:
         raise click.BadParameter("must be a non-negative number", param_hint="--tolerance")
     merged, adapters = _split_paths(paths, several)
+    if qalora:
+        if several or any(v is not None for v in (weights, method, density, seed)):
+            raise click.UsageError("--qalora checks one QA-LoRA adapter (no --adapters, --method, --weights, --density, --seed)")
+        return _verify_qalora(Output(json_mode=as_json, quiet=quiet), base, adapters[0], merged, pooling=pooling, group_size=group_size,
+                              tolerance=tolerance, device=device, prompts=prompts, samples=samples, seq_len=seq_len, max_memory=max_memory)
     spec = combine_spec(len(adapters), weights=weights, method=method, density=density, majority_sign=majority_sign, seed=seed)
     out = Output(json_mode=as_json, quiet=quiet)
     ads = [open_adapter(a, **adapter_opts) for a in adapters]
@@ -157,6 +168,27 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
         raise
     if out.json_mode:
         out.json(report)
+
+
+def _verify_qalora(out: Output, base, adapter, merged, *, pooling, group_size, tolerance, device, prompts, samples, seq_len,
+                   max_memory) -> None:
+    """``verify --qalora``: the output check of a merge --qalora output; prints it, exit 1 when it fails."""
+    from loratool.cli.reports import format_outputs_report
+    from loratool.verify.qalora_outputs import verify_outputs_qalora
+
+    rep = verify_outputs_qalora(base, adapter, merged, pooling=pooling, group_size=group_size, prompts=list(prompts) or None,
+                                samples=samples, seq_len=seq_len, tolerance=tolerance, device=resolve_device(device), max_memory=max_memory)
+    report = {"passed": rep["passed"], "failures": [], "notes": rep["notes"], "outputs": rep}
+    if out.json_mode:
+        out.json(report)
+    else:
+        out.info(format_outputs_report(rep))
+        for note in rep["notes"]:
+            out.warn(note)
+    if not rep["passed"]:
+        exc = CheckFailedError(failure_summary(report))
+        exc.report = report
+        raise exc
 
 
 def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None, combine=None) -> dict:

@@ -246,3 +246,16 @@ def verify_outputs_qalora(
     report = _layered_report(ctx, run, tolerance, need)
     report.update(extra)
     return report
+
+
+def qalora_unmerged_outputs(gptq_base: BaseModel | str | Path, adapter: Any, *, pooling: str | None = None, group_size: int | None = None,
+                            samples: int = 4, seq_len: int = 32, seed: int = 0,
+                            device: str | torch.device = "cpu") -> tuple[list[dict], torch.Tensor]:
+    """The GPTQ base + QA-LoRA adapter's outputs as the check computes its reference (the unmerged path alone).
+
+    Returns:
+        (the inputs; the outputs, (tokens, width) float32 on the CPU).
+    """
+    ctx, _ = _qalora_setup(gptq_base, adapter, gptq_base, pooling, group_size, None, samples, seq_len, seed)
+    run = _stream(ctx, S.build_skeleton(ctx.base.path, ctx.auto), [UNMERGED], device, None, QaloraWeights)
+    return ctx.inputs, run.outputs[UNMERGED]
