@@ -80,6 +80,35 @@ def test_combined_reference_equals_peft_with_both_adapters_active():
     _close(ours, theirs, plain)
 
 
+@pytest.fixture(scope="module")
+def gpt2_second(tmp_path_factory):
+    """A second GPT-2 adapter: Conv1D layers and the token embedding."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    folder = tmp_path_factory.mktemp("gpt2-second") / "adapter"
+    cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True, init_lora_weights=False)
+    get_peft_model(load_base_model("gpt2"), cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["gpt2", "qwen2"])
+def test_combined_conv1d_embedding_and_lora_bias_equal_peft(case, gpt2_second, tmp_path):
+    """Conv1D and embedding terms (x D^T, D[ids]) and lora_bias: PEFT with both adapters active; the merge passes."""
+    from peft import PeftModel
+
+    base, adapters = ("gpt2", [ADAPTERS / "gpt2-lora", gpt2_second]) if case == "gpt2" else ("qwen2", [ADAPTERS / "qwen2-bias", ADAPTERS / "qwen2-lora"])
+    spec = CombineSpec.checked(2)
+    inputs, ours = unmerged_outputs(BASES / base, adapters, combine=spec)
+    pm = PeftModel.from_pretrained(load_base_model(base), str(adapters[0]), adapter_name="a").eval()
+    pm.load_adapter(str(adapters[1]), adapter_name="b")
+    pm.base_model.set_adapter(["a", "b"])
+    theirs, plain = _peft_outputs(pm, inputs)
+    _close(ours, theirs, plain)
+    merge_model(BASES / base, adapters, tmp_path / "m", combine=spec, dtype="bfloat16", force=True)
+    assert verify_outputs(BASES / base, adapters, tmp_path / "m", combine=spec)["passed"]
+
+
 @pytest.mark.parametrize("method", list(SPECS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_combined_merges_pass_every_stage(tmp_path, method, dtype):

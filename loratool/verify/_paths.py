@@ -119,7 +119,8 @@ class Weights:
         key = self.base_key(name)
         saved = self.targets.to_save.get(key) if key is not None else self._pending(name)
         if saved is not None:
-            return saved[1].load().detach().to(device=self.device, dtype=F32, copy=True)
+            t = saved[1].load().detach().to(device=self.device, dtype=F32, copy=True)
+            return self._plus_delta(key, t) if delta and name in self.in_place and key is not None else t
         return self._read(self.base, self.base_reader, name, key, delta=delta and name in self.in_place)
 
     def unmerged_value(self, name: str) -> torch.Tensor:
