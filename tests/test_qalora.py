@@ -541,3 +541,12 @@ def test_float_modules_and_modules_to_save(gptq4, tmp_path):
         assert sd["lm_head.weight"].dtype == torch.float16
         assert (sd["lm_head.weight"].double() - expected).abs().max().item() <= 2 ** -11 * expected.abs().max().item()
         assert torch.equal(sd["model.embed_tokens.weight"], extra["base_model.model.model.embed_tokens.modules_to_save.default.weight"].half())
+
+
+@pytest.mark.parametrize("to", ["dense", "float-zeros"])
+def test_cli_merge_qalora_verify_checks_the_outputs(gptq4, peft_adapter, tmp_path, to):
+    """merge --qalora --verify runs the layer-streamed output check of OUT (its weights are codes)."""
+    code, out, err = invoke("merge", gptq4, peft_adapter, tmp_path / "m", "--qalora", "--to", to, "--verify", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["verify"]["passed"] and report["verify"]["outputs"]["passed"]

@@ -150,8 +150,6 @@ def command(base, adapters, out, dtype, device, force, strict, report, verify_mo
     quant = QuantOptions(qlora=qlora, quantize=quantize, blocksize=int(blocksize), double_quant=double_quant,
                          retention_threshold=retention_threshold)
     # flag combinations are refused before any work
-    if qalora and verify_mode:
-        raise click.UsageError("--verify does not apply to --qalora")
     if qalora and quant.active:
         raise click.UsageError("--qlora / --quantize do not combine with --qalora")
     if not qalora and any(v is not None for v in (pooling, group_size, to)):
@@ -173,7 +171,12 @@ def command(base, adapters, out, dtype, device, force, strict, report, verify_mo
         from loratool.errors import CheckFailedError
 
         try:
-            rep["verify"] = verify_after_merge(o, base, adapter, out, mode=verify_mode, adapter_opts=adapter_opts, quantization=quant, combine=spec)
+            if qalora:  # a GPTQ merge is checked at the outputs, whichever --verify mode was asked
+                from loratool.cli.verify_cmd import verify_after_qalora_merge
+
+                rep["verify"] = verify_after_qalora_merge(o, base, adapter, out, pooling=pooling, group_size=group_size)
+            else:
+                rep["verify"] = verify_after_merge(o, base, adapter, out, mode=verify_mode, adapter_opts=adapter_opts, quantization=quant, combine=spec)
         except CheckFailedError as exc:
             if as_json:
                 o.json(dict(rep, verify=exc.report))  # a failed check still prints what it found

@@ -171,8 +171,9 @@ def command(base, paths, several, outputs, tolerance, prompts, samples, seq_len,
 
 
 def _verify_qalora(out: Output, base, adapter, merged, *, pooling, group_size, tolerance, device, prompts, samples, seq_len,
-                   max_memory) -> None:
-    """``verify --qalora``: the output check of a merge --qalora output; prints it, exit 1 when it fails."""
+                   max_memory, print_json: bool = True) -> dict:
+    """``verify --qalora`` (and ``merge --qalora --verify``): the output check of a merge --qalora output;
+    prints it, returns the report; CheckFailedError (exit 1) when it fails."""
     from loratool.cli.reports import format_outputs_report
     from loratool.verify.qalora_outputs import verify_outputs_qalora
 
@@ -180,7 +181,8 @@ def _verify_qalora(out: Output, base, adapter, merged, *, pooling, group_size, t
                                 samples=samples, seq_len=seq_len, tolerance=tolerance, device=resolve_device(device), max_memory=max_memory)
     report = {"passed": rep["passed"], "failures": [], "notes": rep["notes"], "outputs": rep}
     if out.json_mode:
-        out.json(report)
+        if print_json:
+            out.json(report)
     else:
         out.info(format_outputs_report(rep))
         for note in rep["notes"]:
@@ -189,6 +191,19 @@ def _verify_qalora(out: Output, base, adapter, merged, *, pooling, group_size, t
         exc = CheckFailedError(failure_summary(report))
         exc.report = report
         raise exc
+    return report
+
+
+def verify_after_qalora_merge(out: Output, base, adapter, dest, *, pooling, group_size) -> dict:
+    """``merge --qalora --verify``: the layer-streamed output check of the OUT just written (the only
+    check a GPTQ merge has: its weights are codes). Raises CheckFailedError naming OUT when it fails."""
+    try:
+        return _verify_qalora(out, base, adapter, str(dest), pooling=pooling, group_size=group_size, tolerance=None, device="cpu",
+                              prompts=(), samples=4, seq_len=32, max_memory=None, print_json=False)
+    except CheckFailedError as exc:
+        failed = CheckFailedError(f"{exc}; the suspect merged model is at {dest}")
+        failed.report = exc.report
+        raise failed from None
 
 
 def verify_after_merge(out: Output, base, adapter, dest, *, mode: str, adapter_opts: dict, quantization=None, combine=None) -> dict:
