@@ -43,7 +43,8 @@ import torch
 from loratool.verify import outputs
 t0 = time.perf_counter()
 fn = outputs.verify_outputs if sys.argv[1] == "layered" else outputs.verify_outputs_whole
-r = fn(sys.argv[2], sys.argv[3], sys.argv[4], samples=int(sys.argv[5]), seq_len=int(sys.argv[6]))
+kw = {"device": sys.argv[7]} if len(sys.argv) > 7 else {}
+r = fn(sys.argv[2], sys.argv[3], sys.argv[4], samples=int(sys.argv[5]), seq_len=int(sys.argv[6]), **kw)
 keep = ("passed", "relative_diff", "allowed_relative_diff", "floor_merged_dtype", "kl_divergence", "top1_agreement", "first_divergent")
 print("RESULT " + json.dumps({k: r.get(k) for k in keep} | {"check_s": round(time.perf_counter() - t0, 2)}), file=sys.stderr)
 """
@@ -92,15 +93,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--no-whole", action="store_true", help="skip the whole-model path (it needs both models in float32)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--device", default="cpu", help="where verify computes (cpu, cuda)")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     case = prepare(work, args.shape)
-    res = {"machine": bm.machine(), "shape": args.shape, "base_bytes": bm.du(case / "base"), "samples": args.samples, "seq_len": args.seq_len}
+    res = {"machine": bm.machine(), "device": args.device, "shape": args.shape, "base_bytes": bm.du(case / "base"), "samples": args.samples, "seq_len": args.seq_len}
     try:
         for name in ["layered"] + ([] if args.no_whole else ["whole"]):
             print(f"[{args.shape}] {name} ...", flush=True)
-            cmd = [sys.executable, "-c", SCRIPT, name, str(case / "base"), str(case / "adapter"), str(case / "merged"), str(args.samples), str(args.seq_len)]
+            cmd = [sys.executable, "-c", SCRIPT, name, str(case / "base"), str(case / "adapter"), str(case / "merged"), str(args.samples), str(args.seq_len),
+                   args.device]
             res[name] = _measure_with_result(cmd)
     finally:
         if not args.keep:
