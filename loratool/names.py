@@ -213,6 +213,10 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "Phi3ForCausalLM": GGUFArch("phi3", False, "phi3"),
     "Starcoder2ForCausalLM": GGUFArch("starcoder2", False, "starcoder2"),
     "GPT2LMHeadModel": GGUFArch("gpt2", False, "gpt2"),
+    # mixture-of-experts bases (expert LoRA: GGUF_EXPERT_TENSORS); Mixtral is "llama" above
+    "Qwen2MoeForCausalLM": GGUFArch("qwen2moe", False, "moe"),
+    "Qwen3MoeForCausalLM": GGUFArch("qwen3moe", False, "moe"),
+    "OlmoeForCausalLM": GGUFArch("olmoe", False, "moe"),
 }
 
 # general.architecture -> the same description, for reading a GGUF without a base
@@ -233,6 +237,9 @@ _MODEL_TYPES = {
     "phi3": "Phi3ForCausalLM",
     "starcoder2": "Starcoder2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 # MODEL_TENSOR member name -> the HF module transformers uses for it (reading without a base)
@@ -276,6 +283,58 @@ _HF_TEMPLATES: dict[str, dict[str, str]] = {
         "FFN_DOWN": "transformer.h.{bid}.mlp.c_proj",
     },
 }
+
+
+_HF_TEMPLATES["moe"] = {
+    **_HF_TEMPLATES["llama"],
+    "FFN_GATE_INP": "model.layers.{bid}.mlp.gate",  # the router, an ordinary linear
+    "FFN_GATE_SHEXP": "model.layers.{bid}.mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert
+    "FFN_UP_SHEXP": "model.layers.{bid}.mlp.shared_expert.up_proj",
+    "FFN_DOWN_SHEXP": "model.layers.{bid}.mlp.shared_expert.down_proj",
+    "FFN_GATE_INP_SHEXP": "model.layers.{bid}.mlp.shared_expert_gate",
+}
+
+# -- GGUF expert LoRA (fused MoE expert parameters, PEFT target_parameters) -------------------
+#
+# llama.cpp holds expert LoRA as 3-D pairs on its stacked expert tensors: numpy lora_a (E, r, in),
+# lora_b (E, out, r) (ggml ne (in, r, E) / (r, out, E)), applied per selected expert by
+# build_lora_mm_id (src/llama-graph.cpp) with scale alpha / r. Its convert_lora_to_gguf.py makes
+# them only from per-expert PEFT pairs (``experts.<e>.gate_proj`` / ``w1``...), which each
+# architecture's HF converter stacks with torch.stack over experts (LoraTorchTensor stacks A and B).
+
+# general.architecture values whose converter stacks per-expert LoRA pairs into expert tensors
+# (conversion/qwen.py Qwen2MoeModel / Qwen3MoeModel, llama.py LlamaModel for Mixtral, olmo.py OlmoeModel)
+GGUF_EXPERT_ARCHS = frozenset({"llama", "qwen2moe", "qwen3moe", "olmoe"})
+# fused parameter -> the GGUF expert tensors (MODEL_TENSOR members) its output rows split into,
+# in row order and in equal parts (gate_up_proj is [gate; up], as transformers concatenates them)
+GGUF_EXPERT_TENSORS = {
+    "gate_up_proj": ("FFN_GATE_EXP", "FFN_UP_EXP"),
+    "down_proj": ("FFN_DOWN_EXP",),
+}
+# the fused parameter's module name in transformers 5 for every architecture above (reading without a base)
+GGUF_EXPERT_MODULE = "model.layers.{bid}.mlp.experts.{param}"
+# model_type -> why llama.cpp cannot hold that architecture's expert LoRA (refusal messages)
+GGUF_EXPERT_REFUSALS = {
+    "gpt_oss": "gpt-oss stores its experts fused (E, in, out) with gate and up interleaved, so there is no "
+               "per-expert PEFT form, and llama.cpp's convert_lora_to_gguf.py converts only per-expert pairs",
+}
+
+
+def gguf_expert_kinds() -> dict[str, tuple[str, int]]:
+    """GGUF expert tensor kind (``FFN_GATE_EXP``) -> (fused parameter, its part index)."""
+    return {kind: (param, i) for param, kinds in GGUF_EXPERT_TENSORS.items() for i, kind in enumerate(kinds)}
+
+
+def gguf_expert_names(module: str) -> list[str] | None:
+    """GGUF base names (``blk.3.ffn_gate_exps``...) of a fused experts parameter, in row order; None
+    when the parameter has no llama.cpp expert tensor or the name has no block index."""
+    import gguf
+
+    kinds = GGUF_EXPERT_TENSORS.get(leaf(module))
+    bid = layer_index(module)
+    if kinds is None or bid is None or not module.endswith(f".experts.{leaf(module)}"):
+        return None
+    return [gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, k)].format(bid=bid) for k in kinds]
 
 
 def gguf_arch_for_config(config: Mapping) -> GGUFArch:

@@ -66,7 +66,7 @@ FORMATS = {
     "peft": FormatSpec("peft", "PEFT", "loratool.formats.peft", ("adapter_name",), (), holds_full_tensors=True,
                        holds_fused_experts=True),
     "mlx": FormatSpec("mlx", "MLX", "loratool.formats.mlx", ("scale",), ()),
-    "gguf": FormatSpec("gguf", "GGUF", "loratool.formats.gguf", (), ("outtype",)),
+    "gguf": FormatSpec("gguf", "GGUF", "loratool.formats.gguf", (), ("outtype",), holds_fused_experts=True),
     "litgpt": FormatSpec("litgpt", "LitGPT", "loratool.formats.litgpt", ("alpha", "scale", "legacy_qkv"), ()),
     "lit-llama": FormatSpec("lit-llama", "Lit-LLaMA", "loratool.formats.lit_llama", ("alpha", "scale"), ("alpha",)),
     "scratch": FormatSpec("scratch", "scratch", "loratool.formats.scratch", ("alpha", "scale"), (), holds_full_tensors=True),

@@ -11,6 +11,9 @@ As convert_lora_to_gguf.py makes them (one file):
     <blk.N.attn_q>.weight.lora_b   numpy (out, r)   = B          (ggml ne: r, out)
     token_embd.weight.lora_a       numpy (vocab, r) = A^T        (token embeddings only)
     token_embd.weight.lora_b       numpy (dim, r)   = B
+    blk.N.ffn_gate_exps.weight.lora_a  numpy (E, r, in) = A_e stacked   (fused MoE experts)
+    blk.N.ffn_gate_exps.weight.lora_b  numpy (E, I, r)  = B_e[:I]       gate_up_proj: gate and up share A_e
+    blk.N.ffn_up_exps.weight.lora_b    numpy (E, I, r)  = B_e[I:]       down_proj: ffn_down_exps
 
 Tensor names come from gguf's TensorNameMap for the architecture. For architectures whose
 HF converter permutes q/k (``LlamaModel.permute``: llama, mistral, granite...) the rows of B
@@ -19,6 +22,11 @@ of every q_proj/k_proj are permuted the same way; A is never touched. loratool a
 files can be read back without a base; files from llama.cpp's converter lack them and need
 ``--base`` when q/k must be un-permuted. Per-module scales differing from alpha / r are baked
 into B. DoRA, a LoRA bias and modules_to_save have no GGUF form and are refused.
+
+Expert LoRA: llama.cpp applies 3-D pairs per selected expert (build_lora_mm_id, scale alpha / r);
+its convert_lora_to_gguf.py makes them by stacking the per-expert PEFT pairs, and loratool writes
+the same tensors from PEFT's fused layout (A_e = A[e*r:(e+1)*r], B_e = B[:, e::E]) for the
+architectures in ``names.GGUF_EXPERT_ARCHS``; reading groups them back into fused modules.
 """
 
 from __future__ import annotations
@@ -38,9 +46,15 @@ from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS, refuse_lora_bias, refuse_modules_to_save
 from loratool.io.store import LazyTensor, size_limit
 from loratool.names import (
+    GGUF_EXPERT_ARCHS,
+    GGUF_EXPERT_MODULE,
+    GGUF_EXPERT_REFUSALS,
+    GGUF_EXPERT_TENSORS,
     GGUFArch,
     gguf_arch_by_name,
     gguf_arch_for_config,
+    gguf_expert_kinds,
+    gguf_expert_names,
     gguf_tensor_kind,
     gguf_tensor_name,
     head_counts,
@@ -345,6 +359,87 @@ def _read_module(
     return LoraModule(module, kind, A, B, alpha=alpha if alpha else float(rank), scale=scale), lacks_heads
 
 
+def _expert_part(gname: str) -> tuple[int, str, int] | None:
+    """(block, fused parameter, part index) of a GGUF expert tensor name (``blk.3.ffn_up_exps``), else None."""
+    kind = gguf_tensor_kind(gname)
+    hit = gguf_expert_kinds().get(kind[0]) if kind is not None and kind[1] is not None else None
+    return None if hit is None else (kind[1], hit[0], hit[1])
+
+
+def _expert_shapes(path: Path, gname: str, p: dict[str, object]) -> tuple[int, int, int, int]:
+    """(E, r, in, rows) of a 3-D expert pair: numpy lora_a (E, r, in), lora_b (E, rows, r)."""
+    if "a" not in p or "b" not in p:
+        raise FormatError(path, f"{gname}: has lora_{'a' if 'a' in p else 'b'} without its pair")
+    sa = tuple(int(x) for x in reversed(list(p["a"].shape)))
+    sb = tuple(int(x) for x in reversed(list(p["b"].shape)))
+    if len(sa) != 3 or len(sb) != 3 or sa[0] != sb[0] or sa[1] != sb[2] or sa[1] == 0:
+        raise FormatError(path, f"{gname}: expert lora_a {sa} and lora_b {sb} are not (E, r, in) and (E, out, r)")
+    return sa[0], sa[1], sa[2], sb[1]
+
+
+def _same_lora_a(ts: list) -> bool:
+    """Whether expert pairs share one lora_a (gate and up from one gate_up_proj), byte for byte."""
+    first = ts[0]
+    return all(t.tensor_type == first.tensor_type and np.array_equal(np.asarray(t.data), np.asarray(first.data)) for t in ts[1:])
+
+
+def _fused_b(b_ts: list, rows: int, ranks: list[int], scales: list[float], shared: bool, scale: float) -> torch.Tensor:
+    """PEFT's rank-major B (out, R * E) from the parts' lora_b (E, rows, r_p), in row order; a missing
+    part (None) holds zero rows; unshared parts sit block-diagonally, each rescaled to ``scale``."""
+    if shared:
+        B3 = torch.cat([_to_torch(tb) for tb in b_ts], dim=1)  # (E, out, r)
+    else:
+        E = next(int(tb.shape[-1]) for tb in b_ts if tb is not None)
+        B3 = torch.zeros(E, rows * len(b_ts), sum(ranks), dtype=torch.float32)
+        col = 0
+        for i, (tb, r) in enumerate(zip(b_ts, ranks)):
+            if tb is not None:
+                B3[:, i * rows : (i + 1) * rows, col : col + r] = _to_torch(tb).float() * (scales[i] / scale)
+                col += r
+    return B3.permute(1, 2, 0).reshape(B3.shape[1], -1)  # (out, R, E) -> (out, R * E)
+
+
+def _fused_module(path: Path, name: str, parts: list, alpha: float) -> LoraModule:
+    """One fused experts module from its GGUF expert pairs (``parts``: (gname, pair) in row order,
+    None where absent). Pairs sharing lora_a keep rank r; others stack to rank sum(r_p), exactly.
+    llama.cpp scales each pair by alpha / r_p (1 when alpha is 0)."""
+    shapes = [None if x is None else _expert_shapes(path, *x) for x in parts]
+    (g0, _), (E, _, n_in, rows) = next((x, shp) for x, shp in zip(parts, shapes) if shp is not None)
+    for x, shp in zip(parts, shapes):
+        if shp is not None and (shp[0], shp[2], shp[3]) != (E, n_in, rows):
+            raise FormatError(path, f"{x[0]}: expert pair (E, in, rows) {(shp[0], shp[2], shp[3])} differs from {g0}'s {(E, n_in, rows)}")
+    ranks = [shp[1] if shp else 0 for shp in shapes]
+    a_ts = [x[1]["a"] for x in parts if x is not None]
+    b_ts = [x[1]["b"] if x is not None else None for x in parts]
+    shared = None not in shapes and _same_lora_a(a_ts)
+    R = ranks[0] if shared else sum(ranks)
+    scale = alpha / R if alpha else 1.0
+    scales = [alpha / r if alpha and r else 1.0 for r in ranks]
+    dtype_a, dtype_b = ((_GGML_TO_TORCH.get(t.tensor_type.name, torch.float32) for t in (a_ts[0], b_ts[0])) if shared
+                        else (torch.float32, torch.float32))
+
+    def load_a() -> torch.Tensor:
+        A3 = _to_torch(a_ts[0]) if shared else torch.cat([_to_torch(t).float() for t in a_ts], dim=1)  # (E, R, in)
+        return A3.reshape(E * R, n_in)  # expert-major
+
+    A = LazyTensor((E * R, n_in), dtype_a, load_a)
+    B = LazyTensor((rows * len(parts), R * E), dtype_b, lambda: _fused_b(b_ts, rows, ranks, scales, shared, scale))
+    return LoraModule(name, ModuleKind.EXPERTS, A, B, alpha=alpha if alpha else float(R), scale=scale, experts=E)
+
+
+def _read_experts(path: Path, pairs: dict[str, dict[str, object]], alpha: float) -> dict[str, LoraModule]:
+    """The fused experts modules (``GGUF_EXPERT_MODULE``) of a file's 3-D expert pairs."""
+    groups: dict[tuple[int, str], dict[int, tuple]] = {}
+    for gname, p in pairs.items():
+        bid, param, i = _expert_part(gname)
+        groups.setdefault((bid, param), {})[i] = (gname, p)
+    out = {}
+    for (bid, param), got in sorted(groups.items()):
+        name = GGUF_EXPERT_MODULE.format(bid=bid, param=param)
+        out[name] = _fused_module(path, name, [got.get(i) for i in range(len(GGUF_EXPERT_TENSORS[param]))], alpha)
+    return out
+
+
 def read(path: Path, *, base=None) -> Adapter:
     """Read a llama.cpp LoRA GGUF into canonical form (HF module names and row order).
 
@@ -363,9 +458,13 @@ def read(path: Path, *, base=None) -> Adapter:
     warnings: list[str] = []
     arch, n_head, n_kv, n_blocks, name_map = _read_geometry(reader, arch_name, base, path)
 
-    modules: dict[str, LoraModule] = {}
+    pairs = _tensor_pairs(reader, path)
+    experts = {g: p for g, p in pairs.items() if _expert_part(g) is not None}
+    modules: dict[str, LoraModule] = _read_experts(path, experts, alpha)
     needs_heads = []
-    for gname, p in _tensor_pairs(reader, path).items():
+    for gname, p in pairs.items():
+        if gname in experts:
+            continue
         module, lacks_heads = _read_module(path, gname, p, arch=arch, name_map=name_map, base=base, heads=(n_head, n_kv), alpha=alpha)
         if lacks_heads:
             needs_heads.append(module.name)
@@ -402,11 +501,13 @@ def _gguf_name(module: str, arch: GGUFArch, n_blocks: int) -> str | None:
     return None
 
 
-def check_writable(adapter: Adapter) -> None:
-    """Refuse what a llama.cpp LoRA GGUF cannot hold.
+def check_writable(adapter: Adapter, base=None) -> None:
+    """Refuse what a llama.cpp LoRA GGUF cannot hold (the architecture checks need ``base``, which
+    ``write`` passes; the registry's check before OUT exists has none).
 
     Raises:
-        UnsupportedError: DoRA magnitudes, a LoRA bias, saved base-layer copies, modules_to_save.
+        UnsupportedError: DoRA magnitudes, a LoRA bias, saved base-layer copies, modules_to_save,
+            fused expert parameters llama.cpp has no expert LoRA tensors for.
     """
     dora = [m.name for m in adapter if m.magnitude is not None]
     if dora:
@@ -414,6 +515,40 @@ def check_writable(adapter: Adapter) -> None:
     refuse_lora_bias(adapter, "GGUF (llama.cpp)")
     refuse_saved_copies(adapter, "GGUF")
     refuse_modules_to_save(adapter, "GGUF")
+    experts = [m for m in adapter if m.experts]
+    if experts:
+        _check_experts(experts, base)
+
+
+def _check_experts(mods: list[LoraModule], base) -> None:
+    """Refuse fused expert parameters llama.cpp cannot hold: an architecture without expert LoRA
+    here, experts stored (E, in, out) (gpt-oss), a parameter without expert tensors."""
+    _check_expert_arch(mods[0].name, base)
+    for m in mods:
+        if m.kind is ModuleKind.EXPERTS_T:
+            raise UnsupportedError(f"{m.name}: GGUF (llama.cpp) cannot hold expert LoRA on experts stored (E, in, out): "
+                                   f"{GGUF_EXPERT_REFUSALS['gpt_oss']}")
+        if gguf_expert_names(m.name) is None:
+            raise UnsupportedError(f"{m.name}: GGUF (llama.cpp) has no expert LoRA tensor for this fused parameter "
+                                   "(only ...experts.gate_up_proj and ...experts.down_proj of a numbered layer); its delta would be lost")
+
+
+def _check_expert_arch(name: str, base) -> None:
+    """Refuse (naming the parameter ``name``) a base whose architecture has no GGUF expert LoRA."""
+    if base is None:
+        return
+    config = base.config
+    model_type = config.get("model_type") or (config.get("text_config") or {}).get("model_type")
+    if model_type in GGUF_EXPERT_REFUSALS:
+        raise UnsupportedError(f"{name}: GGUF (llama.cpp) cannot hold this expert LoRA: {GGUF_EXPERT_REFUSALS[model_type]}")
+    try:
+        arch = gguf_arch_for_config(config)
+    except UnsupportedError:
+        arch = None
+    if arch is None or arch.name not in GGUF_EXPERT_ARCHS:
+        what = arch.name if arch else (list(config.get("architectures") or []) or [model_type or "unknown"])[0]
+        raise UnsupportedError(f"{name}: GGUF expert LoRA is written only for the llama.cpp architectures "
+                               f"{', '.join(sorted(GGUF_EXPERT_ARCHS))} (llama = Mixtral), not {what}")
 
 
 def _resolve_arch(adapter: Adapter, base) -> tuple[GGUFArch, tuple[int | None, int | None], int, dict]:
@@ -481,6 +616,35 @@ def _module_factors(m: LoraModule, gname: str, tkind: str, arch: GGUFArch, heads
     return A, B, rescaled
 
 
+def _expert_tensors(m: LoraModule, arch: GGUFArch, alpha: float, seen: dict[str, str]) -> tuple[list[tuple[str, torch.Tensor]], bool]:
+    """The 3-D lora_a / lora_b of a fused experts module, as llama.cpp's converter stacks the
+    per-expert pairs: for each GGUF expert tensor (gate_up_proj splits its rows into gate and up,
+    both with expert e's A_e), lora_a (E, r, in) = A_e stacked, lora_b (E, rows, r) = B_e's rows
+    stacked; and whether a scale differing from llama.cpp's alpha / r was baked into lora_b."""
+    gnames = gguf_expert_names(m.name)
+    if arch.name not in GGUF_EXPERT_ARCHS or gnames is None or m.out_features % len(gnames):
+        why = f"llama.cpp has no expert LoRA for {arch.name}" if arch.name not in GGUF_EXPERT_ARCHS else "no llama.cpp expert tensor holds it"
+        raise UnsupportedError(f"{m.name}: GGUF: {why} (lora_B {m.B.shape}); its delta would be lost")
+    E, r = m.experts, m.rank
+    A = m.A.load().reshape(E, r, m.in_features)  # A is expert-major: A_e = A[e*r:(e+1)*r]
+    B = m.B.load().reshape(m.out_features, r, E).permute(2, 0, 1)  # B rank-major: B_e = B[:, e::E]; (E, out, r)
+    if A.dtype != B.dtype:
+        A, B = A.float(), B.float()
+    llama_scale = alpha / r if alpha else 1.0
+    if not math.isclose(m.scale, llama_scale, rel_tol=1e-9, abs_tol=0.0):
+        B = (B.double() * (m.scale / llama_scale)).to(B.dtype)
+    rescaled = not math.isclose(m.scale, llama_scale, rel_tol=1e-6, abs_tol=0.0)
+    rows = m.out_features // len(gnames)
+    out = []
+    for i, gname in enumerate(gnames):
+        if gname in seen:
+            raise UnsupportedError(f"GGUF: modules {seen[gname]} and {m.name} both map to {gname}")
+        seen[gname] = m.name
+        out.append((f"{gname}.weight.lora_a", A.contiguous()))
+        out.append((f"{gname}.weight.lora_b", B[:, i * rows : (i + 1) * rows].contiguous()))
+    return out, rescaled
+
+
 def _plan_tensors(
     mods: list[LoraModule], arch: GGUFArch, heads: tuple[int | None, int | None], n_blocks: int, alpha: float, tied: bool
 ) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
@@ -489,6 +653,11 @@ def _plan_tensors(
     rescaled: list[str] = []
     seen: dict[str, str] = {}
     for m in mods:
+        if m.experts:
+            tensors, was_rescaled = _expert_tensors(m, arch, alpha, seen)
+            planned.extend(tensors)
+            rescaled.extend([m.name] if was_rescaled else [])
+            continue
         gname = _gguf_name(m.name, arch, n_blocks)
         if gname is None:
             raise UnsupportedError(f"GGUF ({arch.name}): module {m.name} has no llama.cpp tensor name; its delta would be lost")
@@ -560,7 +729,7 @@ def write(adapter: Adapter, target: Path, *, base=None, outtype: str = "f32", re
     """
     if outtype not in OUTTYPES:
         raise InputError(f"unknown GGUF outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
-    check_writable(adapter)
+    check_writable(adapter, base)
     arch, heads, n_blocks, config = _resolve_arch(adapter, base)
     mods = list(adapter)
     alpha = _alpha_for(mods)
