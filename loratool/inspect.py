@@ -134,15 +134,17 @@ def _scan_module(name: str, mod) -> list[str]:
 
 
 def _finite_and_zero(t: LazyTensor, chunk: int = 1 << 20) -> tuple[bool, bool]:
-    """(all finite, all zero): from the stored bits when ``t`` is a stored tensor as it is (no
-    torch needed), else from the loaded tensor."""
+    """(all finite, all zero): from the stored bits when ``t`` is a stored tensor as it is (a
+    safetensors tensor, or a pickled one that is a byte range of its torch zip entry: no torch
+    needed, pages dropped block by block, ``io/bitscan.py``), else from the loaded tensor (a
+    legacy pickle, a strided view, a transform)."""
     if t.source is not None:
         summary = t.source[0].value_summary(t.source[1])
         if summary is not None:
             return summary
     import torch
 
-    flat = t.load().reshape(-1)  # a view of a mapped pickle storage: scanned in blocks, never copied whole
+    flat = t.load().reshape(-1)  # a view when contiguous (a strided view is copied once here)
     finite, zero = True, True
     for i in range(0, flat.numel(), chunk):
         block = flat[i : i + chunk]

@@ -26,7 +26,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
 import pickletools
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,3 +426,145 @@ def check_torch_pickle(path: Path) -> None:
         _check_zip(path, size)
     else:
         _check_legacy(path, size)
+
+
+# -- where each pickled tensor's elements lie in a torch zip (for the value scan, io/bitscan.py) --
+
+# torch.save's storage classes holding IEEE floats -> safetensors dtype codes (bitscan.FLOAT_BITS)
+_FLOAT_CODES = {"FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64"}
+_LOCAL_HEADER = b"PK\x03\x04"  # a zip local file header: 30 fixed bytes, then its name, then its extra field
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    """What ``_rebuild_tensor_v2(storage, offset, shape, stride, ...)`` would build, as numbers."""
+
+    storage: tuple  # (storage class name, key): what our persistent_load returns
+    offset: int
+    shape: tuple
+    stride: tuple
+
+
+class _Opaque:
+    """Anything else a checkpoint's pickle builds: takes any arguments, items and state, and is
+    never a tensor (``flatten_state_dict`` files it under extras, as it does the real object)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+def _stand_in(module: str, name: str):
+    """What a GLOBAL of the pickle becomes: numbers for tensors and storages, pass-throughs for
+    torch's wrappers (Parameter, tensor subclasses), ``_Opaque`` for everything else. Nothing is
+    imported or called from the file: this is find_class."""
+    if (module, name) in _REBUILD_TENSOR:
+        return lambda storage, offset, shape, stride, *_: _TensorRef(storage, offset, tuple(shape), tuple(stride))
+    if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+        return lambda data, *_: data  # nn.Parameter(data): the same storage, offset, shape, stride
+    if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+        return lambda func, _type, args, _state: func(*args)  # a tensor subclass: the same tensor
+    if (module, name) == ("collections", "OrderedDict"):
+        return dict  # what a state_dict is; flatten_state_dict walks dicts
+    if module == "torch" and name.endswith("Storage"):
+        return name
+    return _Opaque
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _stand_in(str(module), str(name))
+
+    def persistent_load(self, pid):
+        # torch.save: ('storage', <torch XStorage>, key, location, numel)
+        return (pid[1], str(pid[2])) if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" else None
+
+
+def _dense(shape: tuple, stride: tuple) -> bool:
+    """The view's elements are exactly ``numel`` consecutive storage elements from its offset:
+    row-major, or any permutation of it (a transposed factor); then one byte range holds it."""
+    expected = 1
+    for step, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if step != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _data_offset(fh, info: zipfile.ZipInfo) -> int | None:
+    """Where an entry's bytes begin: after its local header's 30 bytes, name and extra field
+    (read from the local header itself: torch pads the extra field there to align storages,
+    and it may differ from the central directory's copy)."""
+    fh.seek(info.header_offset)
+    head = fh.read(30)
+    if len(head) < 30 or head[:4] != _LOCAL_HEADER:
+        return None
+    name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _ref_span(path: Path, ref: _TensorRef, entry: tuple[zipfile.ZipInfo, int], big_endian: bool):
+    """(Span, shape) of one tensor whose dense view lies inside its storage's zip entry, else None."""
+    from loratool.io.bitscan import Span
+
+    info, data = entry
+    code = _FLOAT_CODES.get(ref.storage[0])
+    ints = all(type(v) is int and v >= 0 for v in (ref.offset, *ref.shape, *ref.stride))
+    if code is None or not ints or len(ref.shape) != len(ref.stride) or not _dense(ref.shape, ref.stride):
+        return None
+    itemsize = _ITEMSIZE[ref.storage[0]]
+    begin = data + ref.offset * itemsize
+    end = begin + math.prod(ref.shape) * itemsize
+    if end > data + info.file_size:
+        return None
+    return Span(path, begin, end, code, big_endian), ref.shape
+
+
+def tensor_spans(path: Path) -> dict[str, tuple]:
+    """{name: (bitscan.Span, shape)} of a torch zip's float tensors whose elements are one byte
+    range of the file, named as ``store.flatten_state_dict`` names them; {} for a legacy pickle.
+
+    Layout (torch/csrc/jit/serialization, torch.save): ``<archive>/data.pkl`` holds the object
+    stream, a storage with key K is the entry ``<archive>/data/K`` (stored, never compressed:
+    ``_check_zip_entries`` refuses others), ``<archive>/byteorder`` says "little" or "big" (absent
+    in old files: native). The object stream is replayed with stand-ins (``_stand_in``), after
+    ``check_torch_pickle`` bounded it. Anything unexpected gives no span: the caller then scans
+    the loaded tensor instead, so this is a shortcut, never a second opinion.
+    """
+    from loratool.io.store import flatten_state_dict
+
+    try:
+        with open_torch_zip(path) as zf, open(path, "rb") as fh:
+            pkl = next((i for i in zf.infolist() if i.filename.endswith("data.pkl")), None)
+            if pkl is None:
+                return {}
+            prefix = pkl.filename[: -len("data.pkl")]
+            names = set(zf.namelist())
+            order = zf.read(f"{prefix}byteorder").decode().strip() if f"{prefix}byteorder" in names else sys.byteorder
+            root = _StandInUnpickler(io.BytesIO(zf.read(pkl))).load()
+            refs = flatten_state_dict(root, is_tensor=lambda v: isinstance(v, _TensorRef))[0]
+            entries: dict[str, tuple] = {}
+            spans = {}
+            for name, ref in refs.items():
+                key = f"{prefix}data/{ref.storage[1]}" if isinstance(ref.storage, tuple) else None
+                if key not in entries and key in names:
+                    info = zf.getinfo(key)
+                    entries[key] = (info, _data_offset(fh, info))
+                entry = entries.get(key)
+                span = _ref_span(path, ref, entry, order == "big") if entry and entry[1] is not None else None
+                if span is not None:
+                    spans[name] = span
+            return spans
+    except Exception:  # noqa: BLE001 - a shortcut: any surprise means "scan the loaded tensor"
+        return {}

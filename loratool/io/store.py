@@ -25,7 +25,8 @@ from typing import (
 )
 
 from loratool.errors import FormatError
-from loratool.io.pickle_scan import check_torch_pickle, open_torch_zip
+from loratool.io.bitscan import BitScanner, Span, still_there
+from loratool.io.pickle_scan import check_torch_pickle, open_torch_zip, tensor_spans
 
 if TYPE_CHECKING:  # a safetensors header is read without torch (a plain `inspect` never loads it)
     import torch
@@ -49,15 +50,6 @@ SAFETENSORS_CODES: dict[str, tuple[str, int]] = {
     "U64": ("uint64", 8),
 }
 _TORCH_TABLES: dict[str, dict] = {}
-# IEEE layouts of the float codes: (numpy view, exponent bits, magnitude bits)
-_FLOAT_BITS = {
-    "F64": ("<u8", 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF),
-    "F32": ("<u4", 0x7F800000, 0x7FFFFFFF),
-    "F16": ("<u2", 0x7C00, 0x7FFF),
-    "BF16": ("<u2", 0x7F80, 0x7FFF),
-}
-
-
 def _torch_tables() -> dict[str, dict]:
     """{code: torch dtype} and {torch dtype: code}, built when torch is first needed."""
     if not _TORCH_TABLES:
@@ -269,7 +261,9 @@ class TensorStore:
         self._entries: dict[str, TensorEntry] = {}
         self._pickles: dict[Path, dict] = {}
         self._handles: dict[Path, object] = {}
-        self._bitmaps: dict[Path, object] = {}  # numpy maps of safetensors files, for value_summary
+        self._scanner = BitScanner()  # value_summary's maps, one per file
+        self._spans: dict[Path, dict] = {}  # a torch zip's {name: (Span, shape)}, found when first scanned
+        self._sizes: dict[Path, int] = {}  # a pickle's size when loaded
         self.metadata: dict[str, str] = {}
         self.extras: dict[str, object] = {}  # non-tensor entries found in pickles
         for f in self.files:
@@ -287,7 +281,9 @@ class TensorStore:
         self._entries[entry.name] = entry
 
     def _load_pickle(self, path: Path) -> None:
+        size = os.stat(path).st_size  # before loading: what torch.load maps
         obj = load_pickle(path)
+        self._sizes[path] = size
         tensors, extras = flatten_state_dict(obj)
         self.extras.update(extras)
         self._pickles[path] = tensors
@@ -325,30 +321,28 @@ class TensorStore:
     # -- data --
     def value_summary(self, name: str, *, chunk: int = 1 << 20) -> tuple[bool, bool] | None:
         """(all finite, all zero) of a stored float tensor, read from its bits with numpy (no torch),
-        ``chunk`` elements at a time; None for a pickled tensor or a non-float dtype."""
-        e = self._entries[name]
-        layout = _FLOAT_BITS.get(e.dtype_code or "")
-        if e.begin is None or layout is None:
-            return None
-        import numpy as np
+        ``chunk`` elements at a time, each block's pages dropped after use (``io/bitscan.py``);
+        None for a non-float dtype, or a pickled tensor that is not one byte range of a torch zip."""
+        span = self._span(self._entries[name])
+        return None if span is None else self._scanner.summary(span, f"tensor {name!r}", chunk)
 
-        view, exponent, magnitude = layout
-        n = math.prod(e.shape)
-        if n == 0:
-            return True, True
-        if os.stat(e.path).st_size < e.end:  # reading a mapping past a truncated file's end is SIGBUS
-            raise FormatError(e.path, f"was truncated while being read: tensor {name!r} needs {e.end:,} bytes")
-        whole = self._bitmaps.get(e.path)
-        if whole is None:  # one mapping per file: a memmap per tensor costs ~0.1 ms (100,000 tensors: 10 s)
-            whole = self._bitmaps[e.path] = np.memmap(e.path, dtype=np.uint8, mode="r")
-        bits = whole[e.begin : e.end].view(view)
-        finite, zero = True, True
-        for i in range(0, n, chunk):
-            block = bits[i : i + chunk]
-            finite = finite and not bool(((block & exponent) == exponent).any())  # exponent all ones: inf or NaN
-            zero = zero and not bool((block & magnitude).any())  # +0 and -0 have no magnitude bits
-        del bits
-        return finite, zero
+    def _span(self, e: TensorEntry) -> Span | None:
+        """Where a tensor's elements lie: a safetensors entry's offsets, or a pickled tensor's range
+        of its storage's zip entry when the replayed pickle agrees with the loaded tensor."""
+        if e.begin is not None:
+            return Span(e.path, e.begin, e.end, e.dtype_code)
+        if e.path not in self._pickles:
+            return None
+        spans = self._spans.get(e.path)
+        if spans is None:
+            spans = self._spans[e.path] = tensor_spans(e.path)
+        span, shape = spans.get(e.name, (None, None))
+        if span is None or shape != e.shape or SAFETENSORS_CODES[span.code][0] != dtype_name(e.dtype):
+            # the caller reads the loaded tensor, which torch.load may have mapped: touching it
+            # past the end of a file truncated since is SIGBUS (a size check first, as bitscan does)
+            still_there(e.path, self._sizes.get(e.path, 0), f"tensor {e.name!r}")
+            return None
+        return span
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory."""
@@ -373,7 +367,8 @@ class TensorStore:
 
     def close(self) -> None:
         self._handles.clear()
-        self._bitmaps.clear()
+        self._scanner.close()
+        self._spans.clear()
         self._pickles.clear()
 
     def __enter__(self) -> "TensorStore":
@@ -476,13 +471,18 @@ def load_pickle(path: Path) -> object:
         raise FormatError(path, f"not a loadable PyTorch checkpoint ({msg[:200]})") from None
 
 
-def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries."""
-    import torch
+def flatten_state_dict(obj: object, prefix: str = "", is_tensor: Callable[[object], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries.
 
+    ``is_tensor`` (default: a ``torch.Tensor``) lets ``pickle_scan.tensor_spans`` name its
+    stand-ins exactly as the loaded tensors are named."""
+    if is_tensor is None:
+        import torch
+
+        is_tensor = lambda v: isinstance(v, torch.Tensor)  # noqa: E731
     tensors: dict[str, torch.Tensor] = {}
     extras: dict[str, object] = {}
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         tensors[prefix or "tensor"] = obj
         return tensors, extras
     if not isinstance(obj, dict):
@@ -490,10 +490,10 @@ def flatten_state_dict(obj: object, prefix: str = "") -> tuple[dict[str, torch.T
         return tensors, extras
     for k, v in obj.items():
         name = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, torch.Tensor):
+        if is_tensor(v):
             tensors[name] = v
         elif isinstance(v, dict):
-            t, e = flatten_state_dict(v, name)
+            t, e = flatten_state_dict(v, name, is_tensor)
             tensors.update(t)
             extras.update(e)
         else:
