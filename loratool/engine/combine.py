@@ -68,6 +68,7 @@ class CombinedStats:
     adapters: list[int]
     delta_norms: list[float]  # ||dW_i||, before weights and pruning
     kept_fraction: list[float] = field(default_factory=list)  # share of dW_i's entries kept
+    kept: list[int] = field(default_factory=list)  # how many (the outvoted share's denominator)
     dropped_norms: list[float] = field(default_factory=list)  # ||dW_i - T_i|| (DARE: before rescaling)
     outvoted: float | None = None  # share of kept entries whose sign lost the election
     combined_norm: float = 0.0  # ||D||
@@ -121,11 +122,14 @@ def _sparsify(d: torch.Tensor, index: int, tensor: str, spec: CombineSpec, stats
     """T_i from dW_i (in place): the top-k entries by magnitude, or DARE's random drop and rescale."""
     if spec.method in _RANDOM:
         keep = dare_mask(tensor, index, tuple(d.shape), spec.density, spec.seed).to(d.device)
+        kept = int(torch.count_nonzero(keep))
     else:
         keep = top_k_mask(d, spec.density)
+        kept = d.numel() if spec.density >= 1.0 else int(spec.density * d.numel())  # exactly k by construction
     if on_mask is not None:
         on_mask(tensor, index, keep)
-    stats.kept_fraction.append(float(keep.sum()) / max(1, keep.numel()))
+    stats.kept.append(kept)
+    stats.kept_fraction.append(kept / max(1, keep.numel()))
     total_sq = _norm(d) ** 2
     d.mul_(keep)
     kept_sq = _norm(d) ** 2
@@ -148,7 +152,7 @@ def top_k_mask(d: torch.Tensor, density: float) -> torch.Tensor:
     mags = d.abs().reshape(-1)
     threshold = _kth_largest(mags, k)
     keep = mags > threshold
-    short = k - int(keep.sum())
+    short = k - int(torch.count_nonzero(keep))
     if short > 0:  # entries equal to the threshold, first ones first
         ties = torch.nonzero(mags == threshold).reshape(-1)[:short]
         keep[ties] = True
@@ -198,13 +202,12 @@ def _disjoint_mean(deltas: list[torch.Tensor], weights: list[float], rule: str, 
     del votes
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
-    nonzero = lost = 0
+    agreeing = 0
     for d, w in zip(deltas, weights):
-        agree = torch.sign(d) == elected
-        total.add_(d * agree, alpha=w)
+        agree = (d * elected) > 0  # kept, with the elected sign (a dropped entry is 0: never agrees)
+        total.add_(torch.where(agree, d, 0.0), alpha=w)
         count.add_(agree)
-        kept = int(torch.count_nonzero(d))
-        nonzero += kept
-        lost += kept - int(agree.sum())
-    stats.outvoted = lost / nonzero if nonzero else 0.0
+        agreeing += int(torch.count_nonzero(agree))
+    kept = sum(stats.kept) if stats.kept else sum(int(torch.count_nonzero(d)) for d in deltas)
+    stats.outvoted = (kept - agreeing) / kept if kept else 0.0
     return total.div_(count.clamp_(min=1.0))
