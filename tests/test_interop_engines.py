@@ -221,10 +221,14 @@ def test_vllm_serves_fixed_adapters_with_peft_logprobs(arch, tmp_path):
                                    max_rank=VLLM_MAX_RANK))
         assert reports[-1]["check"]["compatible"]
     assert reports[0]["changes"] == []  # nothing to fix: served as PEFT wrote it
-    run = subprocess.run([python, str(HERE / "_vllm_logprobs.py"), str(base), json.dumps(IDS), str(VLLM_MAX_RANK),
-                          str(tmp_path / "out"), "-", *map(str, fixed)], capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-3000:]
+    for _ in range(2):  # one retry: the engine's start has failed once in about 20 runs here, not reproducibly
+        run = subprocess.run([python, str(HERE / "_vllm_logprobs.py"), str(base), json.dumps(IDS), str(VLLM_MAX_RANK),
+                              str(tmp_path / "out"), "-", *map(str, fixed)], capture_output=True, text=True, timeout=600,
+                             check=False)
+        if run.returncode == 0:
+            break
+    errors = [line for line in run.stderr.splitlines() if "Error" in line and "WARNING" not in line]
+    assert run.returncode == 0, "\n".join(errors[:20]) + run.stderr[-2000:]
     got = [torch.from_numpy(np.load(tmp_path / f"out{i}.npy")).double() for i in range(len(specs) + 1)]
     assert not any(bool(torch.isnan(g).any()) for g in got)  # the whole vocabulary came back
     plain = _peft_logits(base, log_softmax=True)
