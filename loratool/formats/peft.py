@@ -238,12 +238,52 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
     if unknown:
         warns.append(f"{config_path}: fields unknown to this loratool were ignored: {', '.join(unknown)}")
     store = TensorStore([weights_path])
-    variant = "adalora" if str(config.get("peft_type", "LORA")).upper() == "ADALORA" else "lora"
-    rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    parts, full = _group_keys(store, weights_path)
+    wrapped = _param_wrappers(list(parts), config, weights_path)
+    plain_wrapped: dict[str, str] = {}  # 2-D parameters PEFT wraps (a router's weight): module -> parameter
+    modules: dict[str, LoraModule] = {}
+    for key_module, p in parts.items():
+        module, param = wrapped.get(key_module, (key_module, None))
+        mod = _read_module(module, param, p, store, config, config_path, weights_path)
+        if mod.name in modules:
+            raise FormatError(weights_path, f"{mod.name}: two sets of LoRA tensors claim it")
+        if param is not None and not mod.experts:
+            plain_wrapped[module] = param
+        modules[mod.name] = mod
+    to_save = {name: store.lazy(key) for name, key in full.items()}
+    declared = [m for m in (config.get("modules_to_save") or []) if isinstance(m, str)]
+    copies = frozenset(n for n, key in full.items() if _is_saved_copy(key, n, declared, set(parts)))
+    if not modules and not to_save:
+        warns.append(f"{weights_path}: holds no LoRA tensors")
+    return Adapter(
+        format=NAME,
+        modules=modules,
+        modules_to_save=to_save,
+        base_model=config.get("base_model_name_or_path"),
+        target_modules=config.get("target_modules"),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)) or any(m.magnitude is not None for m in modules.values()),
+        lora_bias=bool(config.get("lora_bias", False)) or any(m.bias is not None for m in modules.values()),
+        variant=_variant(config),
+        task_type=config.get("task_type"),
+        path=Path(path),
+        files=[config_path, weights_path],
+        config=config,
+        warnings=warns,
+        extras={"peft_modules": list(modules), **({"param_wrappers": plain_wrapped} if plain_wrapped else {})},
+        base_layer_copies=copies,
+    )
 
+
+def _variant(config: dict) -> str:
+    return "adalora" if str(config.get("peft_type", "LORA")).upper() == "ADALORA" else "lora"
+
+
+def _group_keys(store: TensorStore, weights_path: Path) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """(module -> {part: key} for the LoRA factors, tensor name -> key for full tensors); two keys
+    claiming one role are refused (``_claim``)."""
     parts: dict[str, dict[str, str]] = {}
-    full: dict[str, str] = {}  # tensor name -> key, for the tensors that are not LoRA factors
+    full: dict[str, str] = {}
     for key in store.keys():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY_RE.match(name)
@@ -258,84 +298,64 @@ def read(path: Path, *, adapter_name: str | None = None) -> Adapter:
                 raise FormatError(weights_path, f"unexpected tensor {key}")
             part = "lora_B.bias"
         _claim(parts.setdefault(m.group("module"), {}), part, key, f"{m.group('module')}'s {part}", weights_path)
-
-    wrapped = _param_wrappers(list(parts), config, weights_path)
-    plain_wrapped: dict[str, str] = {}  # 2-D parameters PEFT wraps (a router's weight): module -> parameter
-    modules: dict[str, LoraModule] = {}
-    for module, p in parts.items():
-        module, param = wrapped.get(module, (module, None))
-        embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
-        a_key = p.get("lora_embedding_A" if embedding else "lora_A")
-        b_key = p.get("lora_embedding_B" if embedding else "lora_B")
-        if a_key is None or b_key is None:
-            raise FormatError(weights_path, f"{module}: has {'lora_A' if b_key is None else 'lora_B'} without its pair")
-        A, B = store.lazy(a_key), store.lazy(b_key)
-        if len(A.shape) != 2 or len(B.shape) != 2:
-            raise UnsupportedError(f"{weights_path}: {module}: LoRA on a convolution ({len(A.shape)}-D factors) is not supported")
-        if A.shape[0] != B.shape[1]:
-            raise FormatError(weights_path, f"{module}: lora_A is {A.shape} but lora_B is {B.shape} (ranks differ)")
-        if A.shape[0] == 0:
-            raise FormatError(weights_path, f"{module}: rank 0")
-        # a wrapped parameter's rank and alpha patterns match its full name (PEFT's current_key)
-        rank, alpha = _module_rank_alpha(config, f"{module}.{param}" if param else module, config_path)
-        experts = _expert_count(module, param, rank, A.shape, weights_path)
-        if experts:
-            module, rank = f"{module}.{param}", rank * experts
-        elif param is not None:
-            plain_wrapped[module] = param
-        if variant == "adalora":
-            if "lora_E" not in p:
-                raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
-            E = store.lazy(p["lora_E"])
-            A = _adalora_fold(A, E)
-            folded = E.numel
-            scaling = alpha if alpha > 0 else float(A.shape[0])
-            scale = scaling / (A.shape[0] + 1e-5)  # ranknum is the stored rank
-        else:
-            folded = 0
-            if rank != A.shape[0]:
-                raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
-            scale = lora_scale(alpha, rank // max(experts, 1), rslora=rslora)
-        if not abs(scale) <= _F32_MAX:  # every merge computes in float32
-            raise FormatError(config_path, f"{module}: scaling {scale:g} (lora_alpha {alpha:g}, rank {rank}) does not fit in float32")
-        kind = ModuleKind.EXPERTS if experts else ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
-        bias = store.lazy(p["lora_B.bias"]) if "lora_B.bias" in p else None
-        magnitude = store.lazy(p["lora_magnitude_vector"]) if "lora_magnitude_vector" in p else None
-        for what, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
-            if t is not None and math.prod(t.shape) != B.shape[0]:
-                raise FormatError(weights_path, f"{module}: {what} has shape {t.shape}, expected ({B.shape[0]},) for lora_B {B.shape}")
-        if magnitude is not None:
-            magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
-        if module in modules:
-            raise FormatError(weights_path, f"{module}: two sets of LoRA tensors claim it")
-        modules[module] = LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude,
-                                     folded_params=folded, experts=experts)
-
-    to_save = {name: store.lazy(key) for name, key in full.items()}
-    declared = [m for m in (config.get("modules_to_save") or []) if isinstance(m, str)]
-    copies = frozenset(n for n, key in full.items() if _is_saved_copy(key, n, declared, set(parts)))
-    if not modules and not to_save:
-        warns.append(f"{weights_path}: holds no LoRA tensors")
-    return Adapter(
-        format=NAME,
-        modules=modules,
-        modules_to_save=to_save,
-        base_model=config.get("base_model_name_or_path"),
-        target_modules=config.get("target_modules"),
-        use_rslora=rslora,
-        use_dora=bool(config.get("use_dora", False)) or any(m.magnitude is not None for m in modules.values()),
-        lora_bias=bool(config.get("lora_bias", False)) or any(m.bias is not None for m in modules.values()),
-        variant=variant,
-        task_type=config.get("task_type"),
-        path=Path(path),
-        files=[config_path, weights_path],
-        config=config,
-        warnings=warns,
-        extras={"peft_modules": list(modules), **({"param_wrappers": plain_wrapped} if plain_wrapped else {})},
-        base_layer_copies=copies,
-    )
+    return parts, full
 
 
+def _factor_pair(module: str, p: dict[str, str], store: TensorStore, weights_path: Path) -> tuple[LazyTensor, LazyTensor, bool]:
+    """(A, B, is an embedding LoRA), their shapes checked."""
+    embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
+    a_key = p.get("lora_embedding_A" if embedding else "lora_A")
+    b_key = p.get("lora_embedding_B" if embedding else "lora_B")
+    if a_key is None or b_key is None:
+        raise FormatError(weights_path, f"{module}: has {'lora_A' if b_key is None else 'lora_B'} without its pair")
+    A, B = store.lazy(a_key), store.lazy(b_key)
+    if len(A.shape) != 2 or len(B.shape) != 2:
+        raise UnsupportedError(f"{weights_path}: {module}: LoRA on a convolution ({len(A.shape)}-D factors) is not supported")
+    if A.shape[0] != B.shape[1]:
+        raise FormatError(weights_path, f"{module}: lora_A is {A.shape} but lora_B is {B.shape} (ranks differ)")
+    if A.shape[0] == 0:
+        raise FormatError(weights_path, f"{module}: rank 0")
+    return A, B, embedding
+
+
+def _read_module(module: str, param: str | None, p: dict[str, str], store: TensorStore, config: dict,
+                 config_path: Path, weights_path: Path) -> LoraModule:
+    """One module (a wrapped 3-D parameter becomes a fused experts module named ``<module>.<param>``)."""
+    A, B, embedding = _factor_pair(module, p, store, weights_path)
+    # a wrapped parameter's rank and alpha patterns match its full name (PEFT's current_key)
+    rank, alpha = _module_rank_alpha(config, f"{module}.{param}" if param else module, config_path)
+    experts = _expert_count(module, param, rank, A.shape, weights_path)
+    if experts:
+        module, rank = f"{module}.{param}", rank * experts
+    folded = 0
+    if _variant(config) == "adalora":
+        if "lora_E" not in p:
+            raise FormatError(weights_path, f"{module}: AdaLoRA module without lora_E")
+        E = store.lazy(p["lora_E"])
+        A, folded = _adalora_fold(A, E), E.numel
+        scale = (alpha if alpha > 0 else float(A.shape[0])) / (A.shape[0] + 1e-5)  # ranknum is the stored rank
+    else:
+        if rank != A.shape[0]:
+            raise FormatError(weights_path, f"{module}: config rank {rank} but lora_A is {A.shape}")
+        scale = lora_scale(alpha, rank // max(experts, 1), rslora=bool(config.get("use_rslora", False)))
+    if not abs(scale) <= _F32_MAX:  # every merge computes in float32
+        raise FormatError(config_path, f"{module}: scaling {scale:g} (lora_alpha {alpha:g}, rank {rank}) does not fit in float32")
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    kind = ModuleKind.EXPERTS if experts else ModuleKind.EMBEDDING if embedding else (ModuleKind.CONV1D if fan_in_fan_out else ModuleKind.LINEAR)
+    bias, magnitude = _row_vectors(module, p, store, B, weights_path)
+    return LoraModule(module, kind, A, B, alpha=alpha, scale=scale, bias=bias, magnitude=magnitude, folded_params=folded, experts=experts)
+
+
+def _row_vectors(module: str, p: dict[str, str], store: TensorStore, B: LazyTensor, weights_path: Path):
+    """(lora_B.bias, DoRA's magnitude), each (out,) or None."""
+    bias = store.lazy(p["lora_B.bias"]) if "lora_B.bias" in p else None
+    magnitude = store.lazy(p["lora_magnitude_vector"]) if "lora_magnitude_vector" in p else None
+    for what, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
+        if t is not None and math.prod(t.shape) != B.shape[0]:
+            raise FormatError(weights_path, f"{module}: {what} has shape {t.shape}, expected ({B.shape[0]},) for lora_B {B.shape}")
+    if magnitude is not None:
+        magnitude = magnitude.map(lambda t: t.reshape(-1), shape=(math.prod(magnitude.shape),))
+    return bias, magnitude
 
 
 def _wrapper_paths(adapter: Adapter) -> dict[str, str]:
