@@ -177,16 +177,31 @@ def factor_product(A: torch.Tensor, B: torch.Tensor, scale: float, *, dtype: tor
 
 
 def gram_norm_sq(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
-    """||scale * B @ A||_F^2 without forming B @ A (float64 Gram matrices, r x r)."""
-    a, b = A.double(), B.double()
-    return max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0) * scale * scale
+    """||scale * B @ A||_F^2 without forming B @ A: scale^2 * sum((A A^T) * (B^T B)), the r x r Gram
+    matrices accumulated in float64 over blocks of A's columns and B's rows (never a float64 copy of
+    a whole factor: a factor can be gigabytes)."""
+    return max(float((_gram(A) * _gram(B.T)).sum()), 0.0) * scale * scale
+
+
+def _gram(M: torch.Tensor, *, block: int = 1 << 16) -> torch.Tensor:
+    """M @ M.T in float64 for M (r, n), summed over column blocks of at most ``block``."""
+    r, n = M.shape
+    G = torch.zeros((r, r), dtype=torch.float64, device=M.device)
+    for i in range(0, n, block):
+        part = M[:, i : i + block].double()  # (r, <= block)
+        G.addmm_(part, part.T)
+    return G
 
 
 def combination_norm(modules: list, weights: list[float]) -> float:
     """||sum_i w_i * dW_i||_F for LoRA modules of one weight, from the stacked factors."""
-    Bs = torch.cat([m.B.load().double() * (m.scale * w) for m, w in zip(modules, weights)], dim=1)  # (out, sum r)
-    As = torch.cat([m.A.load().double() for m in modules], dim=0)  # (sum r, in)
-    return math.sqrt(gram_norm_sq(As, Bs, 1.0))
+    dtype = torch.promote_types(torch.float32, max((m.A.load().dtype for m in modules), key=lambda d: d.itemsize))
+    As = torch.cat([m.A.load().to(dtype) for m in modules], dim=0)  # (sum r, in), no float64 copy
+    Bs = torch.cat([m.B.load().to(dtype) for m in modules], dim=1)  # (out, sum r)
+    c = torch.cat([torch.full((m.rank,), float(m.scale) * float(w), dtype=torch.float64) for m, w in zip(modules, weights)])  # (sum r,)
+    # ||Bs diag(c) As||^2 = sum((As As^T) * (diag(c) Bs^T Bs diag(c))): the weights enter exactly, in float64
+    GB = _gram(Bs.T) * c[:, None] * c[None, :]
+    return math.sqrt(max(float((_gram(As) * GB).sum()), 0.0))
 
 
 def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
