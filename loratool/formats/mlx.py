@@ -205,8 +205,12 @@ def _num_layers(adapter: Adapter, base, indices: list[int]) -> tuple[int, str | 
         return adapter.config["num_layers"], None
     if not indices:
         return 0, None
-    n = max(indices) + 1
-    return n, f"num_layers {n} assumes the model has {n} blocks (pass --base to take it from the base config)"
+    # the block count is unknown: -1 builds LoRA layers in every block (mlx-lm: layers[-max(n, 0):]);
+    # blocks without tensors keep lora_b = 0, an exact zero delta. max(indices) + 1 would put them
+    # in the wrong blocks whenever the model has more (load_adapters then refuses the tensors).
+    low = min(indices)
+    return -1, (f"num_layers -1: LoRA layers in every block, zero in blocks below {low} "
+                "(pass --base to take num_layers from the base config)") if low else None
 
 
 def write(adapter: Adapter, folder: Path, *, base=None, report: dict | None = None) -> list[Path]:
