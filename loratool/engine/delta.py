@@ -194,14 +194,27 @@ def _gram(M: torch.Tensor, *, block: int = 1 << 16) -> torch.Tensor:
 
 
 def combination_norm(modules: list, weights: list[float]) -> float:
-    """||sum_i w_i * dW_i||_F for LoRA modules of one weight, from the stacked factors."""
-    dtype = torch.promote_types(torch.float32, max((m.A.load().dtype for m in modules), key=lambda d: d.itemsize))
-    As = torch.cat([m.A.load().to(dtype) for m in modules], dim=0)  # (sum r, in), no float64 copy
-    Bs = torch.cat([m.B.load().to(dtype) for m in modules], dim=1)  # (out, sum r)
-    c = torch.cat([torch.full((m.rank,), float(m.scale) * float(w), dtype=torch.float64) for m, w in zip(modules, weights)])  # (sum r,)
-    # ||Bs diag(c) As||^2 = sum((As As^T) * (diag(c) Bs^T Bs diag(c))): the weights enter exactly, in float64
+    """||sum_i w_i * dW_i||_F for LoRA modules of one weight, from the stacked factors (for fused
+    experts modules: over every expert, sqrt(sum_e ||sum_i w_i dW_ie||^2))."""
+    loaded = [(m.A.load(), m.B.load(), float(m.scale) * float(w)) for m, w in zip(modules, weights)]
+    E = getattr(modules[0], "experts", 0)
+    if not E:
+        return math.sqrt(_stacked_norm_sq(loaded))
+    if any(getattr(m, "experts", 0) != E for m in modules):
+        raise ValueError(f"modules with different expert counts: {[getattr(m, 'experts', 0) for m in modules]}")
+    per_expert = ([(*expert_factors(A, B, E, e), c) for A, B, c in loaded] for e in range(E))
+    return math.sqrt(sum(_stacked_norm_sq(terms) for terms in per_expert))
+
+
+def _stacked_norm_sq(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
+    """||sum_i c_i B_i A_i||_F^2 from the stacked factors: sum((As As^T) * (diag(c) Bs^T Bs diag(c))),
+    the coefficients applied to the r x r Gram exactly in float64 (no float64 copy of a factor)."""
+    dtype = torch.promote_types(torch.float32, max((A.dtype for A, _, _ in terms), key=lambda d: d.itemsize))
+    As = torch.cat([A.to(dtype) for A, _, _ in terms], dim=0)  # (sum r, in)
+    Bs = torch.cat([B.to(dtype) for _, B, _ in terms], dim=1)  # (out, sum r)
+    c = torch.cat([torch.full((A.shape[0],), c, dtype=torch.float64) for A, _, c in terms])  # (sum r,)
     GB = _gram(Bs.T) * c[:, None] * c[None, :]
-    return math.sqrt(max(float((_gram(As) * GB).sum()), 0.0))
+    return max(float((_gram(As) * GB).sum()), 0.0)
 
 
 def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
