@@ -225,11 +225,14 @@ def test_vllm_serves_fixed_adapters_with_peft_logprobs(arch, tmp_path):
                                    max_rank=VLLM_MAX_RANK))
         assert reports[-1]["check"]["compatible"]
     assert reports[0]["changes"] == []  # nothing to fix: served as PEFT wrote it
-    for _ in range(2):  # one retry: the engine's start has failed once in about 20 runs here, not reproducibly
+    # vLLM's CPU engine sometimes aborts while starting ("terminate called without an active exception",
+    # SIGABRT, after the weights are loaded): twice in a row for two architectures on a cold cache, never
+    # reproduced when run again; a start that aborts is retried (up to 4 starts), any other failure is not
+    for _ in range(4):
         run = subprocess.run([python, str(HERE / "_vllm_logprobs.py"), str(base), json.dumps(IDS), str(VLLM_MAX_RANK),
                               str(tmp_path / "out"), "-", *map(str, fixed)], capture_output=True, text=True, timeout=600,
                              check=False)
-        if run.returncode == 0:
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     errors = [line for line in run.stderr.splitlines() if "Error" in line and "WARNING" not in line]
     assert run.returncode == 0, "\n".join(errors[:20]) + run.stderr[-2000:]
