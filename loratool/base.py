@@ -260,6 +260,30 @@ def bind_adapter(adapter: Adapter, base: BaseModel, *, strict_shapes: bool = Tru
     return Binding(adapter.replace_modules(modules), keys, layouts)
 
 
+def bind_with_tied_heads(base: BaseModel, adapter: Adapter, warnings: list[str]) -> tuple[Adapter, dict[str, str]]:
+    """``bind_adapter``, where a module on a head the base ties to its input embedding (and does not
+    store) targets the embedding, as PEFT's merge into the tied parameter does; a warning says so.
+
+    Returns:
+        (the adapter bound to the base, module -> base tensor).
+    """
+    mapping: dict[str, str] = {}
+    tied: dict[str, LoraModule] = {}
+    untied: dict[str, LoraModule] = {}
+    for name, mod in adapter.modules.items():
+        key = None if base.weight_name(name) is not None else base.tied_head_key(name)
+        if key is None:
+            untied[name] = mod
+            continue
+        tied[name] = bound_module(base, mod, key)  # the head's delta goes into the shared embedding
+        mapping[name] = key
+        warnings.append(f"{name}: the base ties it to {key} (tie_word_embeddings); the merged delta changes that shared tensor, as PEFT's merge does")
+    binding = bind_adapter(adapter.replace_modules(untied), base)
+    mapping.update(binding.keys)
+    bound = {**tied, **binding.adapter.modules}
+    return adapter.replace_modules({name: bound[name] for name in adapter.modules}), mapping
+
+
 def module_names_matching(base: BaseModel, targets: object, suffixes: Iterable[str] = (".weight",)) -> list[str]:
     """Module names of the base that PEFT's target_modules rule would select (2-D weights only)."""
     from loratool.formats.peft import target_matches

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.base import BaseModel, bind_adapter, read_model_config
+from loratool.base import (
+    BaseModel,
+    bind_adapter,
+    bind_with_tied_heads,
+    read_model_config,
+)
 from loratool.engine.delta import combination_norm
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import (
@@ -122,7 +127,9 @@ def convert(
         # before the shape checks: a resized vocabulary is explained by its copy
         adapter = drop_identical_copies(adapter, base_model, holder=target.title)
     if base_model is not None and len(base_model.store):
-        adapter = bind_adapter(adapter, base_model).adapter
+        # PEFT loads a LoRA on a head the base ties to its embedding (and does not store): keep it;
+        # the other formats name tensors of the base and refuse it as before
+        adapter = bind_with_tied_heads(base_model, adapter, [])[0] if to == "peft" else bind_adapter(adapter, base_model).adapter
 
     out = Path(out)
     mod = get_format(to)

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind
-from loratool.base import BaseModel, bind_adapter, bound_module, side_files
+from loratool.base import BaseModel, bind_with_tied_heads, side_files
 from loratool.engine.codecs import float as float_codec
 from loratool.engine.codecs.float import CONVERTIBLE, HALF
 from loratool.engine.combine import CombinedTerm, CombineSpec
@@ -185,7 +185,7 @@ def plan_merge(
         raise ValueError("sign must be +1 or -1")
     out_dtype = resolve_dtype(dtype)
     warnings = list(adapter.warnings) + _check_direction(base, adapter, sign=sign, strict=strict)
-    adapter, mapping = _bind_with_tied_heads(base, adapter, warnings)
+    adapter, mapping = bind_with_tied_heads(base, adapter, warnings)
     tasks = _TaskTable(base, out_dtype)
     added, mts_report = _plan_modules_to_save(base, adapter, tasks, sign=sign, keep=keep_modules_to_save,
                                               float_default=_default_float_dtype(base), warnings=warnings)
@@ -245,7 +245,7 @@ def plan_combined_merge(
     tasks = _TaskTable(base, out_dtype)
     for i, adapter in enumerate(adapters):
         warnings += _check_direction(base, adapter, sign=1, strict=strict)
-        adapter, mapping = _bind_with_tied_heads(base, adapter, warnings)
+        adapter, mapping = bind_with_tied_heads(base, adapter, warnings)
         bound.append(adapter)
         for name, key in mapping.items():
             mod = adapter.modules[name]
@@ -317,26 +317,6 @@ def _check_direction(base: BaseModel, adapter: Adapter, *, sign: int, strict: bo
             "cannot be recovered from the merged weights"
         )
     return warnings
-
-
-def _bind_with_tied_heads(base: BaseModel, adapter: Adapter, warnings: list[str]) -> tuple[Adapter, dict[str, str]]:
-    """The adapter bound to the base (each module's layout) and ``module -> base tensor``. A module
-    on a head the base ties to its input embedding (and does not store) targets the embedding."""
-    mapping: dict[str, str] = {}
-    tied: dict[str, LoraModule] = {}
-    untied: dict[str, LoraModule] = {}
-    for name, mod in adapter.modules.items():
-        key = None if base.weight_name(name) is not None else base.tied_head_key(name)
-        if key is None:
-            untied[name] = mod
-            continue
-        tied[name] = bound_module(base, mod, key)  # the head's delta goes into the shared embedding
-        mapping[name] = key
-        warnings.append(f"{name}: the base ties it to {key} (tie_word_embeddings); the merged delta changes that shared tensor, as PEFT's merge does")
-    binding = bind_adapter(adapter.replace_modules(untied), base)
-    mapping.update(binding.keys)
-    bound = {**tied, **binding.adapter.modules}
-    return adapter.replace_modules({name: bound[name] for name in adapter.modules}), mapping
 
 
 class _TaskTable:

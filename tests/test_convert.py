@@ -215,3 +215,22 @@ def test_what_a_format_cannot_hold_is_refused_before_out_is_opened(to, adapter, 
     assert res.returncode == 2, res.stderr
     assert what in assert_one_line_error(res.stderr)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".loratool-" in p.name]
+
+
+def test_peft_to_peft_keeps_a_lora_on_a_tied_head(tmp_path):
+    """A LoRA on lm_head of a base that ties it to the embedding (and stores no lm_head): PEFT loads it,
+    so convert --to peft --base keeps it (it was refused as 'not in the base')."""
+    from peft import LoraConfig, get_peft_model
+
+    from _oracle import load_base_model, peft_deltas
+
+    torch.manual_seed(0)
+    model = load_base_model("qwen2")
+    assert model.config.tie_word_embeddings
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    code, out, err = invoke("convert", tmp_path / "a", tmp_path / "b", "--to", "peft", "--base", BASES / "qwen2")
+    assert code == 0, err
+    ref, got = peft_deltas("qwen2", tmp_path / "a"), peft_deltas("qwen2", tmp_path / "b")
+    assert sorted(ref) == sorted(got) and "lm_head" in got
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
