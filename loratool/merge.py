@@ -65,7 +65,7 @@ from loratool.experts import expert_layout
 from loratool.io.atomic import atomic_output_dir, check_output_path, write_side_output
 from loratool.io.store import TensorEntry, read_json, read_safetensors_header
 from loratool.io.writer import INDEX_NAME, output_shard_names
-from loratool.surgery import check_same_base
+from loratool.surgery import check_same_base, refuse_unprunable, shared_modules_to_save
 
 F32 = torch.float32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -256,7 +256,7 @@ def plan_combined_merge(
     for key, pairs in parts.items():
         tasks.get(key).combined = CombinedTerm(key, tuple(pairs), spec)
     view = bound[0].replace_modules({n: m for a in reversed(bound) for n, m in a.modules.items()},
-                                    modules_to_save=_shared_modules_to_save(adapters, labels))
+                                    modules_to_save=shared_modules_to_save(adapters, labels, what="merge"))
     added, mts_report = _plan_modules_to_save(base, view, tasks, sign=1, keep=False,
                                               float_default=_default_float_dtype(base), warnings=warnings)
     _mirror_tied(base, tasks.tasks, tasks.get, warnings)
@@ -275,30 +275,8 @@ def _refuse_uncombinable(adapters: list[Adapter], labels: list[str], spec: Combi
                 f"{label}: is a DoRA adapter; DoRA rescales each row of W + dW by m / ||W + dW||, which is not a delta "
                 "that adds up or can be pruned across adapters (merge it alone)"
             )
-        if not spec.sparsifying:
-            continue
-        if a.trained_to_save:
-            raise UnsupportedError(
-                f"{label}: has modules_to_save ({', '.join(sorted(a.trained_to_save))}); --method {spec.method} prunes "
-                "and elects signs of deltas, and a replacement tensor is not a delta (use --method linear)"
-            )
-        if any(m.bias is not None for m in a.modules.values()):
-            raise UnsupportedError(f"{label}: has lora_bias terms; --method {spec.method} applies to weight deltas only (use --method linear)")
-
-
-def _shared_modules_to_save(adapters: list[Adapter], labels: list[str]) -> dict:
-    """The union of the adapters' modules_to_save; the same name with different contents is refused."""
-    merged: dict = {}
-    for a, label in zip(adapters, labels):
-        for name, t in a.modules_to_save.items():
-            if name not in merged:
-                merged[name] = t
-            elif not torch.equal(merged[name].load(), t.load()):
-                raise UnsupportedError(
-                    f"{name}: modules_to_save differs between the adapters ({label}); a replacement tensor "
-                    "cannot be combined, so the merge refuses it"
-                )
-    return merged
+        if spec.sparsifying:
+            refuse_unprunable(a, label, spec.method)
 
 
 def _check_direction(base: BaseModel, adapter: Adapter, *, sign: int, strict: bool) -> list[str]:

@@ -373,7 +373,7 @@ def combine(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = No
     for a, label in zip(adapters, labels):
         _refuse_dora(a, "combine", label)
         if spec.sparsifying:
-            _refuse_unprunable(a, label, method)
+            refuse_unprunable(a, label, method)
     check_same_base(adapters, labels=labels, ignore_base_name=ignore_base_name)
     first = adapters[0]
     dtypes = {a.dtype for a in adapters if a.dtype is not None}
@@ -418,7 +418,9 @@ def _combine_method(adapters, weights, method, rank, alpha, density, majority_si
     return method, spec
 
 
-def _refuse_unprunable(adapter: Adapter, label: str, method: str) -> None:
+def refuse_unprunable(adapter: Adapter, label: str, method: str) -> None:
+    """A sparsifying method (TIES, DARE, magnitude pruning) prunes and elects signs of weight deltas:
+    trained modules_to_save and lora_bias terms are refused (used by ``combine`` and ``merge``)."""
     if adapter.trained_to_save:
         raise UnsupportedError(
             f"{label}: has modules_to_save ({', '.join(sorted(adapter.trained_to_save))}); --method {method} prunes "
@@ -519,9 +521,13 @@ def _combined_bias(present: list[tuple[int, LoraModule]], weights: Sequence[floa
     return LazyTensor.of((total / scale).to(out_dtype))
 
 
-def _combined_adapter(first: Adapter, adapters: list[Adapter], labels: list[str], modules: dict[str, LoraModule],
-                      names: set[str]) -> Adapter:
-    """The output adapter: the first input's settings, the combined modules, the shared modules_to_save."""
+def shared_modules_to_save(adapters: Sequence[Adapter], labels: Sequence[str], *, what: str) -> dict[str, LazyTensor]:
+    """The union of the adapters' modules_to_save; the same name with different contents is refused
+    (used by ``combine`` and by ``merge`` of several adapters, ``what`` names the command).
+
+    Raises:
+        UnsupportedError: naming the tensor and the input that differs.
+    """
     to_save: dict[str, LazyTensor] = {}
     for a, label in zip(adapters, labels):
         for tname, t in a.modules_to_save.items():
@@ -530,8 +536,15 @@ def _combined_adapter(first: Adapter, adapters: list[Adapter], labels: list[str]
             elif not torch.equal(to_save[tname].load(), t.load()):
                 raise UnsupportedError(
                     f"{tname}: modules_to_save differs between inputs ({label}); a weighted sum of replacement "
-                    "tensors is not a LoRA combination, so combine refuses it"
+                    f"tensors is not a LoRA combination, so {what} refuses it"
                 )
+    return to_save
+
+
+def _combined_adapter(first: Adapter, adapters: list[Adapter], labels: list[str], modules: dict[str, LoraModule],
+                      names: set[str]) -> Adapter:
+    """The output adapter: the first input's settings, the combined modules, the shared modules_to_save."""
+    to_save = shared_modules_to_save(adapters, labels, what="combine")
     extras = dict(first.extras)
     if names != set(first.modules):
         extras.pop("peft_modules", None)
