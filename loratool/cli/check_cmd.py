@@ -23,15 +23,17 @@ load_base = lazy("loratool.conversion", "load_base")
 @click.option("--fix", "fix_out", type=click.Path(), help="Write the nearest adapter the engine accepts to this folder.")
 @click.option("--rank", type=int, help="With --fix: the rank DoRA modules become (default: their own, capped by the limit).")
 @click.option("--force", is_flag=True, help="With --fix: replace the output if it exists.")
+@click.option("--no-outputs", is_flag=True, help="With --fix: do not measure a lossy fix on the outputs (base + fixed "
+              "against base + original, log-probabilities of 4 random sequences).")
 @adapter_argument_options
 @json_option
 @common_options
-def command(adapter, target, base, max_rank, fix_out, rank, force, as_json, quiet, **adapter_opts):
+def command(adapter, target, base, max_rank, fix_out, rank, force, no_outputs, as_json, quiet, **adapter_opts):
     """Would TARGET load ADAPTER and serve all of it? One line per problem: module, what, why, the fix.
 
     The rules (docs/serving.md) were read from each engine's source and cite it. With --fix,
     writes the nearest adapter the engine accepts and what each change costs (per-module
-    relative error of the delta). Exit 0 compatible (or fixed), 1 not compatible, 2 bad input
+    relative error of the delta and, with --base, of the log-probabilities). Exit 0 compatible (or fixed), 1 not compatible, 2 bad input
     or a problem no change of the adapter fixes (merge instead).
 
     \b
@@ -39,8 +41,8 @@ def command(adapter, target, base, max_rank, fix_out, rank, force, as_json, quie
       loratool check fixtures/adapters/llama-dora --target vllm --base fixtures/bases/llama
       loratool check fixtures/adapters/llama-dora --target vllm --base fixtures/bases/llama --fix served
     """
-    if (rank is not None or force) and fix_out is None:
-        raise click.UsageError("--rank and --force apply only with --fix")
+    if (rank is not None or force or no_outputs) and fix_out is None:
+        raise click.UsageError("--rank, --force and --no-outputs apply only with --fix")
     out = Output(json_mode=as_json, quiet=quiet)
     base_model = load_base(resolve_path(base, kind="model", token=adapter_opts.get("token"))) if base else None
     ad = open_adapter(adapter, base=base_model, **adapter_opts)
@@ -48,7 +50,8 @@ def command(adapter, target, base, max_rank, fix_out, rank, force, as_json, quie
     ad = ad.without_warnings()
     if fix_out is not None:
         inputs = [f for f in [ad.path, *ad.files, base_model.path if base_model is not None else None] if f is not None]
-        report = write_fixed(ad, fix_out, target=target, base=base_model, max_rank=max_rank, rank=rank, force=force, inputs=inputs)
+        report = write_fixed(ad, fix_out, target=target, base=base_model, max_rank=max_rank, rank=rank, force=force, inputs=inputs,
+                             outputs=not no_outputs)
         _print_fix(out, report)
         return _verdict(out, report["check"], fixed=True)
     report = check_adapter(ad, target=target, base=base_model, max_rank=max_rank)
@@ -79,6 +82,12 @@ def _print_fix(out: Output, report: dict) -> None:
     if not report["changes"]:
         out.info("no change needed")
     out.info(f"wrote {report['output']} ({report['format']}) for {report['engine']}; largest relative error {report['max_relative_error']:.3e}")
+    cost = report.get("output_error")
+    if cost is not None and cost["relative"] is not None:
+        out.info(f"on the outputs: relative error {cost['relative']:.3e} of the adapter's effect on the {cost['on']}, "
+                 f"largest difference {cost['max_abs']:.3e} ({cost['tokens']} tokens, {cost['inputs']})")
+    for note in report.get("notes", []):
+        out.info(f"note: {note}")
 
 
 def _verdict(out: Output, report: dict, *, fixed: bool = False) -> None:

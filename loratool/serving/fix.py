@@ -48,6 +48,13 @@ def fix_adapter(adapter: Adapter, *, target: str, base=None, max_rank: int | Non
         UnsupportedError: something the engine refuses that no change of the adapter fixes.
         InputError: DoRA without a base, a bad rank.
     """
+    _, fixed, report = _fix(adapter, target=target, base=base, max_rank=max_rank, rank=rank)
+    return fixed, report
+
+
+def _fix(adapter: Adapter, *, target: str, base, max_rank: int | None, rank: int | None) -> tuple[Adapter, Adapter, dict[str, Any]]:
+    """(the adapter after the lossless renaming and dropping: what the fix is measured against; the fixed
+    adapter; the report)."""
     engine = get_engine(target)
     limit = rank_limit(engine, max_rank)
     if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
@@ -63,6 +70,7 @@ def fix_adapter(adapter: Adapter, *, target: str, base=None, max_rank: int | Non
         out = _renamed(out, base, changes)
     if R.DROP_COPIES in steps:
         out = _without_copies(out, base, engine, changes)
+    reference = out
     if R.DORA in steps:
         out = _dora_to_lora(out, base, rank=rank, limit=limit, changes=changes)
     if limit is not None and any(m.rank > limit for m in out):
@@ -74,7 +82,7 @@ def fix_adapter(adapter: Adapter, *, target: str, base=None, max_rank: int | Non
         "target": engine.name, "engine": engine.version, "format": engine.writes, "max_rank": limit,
         "changes": changes, "max_relative_error": max([c["relative_error"] for c in changes] or [0.0]),
     }
-    return out, report
+    return reference, out, report
 
 
 def _refuse_unfixable(found: list[Finding], engine) -> None:
@@ -175,12 +183,41 @@ def _baked(adapter: Adapter, *, pad: bool, changes: list) -> Adapter:
     return adapter.replace_modules(modules, use_rslora=False)
 
 
+def output_error(reference: Adapter, fixed: Adapter, base, *, input_ids: Any = None) -> dict[str, Any]:
+    """What a fix costs on the model's outputs: BASE + ``fixed`` against BASE + ``reference``, both unmerged
+    (the layer-streamed engine of ``verify --outputs``), on the same inputs.
+
+    For a causal LM the outputs compared are log-probabilities (what an engine serves), otherwise the
+    outputs themselves; ``relative`` is ||y_fixed - y_ref||_F / ||y_ref - y_base||_F, the share of the
+    adapter's effect on the outputs that the fix changes.
+    """
+    from loratool.verify.layered import adapter_outputs
+
+    task, plain, (want, got) = adapter_outputs(base, [reference, fixed], input_ids=input_ids)
+    if task == "causal":
+        plain, want, got = (torch.log_softmax(y.double(), -1) for y in (plain, want, got))
+    effect = float((want.double() - plain.double()).norm())
+    diff = got.double() - want.double()
+    return {
+        "relative": float(diff.norm()) / effect if effect > 0 else None,
+        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+        "on": "log-probabilities" if task == "causal" else "outputs",
+        "tokens": int(want.shape[0]),
+        "inputs": "random token ids (seed 0)" if input_ids is None else "the token ids given",
+    }
+
+
 def write_fixed(adapter: Adapter, out, *, target: str, base=None, max_rank: int | None = None, rank: int | None = None,
-                force: bool = False, inputs=()) -> dict[str, Any]:
+                force: bool = False, inputs=(), outputs: bool = True, input_ids: Any = None) -> dict[str, Any]:
     """``fix_adapter``, written atomically to ``out`` in the engine's format, read back and checked.
 
+    With a base whose architecture transformers builds, a lossy fix (``max_relative_error`` > 0) is also
+    measured on the outputs (``output_error``; ``outputs=False`` skips it, ``input_ids`` chooses the inputs)
+    before anything is written.
+
     Returns:
-        The fix report with ``output`` and ``check`` (the check of the written adapter).
+        The fix report with ``output``, ``check`` (the check of the written adapter) and ``output_error``
+        (None when not measured; ``notes`` says why).
     Raises:
         As ``fix_adapter``; OutputExistsError.
     """
@@ -188,8 +225,21 @@ def write_fixed(adapter: Adapter, out, *, target: str, base=None, max_rank: int 
     from loratool.formats import write_adapter
     from loratool.serving.check import check_adapter
 
-    fixed, report = fix_adapter(adapter, target=target, base=base, max_rank=max_rank, rank=rank)
+    reference, fixed, report = _fix(adapter, target=target, base=base, max_rank=max_rank, rank=rank)
+    report["output_error"], report["notes"] = None, []
+    if report["max_relative_error"] > 0 and outputs:
+        _measure_outputs(report, reference, fixed, base, input_ids)
     write_adapter(fixed, out, format=report["format"], force=force, inputs=inputs, base=base)
     report["output"] = str(out)
     report["check"] = check_adapter(read_back(out, report["format"], base=base), target=target, base=base, max_rank=max_rank)
     return report
+
+
+def _measure_outputs(report: dict[str, Any], reference: Adapter, fixed: Adapter, base, input_ids: Any) -> None:
+    if base is None or not len(base.store):
+        report["notes"].append("the output error is measured with --base (the weight-level errors are above)")
+        return
+    try:
+        report["output_error"] = output_error(reference, fixed, base, input_ids=input_ids)
+    except (InputError, UnsupportedError) as exc:  # an architecture transformers cannot build here: the weights' errors stand
+        report["notes"].append(f"the output error was not measured: {exc}")

@@ -263,6 +263,33 @@ def unmerged_outputs(base: BaseModel | str | Path, adapter: Adapter | str | Path
     return ctx.inputs, run.outputs[UNMERGED]
 
 
+def adapter_outputs(base: BaseModel | str | Path, adapters: list, *, input_ids: Any = None, samples: int = 4, seq_len: int = 32,
+                    seed: int = 0, device: str | torch.device = "cpu") -> tuple[str, torch.Tensor, list[torch.Tensor]]:
+    """BASE's outputs and BASE + each adapter's (unmerged, one at a time), on the same inputs, layer-streamed.
+
+    Args:
+        input_ids: the token ids to run, (samples, tokens) (default: ``samples`` random sequences of
+            ``seq_len`` tokens from ``seed``, as ``verify --outputs``).
+    Returns:
+        (the task: "causal", "seqcls" or "base"; BASE's outputs; one per adapter), each (tokens, width)
+        float32 on the CPU.
+    """
+    from dataclasses import replace
+
+    base_out, outs, task = None, [], "base"
+    for ad in adapters:
+        ctx = _setup(base, ad, base, None, samples, seq_len, seed)
+        if input_ids is not None:
+            ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1, torch.as_tensor(input_ids).shape[-1])  # (samples, tokens)
+            ctx = replace(ctx, inputs=[{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ids])
+        paths = [UNMERGED] if base_out is not None else [MERGED, UNMERGED]  # MERGED is BASE itself here
+        run = _stream(ctx, S.build_skeleton(ctx.base.path, ctx.auto), paths, device, None)
+        base_out = run.outputs[MERGED] if base_out is None else base_out
+        outs.append(run.outputs[UNMERGED])
+        task = ctx.task
+    return task, base_out, outs
+
+
 def _layered_report(ctx, run: _Run, tolerance: float | None, need: int) -> dict[str, Any]:
     ref, got = run.outputs[UNMERGED], run.outputs[MERGED]
     if got.shape != ref.shape:
