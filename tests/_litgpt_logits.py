@@ -8,7 +8,7 @@ convert: LitGPT's own ``convert_hf_checkpoint`` (what ``litgpt convert_to_litgpt
 Hugging Face base into ``LIT_DIR/lit_model.pth`` + ``model_config.yaml``. A tiny random base has no
 entry in LitGPT's config list, so one is registered first, named so that LitGPT picks the weight
 copier of the architecture (``Phi-3...`` splits gate_up_proj, ``Qwen2.5...`` keeps the q/k/v biases
-and ties the head), with the base's sizes.
+and ties the head, ``Gemma...`` gets the (1 + w) norms), with the base's sizes.
 
 logits: LitGPT's LoRA model (``litgpt.lora.GPT``, its Config from ``model_config.yaml`` and the
 adapter's ``hyperparameters.yaml``) with the base and ``lit_model.pth.lora`` loaded, evaluated
@@ -32,7 +32,8 @@ import yaml
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_key", "lora_value", "lora_projection",
              "lora_mlp", "lora_head")
-NAMES = {"llama": "loratool-tiny-llama", "qwen2": "Qwen2.5-loratool-tiny", "phi3": "Phi-3-loratool-tiny"}
+NAMES = {"llama": "loratool-tiny-llama", "qwen2": "Qwen2.5-loratool-tiny", "phi3": "Phi-3-loratool-tiny",
+         "gemma": "Gemma-loratool-tiny"}
 
 
 def _tiny_config(hf: dict, arch: str) -> dict:
@@ -46,6 +47,9 @@ def _tiny_config(hf: dict, arch: str) -> dict:
         "rotary_percentage": 1.0, "parallel_residual": False, "bias": False, "attn_bias": arch == "qwen2",
         "norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "intermediate_size": hf["intermediate_size"],
         "norm_eps": hf["rms_norm_eps"], "rope_base": int(rope.get("rope_theta", hf.get("rope_theta", 10000))),
+        # Gemma (as LitGPT's own Gemma-2b entry): GeGLU, embeddings scaled by sqrt(n_embd); "Gemma" in the
+        # name gives its RMSNorm the unit offset (1 + w)
+        **({"mlp_class_name": "GemmaMLP", "gelu_approximate": "tanh", "scale_embeddings": True} if arch == "gemma" else {}),
     }
 
 

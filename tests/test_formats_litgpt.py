@@ -394,3 +394,76 @@ def test_cli_convert_refusals(tmp_path, fixture, expect):
     assert code == 2
     assert expect in assert_one_line_error(err)
     assert not (tmp_path / "x").exists()
+
+
+# ---- Phi-3: fused qkv_proj / gate_up_proj (LitGPT's copy_weights_phi: qkv as is, gate_up chunked into fc_1, fc_2) ----
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """A tiny Phi-3 base (fused qkv_proj (128 rows: 64 q + 32 k + 32 v), gate_up_proj (256 rows)) and a PEFT LoRA on
+    qkv_proj, o_proj, gate_up_proj, down_proj."""
+    from _interop_bases import make_adapter, make_base
+
+    top = tmp_path_factory.mktemp("phi3")
+    base = make_base("phi3", top / "base")
+    return base, make_adapter("phi3", base, top / "lora", rslora=True)
+
+
+def test_phi3_fused_modules_written_as_litgpt_parts_exactly(phi3, tmp_path):
+    base_path, src = phi3
+    base = BaseModel.open(base_path)
+    ad = loratool.read_adapter(src)
+    loratool.write_adapter(ad, tmp_path / "lit", format="litgpt", base=base)
+    sd = torch.load(tmp_path / "lit" / "lit_model.pth.lora", weights_only=True)["model"]
+    hp = yaml.safe_load((tmp_path / "lit" / "hyperparameters.yaml").read_text())
+    scaling = hp["lora_alpha"] / hp["lora_r"]
+    for layer in range(2):
+        pre = f"model.layers.{layer}."
+        qkv = litgpt_qkv_delta(sd[f"transformer.h.{layer}.attn.qkv.lora_A"].float(), sd[f"transformer.h.{layer}.attn.qkv.lora_B"].float(),
+                               scaling, (True, True, True), H, G, HS)
+        torch.testing.assert_close(qkv, ad.modules[pre + "self_attn.qkv_proj"].delta(), rtol=1e-5, atol=1e-6)
+        fc = [sd[f"transformer.h.{layer}.mlp.{k}.lora_B"].float() @ sd[f"transformer.h.{layer}.mlp.{k}.lora_A"].float() * scaling
+              for k in ("fc_1", "fc_2")]
+        torch.testing.assert_close(torch.cat(fc), ad.modules[pre + "mlp.gate_up_proj"].delta(), rtol=1e-5, atol=1e-6)
+    back = loratool.read_adapter(tmp_path / "lit", base=base)  # fused again: the parts share lora_A, so rank r
+    assert set(back.modules) == set(ad.modules)
+    for name, m in ad.modules.items():
+        assert back.modules[name].rank == m.rank
+        torch.testing.assert_close(back.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_phi3_parts_with_their_own_lora_a_fuse_block_diagonally(phi3, tmp_path):
+    """LitGPT trains q, k, v (and fc_1, fc_2) with separate lora_A: fused into rank 3r / 2r, the same deltas."""
+    base_path, _ = phi3
+    base = BaseModel.open(base_path)
+    gen = torch.Generator().manual_seed(5)
+    r, inter = 2, 128
+    sd = {}
+    for layer in range(2):
+        p = f"transformer.h.{layer}."
+        sd[p + "attn.qkv.lora_A"] = torch.randn(3 * r, C, generator=gen)
+        sd[p + "attn.qkv.lora_B"] = torch.randn((H + 2 * G) * HS, r, generator=gen)
+        for k, shape in (("fc_1", (inter, C)), ("fc_2", (inter, C)), ("proj", (C, inter))):
+            sd[p + f"mlp.{k}.lora_A"] = torch.randn(r, shape[1], generator=gen)
+            sd[p + f"mlp.{k}.lora_B"] = torch.randn(shape[0], r, generator=gen)
+    hp = {"lora_r": r, "lora_alpha": 4, "lora_query": True, "lora_key": True, "lora_value": True, "lora_mlp": True}
+    _write_checkpoint(tmp_path / "lit", sd, hp)
+    ad = loratool.read_adapter(tmp_path / "lit", base=base)
+    assert sorted(n.rsplit(".", 1)[-1] for n in ad.modules if ".0." in n) == ["down_proj", "gate_up_proj", "qkv_proj"]
+    qkv, gate_up = ad.modules["model.layers.0.self_attn.qkv_proj"], ad.modules["model.layers.0.mlp.gate_up_proj"]
+    assert (qkv.rank, gate_up.rank) == (3 * r, 2 * r)
+    want = litgpt_qkv_delta(sd["transformer.h.0.attn.qkv.lora_A"], sd["transformer.h.0.attn.qkv.lora_B"], 2.0, (True, True, True), H, G, HS)
+    torch.testing.assert_close(qkv.delta(), want, rtol=1e-5, atol=1e-5)
+    fc = [sd[f"transformer.h.0.mlp.{k}.lora_B"] @ sd[f"transformer.h.0.mlp.{k}.lora_A"] * 2.0 for k in ("fc_1", "fc_2")]
+    torch.testing.assert_close(gate_up.delta(), torch.cat(fc), rtol=1e-5, atol=1e-5)
+    loratool.write_adapter(ad, tmp_path / "peft")  # PEFT holds the fused ranks through rank_pattern, same deltas
+    again = loratool.read_adapter(tmp_path / "peft")
+    torch.testing.assert_close(again.modules[qkv.name].delta(), qkv.delta(), rtol=1e-5, atol=1e-5)
+
+
+def test_phi3_qkv_split_needs_the_base(phi3, tmp_path):
+    _, src = phi3
+    code, _, err = invoke("convert", src, tmp_path / "lit", "--to", "litgpt")
+    assert code == 2 and "qkv_proj" in assert_one_line_error(err) and "--base" in err
+    assert not (tmp_path / "lit").exists()

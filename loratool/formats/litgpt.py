@@ -33,7 +33,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copies
 from loratool.errors import FormatError, InputError, UnsupportedError
-from loratool.formats import OPTIONS
+from loratool.formats import OPTIONS, _fused
 from loratool.io.pickle_scan import open_torch_zip
 from loratool.io.store import LazyTensor, TensorStore, is_torch_pickle
 from loratool.io.writer import save_torch_pickle
@@ -574,6 +574,8 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         geometry = _geometry_from_base(base)
 
     modules = _hf_modules(parts, store, side, weights, geometry, legacy_qkv, file_alpha_value, scale)
+    if _fused_layout(base, side.model_config) and geometry is not None:
+        modules = _fused.fused(modules, geometry.q_size, geometry.kv_size)
     if any(name.endswith(".attn.attn") for name in parts):
         warns.extend(_legacy_warning(legacy_qkv, weights, side.hp))
 
@@ -589,6 +591,15 @@ def read(path: Path, *, base=None, alpha: float | None = None, scale: float | No
         warnings=warns,
         extras={"litgpt_flags": flags, "litgpt_model_config": side.model_config, "lora_r": r, "lora_alpha": file_alpha_value},
     )
+
+
+def _fused_layout(base, model_config: dict | None) -> bool:
+    """Whether the Hugging Face model stores q/k/v and gate/up fused (Phi-3, phi-4): the base says so
+    when given, else LitGPT's model name (its Phi-3 conversion: ``copy_weights_phi``)."""
+    if base is not None:
+        return base.tensor_name("model.layers.0.self_attn.qkv_proj.weight") is not None
+    name = str((model_config or {}).get("name") or "")
+    return name.startswith(("Phi-3", "phi-4", "Phi-4"))
 
 
 def _lit_sort_key(name: str):
@@ -801,6 +812,9 @@ def build_state_dict(adapter: Adapter, *, base=None, report: dict | None = None)
     refuse_unrepresentable(adapter, "LitGPT")
     if not adapter.modules:
         raise UnsupportedError("the adapter has no LoRA modules; a LitGPT LoRA checkpoint needs at least one")
+    if _fused.has_fused(adapter):  # Phi-3: LitGPT adapts q/k/v and gate/up separately
+        geo = _geometry_from_base(base) if base is not None else None
+        adapter = _fused.unfused(adapter, geo.q_size if geo else None, geo.kv_size if geo else None)
     plan = _plan(adapter)
     mods = list(adapter.modules.values())
     rank = max(m.rank for m in mods)
