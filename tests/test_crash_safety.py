@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -517,6 +518,54 @@ def test_two_free_running_runs(runner, work):
     assert "already exists" in line or "another run" in line, line
     assert digest(out) == digest(ref)
     assert not siblings(out)
+
+
+@pytest.mark.parametrize("how", ["truncate", "rewrite"])
+def test_a_mapped_base_written_by_another_process_stops_the_merge_cleanly(runner, work, how):
+    """The merge has mapped the base and is reading it when another process truncates it or opens it
+    to rewrite it in place: the read lease holds that process back (the file stays intact while the merge
+    reads), the merge stops with exit 2 and one line naming the file, leaves nothing, and the other
+    process goes on once the merge is gone (without the lease: SIGBUS, exit 135, or a merge of changed data)."""
+    need("merge")
+    inputs = inputs_of(work)
+    base_file = next(Path(inputs["base"]).glob("*.safetensors"))
+    size = os.path.getsize(base_file)
+    out = work / "merged"
+    h = runner.spawn(["merge", inputs["base"], inputs["adapter"], out], workdir=work,
+                     env={"LORATOOL_TEST_KILL_AFTER": "16", "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
+    deadline = time.time() + 60
+    while not _stopped(h["pid"]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _stopped(h["pid"]), "the run never reached its 16th write step"
+    fds = [os.path.realpath(f"/proc/{h['pid']}/fd/{x}") for x in os.listdir(f"/proc/{h['pid']}/fd")]
+    assert str(base_file.resolve()) in fds, "the base is not open (mapped) at this step"
+    done = []
+
+    def other_process():
+        if how == "truncate":
+            os.truncate(base_file, size // 2)
+        else:
+            with open(base_file, "r+b") as fh:
+                fh.write(b"\0" * 64)
+        done.append(time.time())
+
+    writer = threading.Thread(target=other_process)
+    writer.start()
+    time.sleep(0.5)
+    assert not done, "the other process was not held back: the base was not leased while mapped"
+    os.kill(h["pid"], signal.SIGCONT)
+    res = runner.wait(h)
+    writer.join(30)
+    assert done, "the other process was still held back after the merge ended"
+    assert res.returncode == 2, res.stderr
+    line = error_line(res.stderr)
+    assert base_file.name in line and "another process" in line, line
+    assert not out.exists() and not siblings(out)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_base_truncated_during_the_merge_is_one_line_and_no_leftovers(runner, work):

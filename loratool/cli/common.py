@@ -20,6 +20,7 @@ import click
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.io.leases import guard_inputs
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -232,7 +233,7 @@ class LoratoolGroup(click.Group):
         held = _HeldWarnings(immediate=debug)
         fail = functools.partial(_fail, held)
         try:
-            with _terminate_like_interrupt():
+            with _terminate_like_interrupt(), guard_inputs():
                 rv = super().main(args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, obj=held, **extra)
         except _Terminated as exc:
             code = fail(f"terminated by {signal.Signals(exc.signum).name}; partial output removed", 128 + exc.signum)

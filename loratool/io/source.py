@@ -5,6 +5,9 @@ A safetensors tensor is a byte range of its file; ``TensorSource`` maps each fil
 views of row ranges, so reading a 26 GB model costs no copy and no memory of its own. Pickled
 checkpoints (the legacy ``.bin`` path) have no byte ranges: their tensors come from
 ``TensorStore.get`` and are sliced. A view is read-only: callers must copy before writing.
+
+A file another process truncates or rewrites while it is mapped: see ``io.leases``; without a
+lease, a ``stat`` before each block refuses a file that has shrunk.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from loratool.errors import FormatError
+from loratool.io.leases import LEASES
 from loratool.io.store import TensorEntry, TensorStore
 
 
@@ -27,6 +31,7 @@ class TensorSource:
     def __init__(self, store: TensorStore):
         self.store = store
         self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}  # the open files behind the maps: they hold the leases
 
     def rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         """Rows [start:stop] of a tensor (the whole tensor for a 0-d one), read-only."""
@@ -41,8 +46,8 @@ class TensorSource:
         if n == 0:
             return torch.empty(out_shape, dtype=entry.dtype)
         offset = entry.begin + start * row_bytes
+        mm = self._map(entry.path)  # leased from here on (inside guard_inputs): the size checked next stays
         self._still_there(entry, offset + n)
-        mm = self._map(entry.path)
         if offset % entry.dtype.itemsize:
             # safetensors aligns nothing: a tensor at an odd offset cannot be viewed as its dtype
             raw = torch.frombuffer(bytearray(mm[offset : offset + n]), dtype=torch.uint8)
@@ -55,7 +60,9 @@ class TensorSource:
     def _still_there(self, entry: TensorEntry, end: int) -> None:
         """Refuse to view bytes a file no longer has: reading a mapping past the end of a file that
         another process truncated kills the process with SIGBUS, which no handler can turn into an
-        error safely. One ``stat`` per block (microseconds) closes all but a tiny window.
+        error safely. With a read lease (``io.leases``) the size seen here stays until the command
+        ends; without one, one ``stat`` per block (microseconds) leaves a window as long as the block
+        is in use.
 
         Raises:
             FormatError: naming the file, its size now and what the tensor needs.
@@ -85,17 +92,27 @@ class TensorSource:
 
     def close(self) -> None:
         maps, self._maps = self._maps, {}
-        for mm in maps.values():
+        files, self._files = self._files, {}
+        for path, mm in maps.items():
             try:
                 mm.close()
-            except BufferError:  # a view is still alive somewhere; the GC closes the map
-                pass
+            except BufferError:  # a view is still alive somewhere; the GC closes the map (and its file)
+                continue
+            fh = files.get(path)
+            if fh is not None:
+                LEASES.drop(fh.fileno())
+                fh.close()
 
     def _map(self, path: Path) -> mmap.mmap:
         mm = self._maps.get(path)
         if mm is None:
-            with open(path, "rb") as fh:
+            fh = open(path, "rb")
+            try:
                 # no MADV_SEQUENTIAL: it turns off the kernel's fault-around and costs ~15x the page faults
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[path] = mm
+            except BaseException:
+                fh.close()
+                raise
+            LEASES.take(fh.fileno(), path)
+            self._maps[path], self._files[path] = mm, fh
         return mm
