@@ -110,6 +110,34 @@ def test_dare_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
+@pytest.mark.parametrize("strip", [False, True])
+def test_dare_draws_the_same_masks_in_merge_and_combine(strip, tmp_path):
+    """One seed, one DARE: ``merge BASE A1 A2 --method dare_linear`` equals ``combine A1 A2 --method
+    dare_linear --rank <full>`` merged, also into a base that stores the weights without the adapter's
+    ``model.`` prefix (the masks are drawn for the module's name, not for the base's key)."""
+    from safetensors.torch import load_file, save_file
+
+    base = BASES / "llama"
+    if strip:  # the same weights under other keys: layers.0.self_attn.q_proj.weight ...
+        base = tmp_path / "bare"
+        base.mkdir()
+        for f in (BASES / "llama").iterdir():
+            if f.suffix == ".safetensors":
+                save_file({k.removeprefix("model."): v for k, v in load_file(f).items()}, base / f.name, metadata={"format": "pt"})
+            elif f.is_file():
+                (base / f.name).write_bytes(f.read_bytes())
+    spec = {"method": "dare_linear", "weights": [0.6, 0.3], "density": 0.5, "seed": 7}
+    merge_model(base, [ADAPTERS / a for a in LLAMA[:2]], tmp_path / "direct", combine=CombineSpec.checked(2, **spec), force=True)
+    combined, _ = loratool.combine([loratool.read_adapter(ADAPTERS / a) for a in LLAMA[:2]], rank=64, **spec)
+    loratool.write_adapter(combined, tmp_path / "combined")
+    merge_model(base, tmp_path / "combined", tmp_path / "via", force=True)
+    direct, via, plain = load_dir(tmp_path / "direct"), load_dir(tmp_path / "via"), load_dir(base)
+    changed = [k for k in plain if not torch.equal(direct[k], plain[k])]
+    assert len(changed) >= 14
+    for k in changed:
+        torch.testing.assert_close(via[k], direct[k], rtol=1e-5, atol=1e-6)
+
+
 def test_dare_mask_is_independent_of_threads_and_device_of_computation():
     m1 = dare_mask("model.layers.0.self_attn.q_proj.weight", 1, (64, 48), 0.25, seed=11)
     threads = torch.get_num_threads()

@@ -17,7 +17,8 @@ alpha, rsLoRA, layout) is formed in PEFT's (out, in) orientation, in float32, an
 
 Memory: the N deltas of one weight at a time, never N models.
 
-Random stream (DARE): one CPU ``torch.Generator`` per (seed, adapter index, weight name), seeded
+Random stream (DARE): one CPU ``torch.Generator`` per (seed, adapter index, weight name: the adapted
+module's name + ``.weight``, whatever the base calls the tensor), seeded
 with the first 8 bytes of SHA-256("loratool-dare/<seed>/<index>/<weight name>"), draws one float32
 uniform per element of dW_i in (out, in) row-major order; an element is kept when its draw is
 < density. The mask depends on nothing else: not the row blocks, the thread count or the device.
@@ -54,6 +55,12 @@ class CombinedTerm:
     @property
     def transposed(self) -> bool:
         return self.parts[0][1].kind.transposed
+
+    @property
+    def mask_key(self) -> str:
+        """The weight name DARE's masks are drawn for: the adapted module's (``<module>.weight``), so that
+        merge (which names weights by the base's keys) and combine (by the module) draw the same masks."""
+        return f"{self.parts[0][1].name}.weight"
 
     @property
     def modules(self) -> list:
@@ -99,7 +106,7 @@ def combined_delta(term: CombinedTerm, *, device: str | torch.device = "cpu", la
     weights = [spec.weights[i] for i, _ in term.parts]
     stats = CombinedStats(term.tensor, [i for i, _ in term.parts], [_norm(d) for d in deltas])
     if spec.sparsifying:
-        deltas = [_sparsify(d, i, term.tensor, spec, stats, on_mask) for d, (i, _) in zip(deltas, term.parts)]
+        deltas = [_sparsify(d, i, term, spec, stats, on_mask) for d, (i, _) in zip(deltas, term.parts)]
     if spec.method in _ELECTS_SIGN:
         D = _disjoint_mean(deltas, weights, spec.majority_sign, stats)
     else:
@@ -117,11 +124,12 @@ def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t)) if t.numel() else 0.0
 
 
-def _sparsify(d: torch.Tensor, index: int, tensor: str, spec: CombineSpec, stats: CombinedStats,
+def _sparsify(d: torch.Tensor, index: int, term: CombinedTerm, spec: CombineSpec, stats: CombinedStats,
               on_mask: MaskHook | None) -> torch.Tensor:
     """T_i from dW_i (in place): the top-k entries by magnitude, or DARE's random drop and rescale."""
+    tensor = term.tensor
     if spec.method in _RANDOM:
-        keep = dare_mask(tensor, index, tuple(d.shape), spec.density, spec.seed).to(d.device)
+        keep = dare_mask(term.mask_key, index, tuple(d.shape), spec.density, spec.seed).to(d.device)
         kept = int(torch.count_nonzero(keep))
     else:
         keep = top_k_mask(d, spec.density)
