@@ -8,17 +8,16 @@ lack or add the base-model prefix (``h.0.attn.c_attn.weight`` in the original GP
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import torch
-
 from loratool.adapter import Adapter, LoraModule, ModuleKind
 from loratool.errors import FormatError, ModuleMismatchError
-from loratool.io.store import TensorStore, checkpoint_files, read_json
+from loratool.io.store import TensorStore, checkpoint_files, dtype_name, read_json
 from loratool.names import (  # noqa: F401 (re-exported)
     OUTPUT_HEAD_LEAVES,
     SIDE_FILES,
@@ -191,12 +190,12 @@ class BaseModel:
         """Parameter count of the base: stored floating tensors, tied weights once, no buffers."""
         total = 0
         for e in self.store.entries():
-            if not e.dtype.is_floating_point or e.name.endswith(_BUFFER_SUFFIXES):
+            if not e.is_floating_point or e.name.endswith(_BUFFER_SUFFIXES):
                 continue
-            total += int(torch.Size(e.shape).numel())
+            total += math.prod(e.shape)
         head, embed = self.output_head_key(), self.input_embedding_key()
         if self.tie_word_embeddings and head is not None and embed is not None and self.store.shape(embed) == self.store.shape(head):
-            total -= int(torch.Size(self.store.shape(head)).numel())
+            total -= math.prod(self.store.shape(head))
         return total
 
 
@@ -228,9 +227,9 @@ def bound_module(base: BaseModel, mod: LoraModule, key: str, *, strict_shapes: b
             f"shape mismatch: adapter gives {bound.kind.value} weight {tuple(bound.weight_shape)} "
             f"(A {bound.A.shape}, B {bound.B.shape}), base {key} is {tuple(shape)}",
         )
-    dtype = base.store.dtype(key)
-    if strict_shapes and not dtype.is_floating_point:
-        raise ModuleMismatchError(mod.name, f"base tensor {key} is {str(dtype).replace('torch.', '')}, not floating point; a LoRA delta cannot be merged into it")
+    entry = base.store.entry(key)
+    if strict_shapes and not entry.is_floating_point:
+        raise ModuleMismatchError(mod.name, f"base tensor {key} is {dtype_name(entry.lazy_dtype)}, not floating point; a LoRA delta cannot be merged into it")
     return bound
 
 

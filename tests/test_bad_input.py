@@ -189,13 +189,17 @@ def test_help_runs_without_torch(tmp_path):
         assert "Usage" in res.stdout or "version" in res.stdout
 
 
-@pytest.mark.parametrize("name", ["llama-lora", "llama-dora", "gpt2-lora", "llama-embedding", "qwen2-bias", "roberta-cls", "llama-bf16"])
-def test_plain_inspect_runs_without_torch(name, tmp_path):
-    """`inspect ADAPTER` (no --base) reads headers and bits only: the same report with torch not importable."""
+@pytest.mark.parametrize("name,base", [("llama-lora", None), ("llama-dora", None), ("gpt2-lora", None), ("llama-embedding", None),
+                                       ("qwen2-bias", None), ("roberta-cls", None), ("llama-bf16", None),
+                                       ("llama-lora", "llama"), ("gpt2-lora", "gpt2"), ("qwen2-bias", "qwen2")])
+def test_plain_inspect_runs_without_torch(name, base, tmp_path):
+    """`inspect ADAPTER` (also with --base: binding reads shapes and dtype codes) reads headers and bits only:
+    the same report with torch not importable."""
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch raises ImportError\n")
-    res = run_cli("inspect", ADAPTERS / name, "--json", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    extra = ["--base", BASES / base] if base else []
+    res = run_cli("inspect", ADAPTERS / name, *extra, "--json", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
     assert res.returncode == 0, res.stderr
-    code, out, err = invoke("inspect", ADAPTERS / name, "--json")
+    code, out, err = invoke("inspect", ADAPTERS / name, *extra, "--json")
     assert json.loads(res.stdout) == json.loads(out)
 
 

@@ -157,6 +157,13 @@ class TensorEntry:
         """What a ``LazyTensor`` of this entry carries: the torch dtype, or the code (no torch yet)."""
         return self.held_dtype if self.held_dtype is not None else self.dtype_code
 
+    @property
+    def is_floating_point(self) -> bool:
+        """A floating dtype (F64, F32, F16, BF16, the F8 kinds), without importing torch for a code."""
+        if self.held_dtype is not None:
+            return self.held_dtype.is_floating_point
+        return str(self.dtype_code).startswith(("F", "BF"))
+
 
 def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, str], int]:
     """Parse and validate a safetensors header.
