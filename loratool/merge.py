@@ -560,19 +560,9 @@ def merge_model(
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
         check_output_path(Path(report_path), force=force, inputs=inputs)
-    if combined:
-        spec = combine or CombineSpec.checked(len(adapters))
-        _refuse_combined_options(base, spec, len(adapters), sign=sign, quantization=quantization, tensor_hook=tensor_hook)
-        plan = _plan_explained(base, adapters, warn, combine=spec, dtype=dtype, strict=strict)
-    else:
-        # bitsandbytes (--qlora / --quantize, or a quantized base): a dequantizing view of the base
-        # and a per-tensor hook that quantizes the output
-        from loratool.quantized import setup_quantization
-
-        base, tensor_hook = setup_quantization(base, adapters[0], quantization, dtype=resolve_dtype(dtype), sign=sign,
-                                               tensor_hook=as_tensor_hook(tensor_hook), warn=warn)
-        plan = _plan_explained(base, adapters, warn, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save,
-                               strict=strict, tensor_hook=tensor_hook)
+    plan, tensor_hook = _plan_for(base, adapters, (combine or True) if combined else None, dtype=dtype, sign=sign, strict=strict,
+                                  keep_modules_to_save=keep_modules_to_save, quantization=quantization,
+                                  tensor_hook=tensor_hook, warn=warn)
     t_plan = time.perf_counter()
     with _one_core_for_the_writer():
         for a in adapters:
@@ -588,18 +578,32 @@ def merge_model(
             t_commit = time.perf_counter()
         t_end = time.perf_counter()
     report["timings"] = {
-        "plan_s": round(t_plan - t0, 4),
-        "check_s": round(t_check - t_plan, 4),
-        "stream_s": round(result["stream_s"], 4),
-        "compute_s": round(result["compute_s"], 4),
-        "write_s": round(result["write_s"], 4),
-        "commit_s": round(t_end - t_commit, 4),
-        "total_s": round(t_end - t0, 4),
+        "plan_s": t_plan - t0, "check_s": t_check - t_plan, "stream_s": result["stream_s"], "compute_s": result["compute_s"],
+        "write_s": result["write_s"], "commit_s": t_end - t_commit, "total_s": t_end - t0,
     }
+    report["timings"] = {k: round(v, 4) for k, v in report["timings"].items()}
     if report_path is not None:
         write_side_output(Path(report_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
                           force=force, inputs=inputs, completed=out)
     return report
+
+
+def _plan_for(base: BaseModel, adapters: list[Adapter], combine: CombineSpec | bool | None, *, dtype, sign: int, strict: bool,
+              keep_modules_to_save: bool, quantization: Any, tensor_hook: Any, warn) -> tuple[MergePlan, Any]:
+    """The plan of one merge and the tensor hook it runs with: several adapters combined (``combine``
+    given, or True for the default), or one adapter, through bitsandbytes when the base or the options
+    say so (a dequantizing view of the base and a hook that quantizes the output)."""
+    if combine is not None:
+        spec = combine if isinstance(combine, CombineSpec) else CombineSpec.checked(len(adapters))
+        _refuse_combined_options(base, spec, len(adapters), sign=sign, quantization=quantization, tensor_hook=tensor_hook)
+        return _plan_explained(base, adapters, warn, combine=spec, dtype=dtype, strict=strict), tensor_hook
+    from loratool.quantized import setup_quantization
+
+    base, tensor_hook = setup_quantization(base, adapters[0], quantization, dtype=resolve_dtype(dtype), sign=sign,
+                                           tensor_hook=as_tensor_hook(tensor_hook), warn=warn)
+    plan = _plan_explained(base, adapters, warn, dtype=dtype, sign=sign, keep_modules_to_save=keep_modules_to_save,
+                           strict=strict, tensor_hook=tensor_hook)
+    return plan, tensor_hook
 
 
 def _open_inputs(base, adapter) -> tuple[BaseModel, list[Adapter]]:
