@@ -624,34 +624,7 @@ def execute_plan(
     try:
         for shard in plan.shards:
             with writer.shard(shard.filename, shard.specs(), shard.metadata) as out:
-                while out.remaining:
-                    item = _get(producer.queue, thread)
-                    kind = item[0]
-                    t0 = time.perf_counter()
-                    if kind == "raw":
-                        out.copy_raw(item[1], item[2])
-                        n = item[2].end - item[2].begin
-                        writer.wrote(shard.filename, n)
-                        if progress:
-                            progress(n, item[1])
-                    elif kind == "begin":
-                        out.begin(item[1])
-                        current = item[1]
-                    elif kind == "part":
-                        out.part(item[1])
-                        if item[2] is not None:
-                            producer.pool.put(item[2])
-                        n = item[1].numel() * item[1].element_size()
-                        writer.wrote(shard.filename, n)
-                        if progress:
-                            progress(n, current)
-                    elif kind == "end":
-                        out.end(item[1])
-                    elif kind == "error":
-                        raise item[1]
-                    else:
-                        raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
-                    write_s += time.perf_counter() - t0
+                write_s += _write_shard(out, shard.filename, writer, producer, thread, progress)
         tail = _get(producer.queue, thread)
         if tail[0] == "error":
             raise tail[1]
@@ -675,6 +648,41 @@ def execute_plan(
         "write_s": write_s,
         "files": list(writer.files),
     }
+
+
+def _write_shard(out, filename: str, writer: ModelWriter, producer: "_Producer", thread: threading.Thread,
+                 progress: Callable[..., None] | None) -> float:
+    """Write one shard from the producer's items, in order: ("raw", name, entry) a byte copy of a base
+    tensor; ("begin", name), then ("part", row block, pooled buffer or None) ..., ("end", name) a computed
+    tensor; ("error", exception). Returns the seconds spent writing."""
+    write_s, current = 0.0, None
+    while out.remaining:
+        item = _get(producer.queue, thread)
+        kind, t0 = item[0], time.perf_counter()
+        if kind == "raw":
+            out.copy_raw(item[1], item[2])
+            n, label = item[2].end - item[2].begin, item[1]
+        elif kind == "begin":
+            out.begin(item[1])
+            n, current = 0, item[1]
+        elif kind == "part":
+            out.part(item[1])
+            if item[2] is not None:
+                producer.pool.put(item[2])
+            n, label = item[1].numel() * item[1].element_size(), current
+        elif kind == "end":
+            out.end(item[1])
+            n = 0
+        elif kind == "error":
+            raise item[1]
+        else:
+            raise RuntimeError(f"merge: unexpected {kind!r} before all tensors were written")
+        if n:
+            writer.wrote(filename, n)
+            if progress:
+                progress(n, label)
+        write_s += time.perf_counter() - t0
+    return write_s
 
 
 def _get(q: queue.Queue, thread: threading.Thread):
