@@ -14,6 +14,9 @@ LitGPT: its own convert_hf_checkpoint converts the base and its LoRA model (litg
 DoRA refused) with PEFT's logits to float32 rounding; an adapter LitGPT's own code saved (all four
 architectures) goes through ``convert --to peft``
 (tests/_litgpt_logits.py runs in LitGPT's venv).
+SGLang: its server needs CUDA kernels; its own LoRA code from the installed wheel (tests/_sglang_lora.py:
+config reader, admission check, weight loading and stacking, torch-native kernels) refuses or mis-scales
+the originals where ``check`` says and adds PEFT's deltas of the fixed adapters.
 mlx-lm runs in the main suite (tests/test_check.py).
 
 How close, on log-probabilities: ``|engine - PEFT(fixed)|_max <= NUMERIC`` (the engine serves exactly the
@@ -336,3 +339,94 @@ def test_litgpt_trained_adapter_converts_to_peft(arch, head, litgpt_bases, tmp_p
     assert float((want - _peft_logits(base)).abs().max()) > 1e-2
     err = _close(got, want, f"{arch} trained by LitGPT")
     print(f"LitGPT-trained {arch}: PEFT vs LitGPT max |diff| {err:.2g}")
+
+
+# --------------------------------------------------------------------------- SGLang's own LoRA code
+
+def _sglang(adapter, base, max_rank, out):
+    """SGLang's admission check and the delta it adds to each (fused) weight (tests/_sglang_lora.py)."""
+    python = os.environ.get("LORATOOL_SGLANG_PYTHON")
+    if not python:
+        pytest.skip("sglang not prepared by .ci/interop")
+    run = subprocess.run([python, str(HERE / "_sglang_lora.py"), str(adapter), str(base), str(max_rank), str(out)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = np.load(out)
+    return str(data["validate"]), {k: torch.from_numpy(data[k]).double() for k in data.files if k != "validate"}
+
+
+def _fused_peft_deltas(base, adapter):
+    """PEFT's deltas, with q/k/v and gate/up stacked as SGLang stacks them (zeros where a part is not adapted)."""
+    from _oracle import peft_deltas as oracle_deltas
+
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = head * (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    shapes = {"q_proj": (head * cfg["num_attention_heads"], cfg["hidden_size"]), "k_proj": (kv, cfg["hidden_size"]),
+              "v_proj": (kv, cfg["hidden_size"]), "gate_proj": (cfg["intermediate_size"], cfg["hidden_size"]),
+              "up_proj": (cfg["intermediate_size"], cfg["hidden_size"])}
+    deltas = {k: v.double() for k, v in oracle_deltas(base, adapter).items()}
+    out = {}
+    for name, d in deltas.items():
+        pre, leaf = name.rsplit(".", 1)
+        fused = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                 "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+                 "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}.get(leaf)
+        if fused is None:
+            out[name] = d
+            continue
+        key, parts = fused
+        out[f"{pre}.{key}"] = torch.cat([deltas.get(f"{pre}.{p}", torch.zeros(shapes[p], dtype=torch.float64)) for p in parts])
+    return out
+
+
+def _relative(got, want):
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("arch,spec,refused,wrong,max_rank", [
+    ("llama", "llama-lora", "rank", False, 4),         # rank 8 > --max-lora-rank 4: refused; fixed: truncated to 4
+    ("llama", "llama-rslora", None, True, 4),          # admitted, served with lora_alpha / r: wrong; fixed: scale baked
+    ("llama", "llama-patterns", "load failed", False, 8),  # ranks differ: loading fails; fixed: padded, alphas baked
+    ("llama", "llama-dora", "DoRA", False, 4),         # refused; fixed: plain LoRA
+    ("qwen2", "qwen2-lora", "rank", False, 4),
+    ("phi3", "rslora", None, True, 4),                 # fused qkv_proj / gate_up_proj as PEFT writes them
+    ("gemma", "rslora", None, True, 4),
+])
+def test_sglang_admits_fixed_adapters_and_adds_peft_deltas(arch, spec, refused, wrong, max_rank, tmp_path):
+    """SGLang's own code (its config reader, admission check, weight loading and stacking, torch-native LoRA
+    kernels; its server needs CUDA kernels and cannot start here) on an adapter and on what ``check --target
+    sglang --fix`` wrote: the original is refused, or served with another delta, exactly where ``check`` says;
+    the fixed one is admitted and SGLang adds PEFT's deltas of it, which differ from the original's by the
+    reported per-module error."""
+    base = make_base(arch, tmp_path / "base")
+    original = _adapter(arch, spec, base, tmp_path / "original")
+    check = _loratool("check", original, "--target", "sglang", "--base", base, "--max-rank", max_rank, "--json")
+    problems = {p["rule"] for p in json.loads(check.stdout)["problems"]}
+    error, got = _sglang(original, base, max_rank, tmp_path / "original.npz")
+    if refused:
+        assert refused in error, error
+        assert {"rank": "rank", "DoRA": "dora", "load failed": "rank_pattern"}[refused] in problems, problems
+    else:
+        assert error == "", error
+    if wrong:
+        want = _fused_peft_deltas(base, original)
+        worst = max(_relative(got[m], want[m]) for m in want)
+        assert worst > 0.05 and problems & {"rslora", "alpha_pattern", "rank_pattern"}, (worst, problems)
+    report = write_fixed(loratool.read_adapter(original), tmp_path / "fixed", target="sglang", base=BaseModel.open(base),
+                         max_rank=max_rank, outputs=False)
+    assert report["check"]["compatible"]
+    error, got = _sglang(tmp_path / "fixed", base, max_rank, tmp_path / "fixed.npz")
+    assert error == "", error
+    fixed = _fused_peft_deltas(base, tmp_path / "fixed")
+    assert set(got) == set(fixed)
+    served = max(_relative(got[m], fixed[m]) for m in fixed)
+    assert served <= 1e-5, f"SGLang vs PEFT on the fixed adapter: relative {served:.3g}"
+    if refused != "DoRA":  # DoRA's original delta is not B A (tests/test_check.py checks that one against PEFT's merge)
+        want = _fused_peft_deltas(base, original)
+        errors = {c["module"]: c["relative_error"] for c in report["changes"]}
+        bound = max(errors.values(), default=0.0)
+        off = max(_relative(got[m], want[m]) for m in want)
+        assert off <= bound + 1e-5, f"SGLang vs PEFT on the original: relative {off:.3g} > reported {bound:.3g}"
+    print(f"SGLang {arch} {spec}: original {'refused' if refused else 'admitted'}; fixed vs PEFT {served:.2g}, "
+          f"reported weight error {report['max_relative_error']:.3g}")

@@ -134,8 +134,10 @@ SGLANG = Engine(
              f"{_S}lora.py LoRAAdapter.__init__ (scaling), {_S}lora_config.py", BAKE_SCALE),
         Rule("alpha_pattern", "wrong", "one scale lora_alpha / r for every module (alpha_pattern is not read)",
              f"{_S}lora.py LoRAAdapter.__init__ (scaling)", BAKE_SCALE),
-        Rule("rank_pattern", "wrong", "one rank r for every module (rank_pattern is not read): other ranks get the "
-             "scale of r", f"{_S}lora.py LoRAAdapter.__init__, {_S}lora_config.py", PAD_RANK),
+        Rule("rank_pattern", "rejected", "every module must have rank r (rank_pattern is not read): loading fails "
+             "(q/k/v of different ranks cannot be stacked; the memory pool asserts r rows per stacked part)",
+             f"{_S}lora.py LoRAAdapter.normalize_qkv_proj, {_S}mem_pool.py LoRAMemoryPool.load_lora_weight_to_buffer",
+             PAD_RANK),
         Rule("prefix", "ignored", "weights are matched to the model by layer id and module name: another prefix is "
              "not applied", f"{_S}lora.py LoRAAdapter._process_weight", RENAME),
         Rule("dtype", "note", "factors are cast to the model's dtype", f"{_S}mem_pool.py"),
