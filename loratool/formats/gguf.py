@@ -44,7 +44,8 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copie
 from loratool.base import is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS, refuse_lora_bias, refuse_modules_to_save
-from loratool.io.store import LazyTensor, size_limit
+from loratool.io.limits import size_limit
+from loratool.io.store import LazyTensor
 from loratool.names import (
     GGUF_EXPERT_ARCHS,
     GGUF_EXPERT_MODULE,

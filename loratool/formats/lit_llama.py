@@ -76,7 +76,7 @@ def detect(path: Path) -> bool:
         obj = load_pickle(path)
     except FormatError:
         return False
-    from loratool.io.store import flatten_state_dict
+    from loratool.io.pickle_scan import flatten_state_dict
 
     tensors, _ = flatten_state_dict(obj)
     shapes = {}

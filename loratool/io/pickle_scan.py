@@ -32,8 +32,13 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from loratool.errors import FormatError
+from loratool.io.limits import size_limit
+
+if TYPE_CHECKING:  # the walk itself never needs torch
+    import torch
 
 # torch.load itself spends ~200 us per tensor in its pure-Python unpickler (20,000 tensors: ~4 s);
 # the walk costs ~0.5-2 us per opcode, so it reaches any of these limits in 1-2 s
@@ -57,8 +62,6 @@ _REBUILD_TENSOR = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_re
 
 
 def _limit(name: str, default: int) -> int:
-    from loratool.io.store import size_limit
-
     return size_limit(name, default)
 
 
@@ -533,7 +536,7 @@ def _ref_span(path: Path, ref: _TensorRef, entry: tuple[zipfile.ZipInfo, int], b
 
 def tensor_spans(path: Path) -> dict[str, tuple]:
     """{name: (bitscan.Span, shape)} of a torch zip's float tensors whose elements are one byte
-    range of the file, named as ``store.flatten_state_dict`` names them; {} for a legacy pickle.
+    range of the file, named as ``flatten_state_dict`` names them; {} for a legacy pickle.
 
     Layout (torch/csrc/jit/serialization, torch.save): ``<archive>/data.pkl`` holds the object
     stream, a storage with key K is the entry ``<archive>/data/K`` (stored, never compressed:
@@ -542,8 +545,6 @@ def tensor_spans(path: Path) -> dict[str, tuple]:
     ``check_torch_pickle`` bounded it. Anything unexpected gives no span: the caller then scans
     the loaded tensor instead, so this is a shortcut, never a second opinion.
     """
-    from loratool.io.store import flatten_state_dict
-
     try:
         with open_torch_zip(path) as zf, open(path, "rb") as fh:
             pkl = next((i for i in zf.infolist() if i.filename.endswith("data.pkl")), None)
@@ -568,3 +569,33 @@ def tensor_spans(path: Path) -> dict[str, tuple]:
             return spans
     except Exception:  # noqa: BLE001 - a shortcut: any surprise means "scan the loaded tensor"
         return {}
+
+
+def flatten_state_dict(obj: object, prefix: str = "", is_tensor: Callable[[object], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries.
+
+    ``is_tensor`` (default: a ``torch.Tensor``) lets ``tensor_spans`` name its
+    stand-ins exactly as the loaded tensors are named."""
+    if is_tensor is None:
+        import torch
+
+        is_tensor = lambda v: isinstance(v, torch.Tensor)  # noqa: E731
+    tensors: dict[str, torch.Tensor] = {}
+    extras: dict[str, object] = {}
+    if is_tensor(obj):
+        tensors[prefix or "tensor"] = obj
+        return tensors, extras
+    if not isinstance(obj, dict):
+        extras[prefix or "value"] = obj
+        return tensors, extras
+    for k, v in obj.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if is_tensor(v):
+            tensors[name] = v
+        elif isinstance(v, dict):
+            t, e = flatten_state_dict(v, name, is_tensor)
+            tensors.update(t)
+            extras.update(e)
+        else:
+            extras[name] = v
+    return tensors, extras

@@ -26,7 +26,13 @@ from typing import (
 
 from loratool.errors import FormatError
 from loratool.io.bitscan import BitScanner, Span, still_there
-from loratool.io.pickle_scan import check_torch_pickle, open_torch_zip, tensor_spans
+from loratool.io.limits import size_limit
+from loratool.io.pickle_scan import (
+    check_torch_pickle,
+    flatten_state_dict,
+    open_torch_zip,
+    tensor_spans,
+)
 
 if TYPE_CHECKING:  # a safetensors header is read without torch (a plain `inspect` never loads it)
     import torch
@@ -478,36 +484,6 @@ def load_pickle(path: Path) -> object:
         raise FormatError(path, f"not a loadable PyTorch checkpoint ({msg[:200]})") from None
 
 
-def flatten_state_dict(obj: object, prefix: str = "", is_tensor: Callable[[object], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Split a loaded checkpoint into tensors (flattened, dotted names) and other entries.
-
-    ``is_tensor`` (default: a ``torch.Tensor``) lets ``pickle_scan.tensor_spans`` name its
-    stand-ins exactly as the loaded tensors are named."""
-    if is_tensor is None:
-        import torch
-
-        is_tensor = lambda v: isinstance(v, torch.Tensor)  # noqa: E731
-    tensors: dict[str, torch.Tensor] = {}
-    extras: dict[str, object] = {}
-    if is_tensor(obj):
-        tensors[prefix or "tensor"] = obj
-        return tensors, extras
-    if not isinstance(obj, dict):
-        extras[prefix or "value"] = obj
-        return tensors, extras
-    for k, v in obj.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        if is_tensor(v):
-            tensors[name] = v
-        elif isinstance(v, dict):
-            t, e = flatten_state_dict(v, name, is_tensor)
-            tensors.update(t)
-            extras.update(e)
-        else:
-            extras[name] = v
-    return tensors, extras
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """The weight files of a transformers-style folder, sharded or not.
 
@@ -544,18 +520,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 # the largest JSON file (a config, an index) read before parsing; raised by LORATOOL_MAX_JSON_BYTES
 MAX_JSON_BYTES = 64 << 20
-
-
-def size_limit(name: str, default: int) -> int:
-    """A documented input limit, raised by the environment variable ``LORATOOL_<NAME>`` for a
-    genuinely huge file (docs/guarantees.md lists them)."""
-    value = os.environ.get(f"LORATOOL_{name}")
-    if value is None:
-        return default
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise FormatError(f"LORATOOL_{name}", f"not a number of bytes: {value!r}") from None
 
 
 # tensors in one file (or names in one list of a config): sharded bases hold a few thousand per

@@ -40,6 +40,7 @@ from loratool.verify._common import (
     _num,
     _ratio,
 )
+from loratool.verify._context import _check_options, _report, _setup
 from loratool.verify._paths import (
     MERGE32,
     MERGED,
@@ -48,7 +49,6 @@ from loratool.verify._paths import (
     UNMERGED,
     Weights,
 )
-from loratool.verify.outputs import _check_options, _report, _setup
 
 
 class _Stage:

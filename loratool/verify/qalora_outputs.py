@@ -29,6 +29,13 @@ from loratool.errors import UnsupportedError
 from loratool.ops import qalora as Q
 from loratool.verify import _stages as S
 from loratool.verify._common import Progress
+from loratool.verify._context import (
+    _check_options,
+    _Context,
+    _inputs,
+    _main_float_dtype,
+    _task,
+)
 from loratool.verify._paths import (
     F32,
     MERGE32,
@@ -40,13 +47,6 @@ from loratool.verify._paths import (
     hookable,
 )
 from loratool.verify.layered import _check_memory, _layered_report, _stream
-from loratool.verify.outputs import (
-    _check_options,
-    _Context,
-    _inputs,
-    _main_float_dtype,
-    _task,
-)
 
 
 class _QTargets:
