@@ -520,46 +520,49 @@ def test_two_free_running_runs(runner, work):
     assert not siblings(out)
 
 
-@pytest.mark.parametrize("how", ["truncate", "rewrite"])
-def test_a_mapped_base_written_by_another_process_stops_the_merge_cleanly(runner, work, how):
-    """The merge has mapped the base and is reading it when another process truncates it or opens it
-    to rewrite it in place: the read lease holds that process back (the file stays intact while the merge
-    reads), the merge stops with exit 2 and one line naming the file, leaves nothing, and the other
-    process goes on once the merge is gone (without the lease: SIGBUS, exit 135, or a merge of changed data)."""
+@pytest.mark.parametrize("which,step,how", [
+    ("base", 16, "truncate"),     # mapped by the row source and read block by block
+    ("base", 16, "rewrite"),      # opened to rewrite in place: the merge would mix old and new bytes
+    ("base", 1, "truncate"),      # its header read, nothing mapped yet
+    ("adapter", 16, "truncate"),  # read by safetensors' own get_tensor
+])
+def test_an_input_written_by_another_process_stops_the_merge_cleanly(runner, work, which, step, how):
+    """While a merge reads its inputs, another process truncates one or opens it to rewrite it in place:
+    the read lease holds that process back (the file stays intact for the merge), the merge stops with
+    exit 2 and one line naming the file, leaves nothing, and the other process goes on once the merge is
+    gone (without the lease: SIGBUS, exit 135, an internal error, or a merge of changed data)."""
     need("merge")
     inputs = inputs_of(work)
-    base_file = next(Path(inputs["base"]).glob("*.safetensors"))
-    size = os.path.getsize(base_file)
+    victim = next(Path(inputs[which]).glob("*.safetensors"))
+    size = os.path.getsize(victim)
     out = work / "merged"
     h = runner.spawn(["merge", inputs["base"], inputs["adapter"], out], workdir=work,
-                     env={"LORATOOL_TEST_KILL_AFTER": "16", "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
+                     env={"LORATOOL_TEST_KILL_AFTER": str(step), "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
     deadline = time.time() + 60
     while not _stopped(h["pid"]) and time.time() < deadline:
         time.sleep(0.05)
-    assert _stopped(h["pid"]), "the run never reached its 16th write step"
-    fds = [os.path.realpath(f"/proc/{h['pid']}/fd/{x}") for x in os.listdir(f"/proc/{h['pid']}/fd")]
-    assert str(base_file.resolve()) in fds, "the base is not open (mapped) at this step"
+    assert _stopped(h["pid"]), f"the run never reached write step {step}"
     done = []
 
     def other_process():
         if how == "truncate":
-            os.truncate(base_file, size // 2)
+            os.truncate(victim, size // 2)
         else:
-            with open(base_file, "r+b") as fh:
+            with open(victim, "r+b") as fh:
                 fh.write(b"\0" * 64)
         done.append(time.time())
 
     writer = threading.Thread(target=other_process)
     writer.start()
     time.sleep(0.5)
-    assert not done, "the other process was not held back: the base was not leased while mapped"
+    assert not done, f"the other process was not held back: the {which} was not leased"
     os.kill(h["pid"], signal.SIGCONT)
     res = runner.wait(h)
     writer.join(30)
     assert done, "the other process was still held back after the merge ended"
     assert res.returncode == 2, res.stderr
     line = error_line(res.stderr)
-    assert base_file.name in line and "another process" in line, line
+    assert victim.name in line and "another process" in line and "truncated" in line, line
     assert not out.exists() and not siblings(out)
 
 
@@ -568,24 +571,24 @@ def _stopped(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-def test_a_base_truncated_during_the_merge_is_one_line_and_no_leftovers(runner, work):
-    """Another process truncates a base file while the merge reads it: exit 2 with one line naming
-    the file, no sibling, no OUT (it used to be SIGBUS, or an internal error when truncated earlier)."""
+def test_a_base_truncated_without_a_lease_is_one_line_and_no_leftovers(runner, work):
+    """Where no lease can be taken (here: the file is already open for writing by another process, which
+    the kernel refuses a read lease for), a base truncated before the merge reads it is still one line
+    naming the file, exit 2, no sibling, no OUT: the size check before each block."""
     need("merge")
     inputs = inputs_of(work)
     base_file = next(Path(inputs["base"]).glob("*.safetensors"))
     out = work / "merged"
-    # stop the run at its first write step (the temporary folder exists, nothing is read yet)
-    h = runner.spawn(["merge", inputs["base"], inputs["adapter"], out], workdir=work,
-                     env={"LORATOOL_TEST_KILL_AFTER": "1", "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
-    deadline = time.time() + 60
-    while not siblings(out) and time.time() < deadline:
-        time.sleep(0.05)
-    assert siblings(out), "the run never reached its first write step"
-    with open(base_file, "r+b") as fh:
-        fh.truncate(os.path.getsize(base_file) // 2)
-    os.kill(h["pid"], signal.SIGCONT)
-    res = runner.wait(h)
+    with open(base_file, "r+b") as holder:  # open for writing all along: no read lease is possible
+        h = runner.spawn(["merge", inputs["base"], inputs["adapter"], out], workdir=work,
+                         env={"LORATOOL_TEST_KILL_AFTER": "1", "LORATOOL_TEST_KILL_SIGNAL": "STOP"})
+        deadline = time.time() + 60
+        while not siblings(out) and time.time() < deadline:
+            time.sleep(0.05)
+        assert siblings(out), "the run never reached its first write step"
+        holder.truncate(os.path.getsize(base_file) // 2)
+        os.kill(h["pid"], signal.SIGCONT)
+        res = runner.wait(h)
     assert res.returncode == 2, res.stderr
     line = error_line(res.stderr)
     assert "truncated" in line and base_file.name in line, line

@@ -44,6 +44,7 @@ from loratool.adapter import Adapter, LoraModule, ModuleKind, refuse_saved_copie
 from loratool.base import is_conv1d
 from loratool.errors import FormatError, InputError, UnsupportedError
 from loratool.formats import OPTIONS, refuse_lora_bias, refuse_modules_to_save
+from loratool.io.leases import LEASES
 from loratool.io.limits import size_limit
 from loratool.io.store import LazyTensor
 from loratool.names import (
@@ -224,6 +225,7 @@ def _open_reader(path: Path):
     import gguf
 
     check_gguf_header(path)  # bounded: before gguf-py allocates what the header claims
+    LEASES.watch(path)  # gguf-py maps the file: a truncation would be SIGBUS
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on garbage

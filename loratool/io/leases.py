@@ -13,6 +13,7 @@ already open for writing) a ``stat`` before each block refuses a file that has s
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -21,11 +22,12 @@ from loratool.errors import FormatError
 
 
 class _Leases:
-    """Read leases on the mapped input files while ``guard_inputs`` is active (see the module docstring)."""
+    """Read leases on the input files while ``guard_inputs`` is active (see the module docstring)."""
 
     def __init__(self):
         self.active = False
         self.held: dict[int, Path] = {}  # fd -> file
+        self.watched: dict[str, int] = {}  # real path -> an fd of our own holding its lease (``watch``)
         self.lock = threading.RLock()  # the SIGIO handler may run while the main thread holds it
 
     def take(self, fd: int, path: Path) -> None:
@@ -40,6 +42,26 @@ class _Leases:
         with self.lock:
             self.held[fd] = path
 
+    def watch(self, path: Path) -> None:
+        """Lease an input that a library reads or maps itself (safetensors' ``get_tensor``, ``torch.load``,
+        gguf-py's memory map) through a descriptor of our own, held until the command ends."""
+        if not self.active or ".loratool-tmp-" in str(path):  # this command's own output, still being written
+            return
+        real = os.path.realpath(path)
+        with self.lock:
+            if real in self.watched:
+                return
+        try:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return
+        self.take(fd, Path(path))
+        with self.lock:
+            if fd in self.held:
+                self.watched[real] = fd
+                return
+        os.close(fd)
+
     def drop(self, fd: int) -> None:
         with self.lock:
             self.held.pop(fd, None)
@@ -49,9 +71,13 @@ class _Leases:
 
         with self.lock:
             held, self.held = self.held, {}
+            watched, self.watched = self.watched, {}
         for fd in held:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        for fd in watched.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def breaking(self) -> Path | None:
         """The file whose lease another process is breaking (its lease reads F_UNLCK, the target of the break)."""
@@ -79,7 +105,8 @@ def _lease_broken(signum: int, _frame) -> None:
 
 @contextlib.contextmanager
 def guard_inputs():
-    """Lease every file mapped inside the block (main thread only; elsewhere the stat check alone)."""
+    """Lease every input file mapped or read inside the block (main thread only; elsewhere the stat
+    check alone)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGIO") or LEASES.active:
         yield
         return

@@ -26,6 +26,7 @@ from typing import (
 
 from loratool.errors import FormatError
 from loratool.io.bitscan import BitScanner, Span, still_there
+from loratool.io.leases import LEASES
 from loratool.io.limits import size_limit
 from loratool.io.pickle_scan import (
     check_torch_pickle,
@@ -181,6 +182,7 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorEntry], dict[str, st
     """
     path = Path(path)
     refuse_special_file(path)
+    LEASES.watch(path)  # inside a command: another process writing it from here on stops the command
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -459,6 +461,7 @@ def load_pickle(path: Path) -> object:
     import zipfile
 
     refuse_special_file(path)
+    LEASES.watch(path)
     try:
         check_torch_pickle(path)  # depth, objects, tensors, storages and zip entries bounded first
         import torch
