@@ -2,12 +2,14 @@
 
 A mapped file another process truncates kills the reader with SIGBUS when it touches the lost pages,
 and one that is rewritten in place changes under it. Inside ``guard_inputs`` (the CLI runs every
-command in it) each mapped file also gets a read lease (``fcntl(F_SETLEASE, F_RDLCK)``, Linux): the
-kernel then holds another process's ``open`` for writing or ``truncate`` of it (up to
-``/proc/sys/fs/lease-break-time``, 45 s by default) and signals this one (SIGIO), which stops with
-one line naming the file while the file is still intact; the lease goes when the command's cleanup
-is done. Where no lease can be taken (another owner without CAP_LEASE, a network filesystem, a file
-already open for writing) a ``stat`` before each block refuses a file that has shrunk.
+command in it) each input file gets a read lease (``fcntl(F_SETLEASE, F_RDLCK)``, Linux) from the
+moment its header is read (``watch``: safetensors, pickles, GGUF) or it is mapped (``take``:
+``io.source``): the kernel then holds another process's ``open`` for writing or ``truncate`` of it
+(up to ``/proc/sys/fs/lease-break-time``, 45 s by default) and signals this one (SIGIO), which stops
+with one line naming the file while the file is still intact; the leases go when the command's
+cleanup is done. Where no lease can be taken (another owner without CAP_LEASE, a network filesystem,
+a file already open for writing) a ``stat`` before each block of ``io.source`` refuses a file that
+has shrunk.
 """
 
 from __future__ import annotations
