@@ -3,8 +3,8 @@
 A mapped file another process truncates kills the reader with SIGBUS when it touches the lost pages,
 and one that is rewritten in place changes under it. Inside ``guard_inputs`` (the CLI runs every
 command in it) each input file gets a read lease (``fcntl(F_SETLEASE, F_RDLCK)``, Linux) from the
-moment its header is read (``watch``: safetensors, pickles, GGUF) or it is mapped (``take``:
-``io.source``): the kernel then holds another process's ``open`` for writing or ``truncate`` of it
+moment its header is read (``watch``: safetensors, pickles, GGUF; ``io.source`` maps only files
+whose headers were read): the kernel then holds another process's ``open`` for writing or ``truncate`` of it
 (up to ``/proc/sys/fs/lease-break-time``, 45 s by default) and signals this one (SIGIO), which stops
 with one line naming the file while the file is still intact; the leases go when the command's
 cleanup is done. Where no lease can be taken (another owner without CAP_LEASE, a network filesystem,
@@ -63,10 +63,6 @@ class _Leases:
                 self.watched[real] = fd
                 return
         os.close(fd)
-
-    def drop(self, fd: int) -> None:
-        with self.lock:
-            self.held.pop(fd, None)
 
     def release_all(self) -> None:
         import fcntl

@@ -6,7 +6,8 @@ views of row ranges, so reading a 26 GB model costs no copy and no memory of its
 checkpoints (the legacy ``.bin`` path) have no byte ranges: their tensors come from
 ``TensorStore.get`` and are sliced. A view is read-only: callers must copy before writing.
 
-A file another process truncates or rewrites while it is mapped: see ``io.leases``; without a
+A file another process truncates or rewrites while it is mapped: inside a command every store's
+file is leased from its header on (``io.leases``, ``store.read_safetensors_header``); without a
 lease, a ``stat`` before each block refuses a file that has shrunk.
 """
 
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 
 from loratool.errors import FormatError
-from loratool.io.leases import LEASES
 from loratool.io.store import TensorEntry, TensorStore
 
 
@@ -31,7 +31,6 @@ class TensorSource:
     def __init__(self, store: TensorStore):
         self.store = store
         self._maps: dict[Path, mmap.mmap] = {}
-        self._files: dict[Path, object] = {}  # the open files behind the maps: they hold the leases
 
     def rows(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         """Rows [start:stop] of a tensor (the whole tensor for a 0-d one), read-only."""
@@ -46,8 +45,8 @@ class TensorSource:
         if n == 0:
             return torch.empty(out_shape, dtype=entry.dtype)
         offset = entry.begin + start * row_bytes
-        mm = self._map(entry.path)  # leased from here on (inside guard_inputs): the size checked next stays
         self._still_there(entry, offset + n)
+        mm = self._map(entry.path)
         if offset % entry.dtype.itemsize:
             # safetensors aligns nothing: a tensor at an odd offset cannot be viewed as its dtype
             raw = torch.frombuffer(bytearray(mm[offset : offset + n]), dtype=torch.uint8)
@@ -92,27 +91,17 @@ class TensorSource:
 
     def close(self) -> None:
         maps, self._maps = self._maps, {}
-        files, self._files = self._files, {}
-        for path, mm in maps.items():
+        for mm in maps.values():
             try:
                 mm.close()
-            except BufferError:  # a view is still alive somewhere; the GC closes the map (and its file)
-                continue
-            fh = files.get(path)
-            if fh is not None:
-                LEASES.drop(fh.fileno())
-                fh.close()
+            except BufferError:  # a view is still alive somewhere; the GC closes the map
+                pass
 
     def _map(self, path: Path) -> mmap.mmap:
         mm = self._maps.get(path)
         if mm is None:
-            fh = open(path, "rb")
-            try:
+            with open(path, "rb") as fh:
                 # no MADV_SEQUENTIAL: it turns off the kernel's fault-around and costs ~15x the page faults
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except BaseException:
-                fh.close()
-                raise
-            LEASES.take(fh.fileno(), path)
-            self._maps[path], self._files[path] = mm, fh
+            self._maps[path] = mm
         return mm
