@@ -554,15 +554,14 @@ def merge_model(
     t0 = time.perf_counter()
     out = Path(out)
     base, adapters = _open_inputs(base, adapter)
-    combined = len(adapters) > 1 or combine is not None
     dev = resolve_device(device)
     inputs = [base.path] + [a.path for a in adapters if a.path is not None] + [Path(f).parent for a in adapters for f in a.files]
     check_output_path(out, force=force, inputs=inputs)
     if report_path is not None:
         check_output_path(Path(report_path), force=force, inputs=inputs)
-    plan, tensor_hook = _plan_for(base, adapters, (combine or True) if combined else None, dtype=dtype, sign=sign, strict=strict,
-                                  keep_modules_to_save=keep_modules_to_save, quantization=quantization,
-                                  tensor_hook=tensor_hook, warn=warn)
+    spec = (combine or CombineSpec.checked(len(adapters))) if len(adapters) > 1 or combine is not None else None
+    plan, tensor_hook = _plan_for(base, adapters, spec, dtype=dtype, sign=sign, strict=strict, keep_modules_to_save=keep_modules_to_save,
+                                  quantization=quantization, tensor_hook=tensor_hook, warn=warn)
     t_plan = time.perf_counter()
     with _one_core_for_the_writer():
         for a in adapters:
@@ -577,24 +576,21 @@ def merge_model(
                 tensor_hook.finalize(tmp, report)
             t_commit = time.perf_counter()
         t_end = time.perf_counter()
-    report["timings"] = {
-        "plan_s": t_plan - t0, "check_s": t_check - t_plan, "stream_s": result["stream_s"], "compute_s": result["compute_s"],
-        "write_s": result["write_s"], "commit_s": t_end - t_commit, "total_s": t_end - t0,
-    }
-    report["timings"] = {k: round(v, 4) for k, v in report["timings"].items()}
+    timings = {"plan_s": t_plan - t0, "check_s": t_check - t_plan, "stream_s": result["stream_s"], "compute_s": result["compute_s"],
+               "write_s": result["write_s"], "commit_s": t_end - t_commit, "total_s": t_end - t0}
+    report["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if report_path is not None:
         write_side_output(Path(report_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
                           force=force, inputs=inputs, completed=out)
     return report
 
 
-def _plan_for(base: BaseModel, adapters: list[Adapter], combine: CombineSpec | bool | None, *, dtype, sign: int, strict: bool,
+def _plan_for(base: BaseModel, adapters: list[Adapter], spec: CombineSpec | None, *, dtype, sign: int, strict: bool,
               keep_modules_to_save: bool, quantization: Any, tensor_hook: Any, warn) -> tuple[MergePlan, Any]:
-    """The plan of one merge and the tensor hook it runs with: several adapters combined (``combine``
-    given, or True for the default), or one adapter, through bitsandbytes when the base or the options
-    say so (a dequantizing view of the base and a hook that quantizes the output)."""
-    if combine is not None:
-        spec = combine if isinstance(combine, CombineSpec) else CombineSpec.checked(len(adapters))
+    """The plan of one merge and the tensor hook it runs with: adapters combined as ``spec`` says, or
+    (``spec`` None) one adapter, through bitsandbytes when the base or the options say so (a
+    dequantizing view of the base and a hook that quantizes the output)."""
+    if spec is not None:
         _refuse_combined_options(base, spec, len(adapters), sign=sign, quantization=quantization, tensor_hook=tensor_hook)
         return _plan_explained(base, adapters, warn, combine=spec, dtype=dtype, strict=strict), tensor_hook
     from loratool.quantized import setup_quantization

@@ -369,15 +369,16 @@ def _fused_peft_deltas(base, adapter):
     out = {}
     for name, d in deltas.items():
         pre, leaf = name.rsplit(".", 1)
-        fused = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-                 "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
-                 "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}.get(leaf)
+        fused = next(((key, parts) for key, parts in _SGLANG_STACKS.items() if leaf in parts), None)
         if fused is None:
             out[name] = d
             continue
         key, parts = fused
         out[f"{pre}.{key}"] = torch.cat([deltas.get(f"{pre}.{p}", torch.zeros(shapes[p], dtype=torch.float64)) for p in parts])
     return out
+
+
+_SGLANG_STACKS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # lora.py normalize_*
 
 
 def _relative(got, want):

@@ -276,14 +276,17 @@ def adapter_outputs(base: BaseModel | str | Path, adapters: list, *, input_ids: 
     """
     from dataclasses import replace
 
-    base_out, outs, task = None, [], "base"
+    inputs = None
+    if input_ids is not None:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        inputs = [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ids.reshape(-1, ids.shape[-1])]
+    base_out, outs, task, sk = None, [], "base", None
     for ad in adapters:
         ctx = _setup(base, ad, base, None, samples, seq_len, seed)
-        if input_ids is not None:
-            ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1, torch.as_tensor(input_ids).shape[-1])  # (samples, tokens)
-            ctx = replace(ctx, inputs=[{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ids])
+        ctx = ctx if inputs is None else replace(ctx, inputs=inputs)
+        sk = sk or S.build_skeleton(ctx.base.path, ctx.auto)  # one model skeleton for every pass
         paths = [UNMERGED] if base_out is not None else [MERGED, UNMERGED]  # MERGED is BASE itself here
-        run = _stream(ctx, S.build_skeleton(ctx.base.path, ctx.auto), paths, device, None)
+        run = _stream(ctx, sk, paths, device, None)
         base_out = run.outputs[MERGED] if base_out is None else base_out
         outs.append(run.outputs[UNMERGED])
         task = ctx.task
